@@ -1,0 +1,154 @@
+"""Box geometry and coordinate frames: the one home for both (DESIGN §2, §4).
+
+Boxes are float arrays ``[x0, y0, x1, y1]`` with continuous edges (x1, y1 exclusive), so a box covering
+pixel columns 10..19 is ``[10, 20]`` and its width is ``x1 - x0`` (no +1). Ground truth is stored in
+pixels of the original rendered image; every model frame converts to and from it here. The reward,
+data_prep and eval all import this module, so what the reward scores is what eval reports.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+COORD_MODES = ("rel1000", "abs_resized", "abs", "rel1")
+
+# qwen-vl-utils defaults (0.0.14): 4..16384 tokens of factor^2 pixels; the reward's defaults follow
+# Qwen2.5-VL (factor 28): 4 * 28^2 = 3136 and 16384 * 28^2 = 12845056.
+DEFAULT_MIN_PIXELS = 3136
+DEFAULT_MAX_PIXELS = 12845056
+DEFAULT_RESIZE_FACTOR = 28
+
+
+def as_boxes(boxes) -> np.ndarray:
+    """Any (N, 4)-shaped sequence (N may be 0) as a float64 array of shape (N, 4)."""
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (N, 4), got {arr.shape}")
+    return arr
+
+
+def box_area(boxes) -> np.ndarray:
+    b = as_boxes(boxes)
+    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+
+
+def _intersection_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return inter, union
+
+
+def pairwise_iou(a, b) -> np.ndarray:
+    """IoU matrix (N, M). A pair whose union is empty has IoU 0."""
+    a, b = as_boxes(a), as_boxes(b)
+    inter, union = _intersection_union(a, b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def pairwise_giou(a, b) -> np.ndarray:
+    """Generalised IoU matrix (N, M), in [-1, 1]."""
+    a, b = as_boxes(a), as_boxes(b)
+    inter, union = _intersection_union(a, b)
+    lt = np.minimum(a[:, None, :2], b[None, :, :2])
+    rb = np.maximum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    hull = wh[..., 0] * wh[..., 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+        return iou - np.where(hull > 0, (hull - union) / np.where(hull > 0, hull, 1), 0.0)
+
+
+def pairwise_l1(a, b, width: float, height: float) -> np.ndarray:
+    """Sum of |dx0|/W + |dy0|/H + |dx1|/W + |dy1|/H for every pair, shape (N, M)."""
+    a, b = as_boxes(a), as_boxes(b)
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    return np.abs(a[:, None, :] / scale - b[None, :, :] / scale).sum(-1)
+
+
+def hungarian(cost) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum-cost assignment; min(N, M) pairs as (row indices, column indices)."""
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    return linear_sum_assignment(cost)
+
+
+def match_boxes(pred, gt, width: float, height: float, w_l1: float = 5.0, w_giou: float = 2.0):
+    """Hungarian matching on ``w_l1 * L1 - w_giou * GIoU`` (DESIGN §6.5).
+
+    Returns ``(pred_idx, gt_idx, iou)`` for the min(N, M) assigned pairs, IoU per pair.
+    """
+    pred, gt = as_boxes(pred), as_boxes(gt)
+    cost = w_l1 * pairwise_l1(pred, gt, width, height) - w_giou * pairwise_giou(pred, gt)
+    rows, cols = hungarian(cost)
+    iou = pairwise_iou(pred, gt)[rows, cols] if len(rows) else np.zeros(0)
+    return rows, cols, iou
+
+
+@lru_cache(maxsize=4096)
+def resized_size(
+    height: int,
+    width: int,
+    factor: int = DEFAULT_RESIZE_FACTOR,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[int, int]:
+    """(H', W') the Qwen-VL processors resize an image to: ``qwen_vl_utils.smart_resize``, cached."""
+    from qwen_vl_utils import smart_resize  # imports torch/torchvision: only when a model frame needs it
+
+    return tuple(
+        smart_resize(
+            int(height), int(width), factor=int(factor), min_pixels=int(min_pixels), max_pixels=int(max_pixels)
+        )
+    )
+
+
+def frame_scale(
+    coord_mode: str,
+    width: float,
+    height: float,
+    *,
+    factor: int = DEFAULT_RESIZE_FACTOR,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[float, float]:
+    """(sx, sy) such that original pixel = model value * (sx, sy) for ``coord_mode`` (DESIGN §4)."""
+    if coord_mode == "rel1000":
+        return width / 1000.0, height / 1000.0
+    if coord_mode == "rel1":
+        return float(width), float(height)
+    if coord_mode == "abs":
+        return 1.0, 1.0
+    if coord_mode == "abs_resized":
+        h_resized, w_resized = resized_size(int(height), int(width), factor, min_pixels, max_pixels)
+        return width / w_resized, height / h_resized
+    raise ValueError(f"unknown coord_mode {coord_mode!r}; expected one of {', '.join(COORD_MODES)}")
+
+
+def to_pixels(boxes, coord_mode: str, width: float, height: float, **frame) -> np.ndarray:
+    """Model-frame boxes -> original pixels. ``frame``: factor, min_pixels, max_pixels (abs_resized)."""
+    sx, sy = frame_scale(coord_mode, width, height, **frame)
+    return as_boxes(boxes) * np.array([sx, sy, sx, sy])
+
+
+def from_pixels(boxes, coord_mode: str, width: float, height: float, **frame) -> np.ndarray:
+    """Original pixels -> model frame (prompts, tests, eval fixtures): the inverse of ``to_pixels``."""
+    sx, sy = frame_scale(coord_mode, width, height, **frame)
+    return as_boxes(boxes) / np.array([sx, sy, sx, sy])
+
+
+def clip_boxes(boxes, width: float, height: float) -> np.ndarray:
+    b = as_boxes(boxes).copy()
+    b[:, 0::2] = np.clip(b[:, 0::2], 0, width)
+    b[:, 1::2] = np.clip(b[:, 1::2], 0, height)
+    return b

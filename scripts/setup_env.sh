@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Builds the CPU environments this repo's tests, data generation and dry runs use. Idempotent: a stamp
+# records what was installed, so a rerun with unchanged inputs takes a second.
+#   .venv         Python 3.11: torch 2.14.1 + torchvision 0.29.1 (the pair that imports together on CPU here:
+#                 PyPI's torchvision next to a CPU torch fails to import, and qwen_vl_utils then makes verl's
+#                 length filter drop every row), verl[verl-core]==0.9.1, this package (editable) + dev tools.
+#   .venv-render  Python 3.11: bpy==5.0.1 (Blender 5.0; pins numpy<2, hence its own venv) + this package.
+# GPU training nodes use requirements.txt instead (vllm, flash-attn); see README.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PY=${DIG_PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      PY=$cand; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup_env: need Python 3.11 (bpy==5.0.1 exists only for 3.11); set DIG_PYTHON" >&2; exit 1; }
+
+stamp() { cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16; }
+want=$(stamp)
+
+if [ "$(cat .venv/.dig-stamp 2>/dev/null)" != "$want" ]; then
+  echo "setup_env: building .venv (first time: several minutes; torch+torchvision are ~5.5 GB)"
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+  .venv/bin/pip install -q -e ".[train,eval,dev]"
+  .venv/bin/python -c "import torch, torchvision, verl, qwen_vl_utils, reward_fns" \
+    || { echo "setup_env: .venv imports failed" >&2; exit 1; }
+  echo "$want" > .venv/.dig-stamp
+fi
+
+if [ "$(cat .venv-render/.dig-stamp 2>/dev/null)" != "$want" ]; then
+  echo "setup_env: building .venv-render (Blender bpy==5.0.1)"
+  [ -x .venv-render/bin/python ] || "$PY" -m venv .venv-render
+  .venv-render/bin/pip install -q --upgrade pip
+  .venv-render/bin/pip install -q -e ".[render]"
+  .venv-render/bin/python -c "import bpy, OpenEXR, data_prep" \
+    || { echo "setup_env: .venv-render imports failed" >&2; exit 1; }
+  echo "$want" > .venv-render/.dig-stamp
+fi
+echo "setup_env: ready (.venv, .venv-render)"
