@@ -1,0 +1,141 @@
+"""Load and check the curriculum definition (``data_prep/stages.yaml``, DESIGN §7)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+STAGES_FILE = Path(__file__).resolve().parent / "stages.yaml"
+_K_SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One generator run: ``num`` pairs with ``k`` differences from base ``seed``."""
+
+    k: str
+    num: int
+    seed: int
+    no_diff_fraction: float
+
+    def k_values(self) -> set[int]:
+        low, high = parse_k(self.k)
+        values = set(range(low, high + 1))
+        if self.no_diff_fraction > 0:
+            values.add(0)
+        return values
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    description: str
+    splits: dict[str, tuple[Run, ...]]
+
+    def allowed_k(self) -> set[int]:
+        """Every K a pair of this stage may have; to_verl rejects pairs outside it."""
+        return set().union(*(run.k_values() for runs in self.splits.values() for run in runs))
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    max_differences: int
+    render: dict
+    stages: dict[str, Stage]
+
+    def stage(self, name: str | int) -> Stage:
+        key = str(name).removeprefix("stage")
+        if key not in self.stages:
+            raise ValueError(f"unknown stage {name!r}; stages defined: {', '.join(self.stages)}")
+        return self.stages[key]
+
+    def with_sizes(
+        self, num_train: int | None = None, num_val: int | None = None, num_test: int | None = None
+    ) -> Curriculum:
+        """Small runs: override ``num`` per split name (``num_test`` is per run of the test split)."""
+        sizes = {"train": num_train, "val": num_val, "test": num_test}
+        stages = {}
+        for key, stage in self.stages.items():
+            splits = {
+                split: tuple(replace(run, num=sizes[split]) if sizes.get(split) is not None else run for run in runs)
+                for split, runs in stage.splits.items()
+            }
+            stages[key] = replace(stage, splits=splits)
+        return replace(self, stages=stages)
+
+
+def parse_k(spec: str | int) -> tuple[int, int]:
+    """``"2"`` -> (2, 2); ``"1-4"`` -> (1, 4)."""
+    match = _K_SPEC.match(str(spec))
+    if not match:
+        raise ValueError(f"bad K spec {spec!r}: expected 'N' or 'LO-HI'")
+    low = int(match.group(1))
+    high = int(match.group(2) or low)
+    if low > high:
+        raise ValueError(f"bad K spec {spec!r}: LO > HI")
+    return low, high
+
+
+def _run(raw, stage_defaults: dict, where: str, max_differences: int) -> Run:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping {{k, num, seed}}, got {raw!r}")
+    merged = {**stage_defaults, **raw}
+    unknown = set(raw) - {"k", "num", "seed", "no_diff_fraction"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    for key in ("k", "num", "seed"):
+        if key not in merged:
+            raise ValueError(f"{where}: missing {key!r}")
+    low, high = parse_k(merged["k"])
+    if low < 1 or high > max_differences:
+        raise ValueError(
+            f"{where}: k={merged['k']!r} asks for K outside 1..{max_differences} "
+            "(K = 0 pairs come from no_diff_fraction)"
+        )
+    num, seed = merged["num"], merged["seed"]
+    if not isinstance(num, int) or num < 0:
+        raise ValueError(f"{where}: num must be a non-negative integer, got {num!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{where}: seed must be a non-negative integer, got {seed!r}")
+    fraction = float(merged.get("no_diff_fraction", 0.0))
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"{where}: no_diff_fraction must be in [0, 1), got {fraction}")
+    return Run(k=str(merged["k"]).replace(" ", ""), num=num, seed=seed, no_diff_fraction=fraction)
+
+
+def load_curriculum(path: Path | str = STAGES_FILE) -> Curriculum:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"stages file not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
+        raise ValueError(f"{path}: needs a 'stages:' mapping")
+    max_differences = int(raw.get("max_differences", 4))
+    stages = {}
+    seeds: dict[int, str] = {}
+    for name, body in raw["stages"].items():
+        name = str(name)
+        where = f"{path}: stages.{name}"
+        if not isinstance(body, dict) or not isinstance(body.get("splits"), dict) or not body["splits"]:
+            raise ValueError(f"{where}: needs a non-empty 'splits:' mapping")
+        defaults = {key: body[key] for key in ("k", "no_diff_fraction") if key in body}
+        splits = {}
+        for split, runs in body["splits"].items():
+            runs = runs if isinstance(runs, list) else [runs]
+            parsed = tuple(
+                _run(run, defaults, f"{where}.splits.{split}[{i}]", max_differences) for i, run in enumerate(runs)
+            )
+            for i, run in enumerate(parsed):
+                label = f"stages.{name}.splits.{split}[{i}]"
+                if run.seed in seeds:
+                    raise ValueError(f"{path}: {label} reuses seed {run.seed} of {seeds[run.seed]}")
+                seeds[run.seed] = label
+            splits[str(split)] = parsed
+        stages[name] = Stage(name=name, description=str(body.get("description", "")), splits=splits)
+    return Curriculum(max_differences=max_differences, render=dict(raw.get("render") or {}), stages=stages)
