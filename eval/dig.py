@@ -1,0 +1,355 @@
+"""DiG held-out evaluation: score answers on the test parquet, per K and per change type.
+
+    # answers produced elsewhere, one {"pair_id", "response"} per line
+    python -m eval.dig --data test.parquet --predictions answers.jsonl --model qwen3_vl_8b_thinking --out results.json
+    # generate them from a checkpoint first (vLLM on GPU, HF transformers anywhere)
+    python -m eval.dig --data test.parquet --model-path CKPT --backend vllm --model qwen3_vl_8b_thinking --out results.json
+
+Writes ``results.json`` (sections ``overall``, ``per_k``, ``per_type``, ``no_difference``), ``results.md``
+(the same as a markdown table) and ``results.samples.jsonl`` (one scored pair per line: predicted and GT
+boxes in pixels, matched pairs; ``python -m eval.visualize`` draws it). Generated answers go to
+``results.predictions.jsonl`` as they finish, so a rerun resumes where it stopped.
+
+Scoring is the reward's (``eval.scoring`` wraps ``reward_fns.dig_reward``), with the model's frame and pixel
+bounds from its config file: a number here is the number the reward gave during validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from eval.scoring import ScoredAnswer, reward_knobs, score_response
+from recipes.dig.models import load_model_spec
+
+SCORE_COLUMNS = ["data_source", "reward_model", "extra_info"]
+METRIC_KEYS = ("precision", "recall", "f1", "miou", "count_accuracy")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def read_rows(path: str | Path, columns: list[str] | None = None) -> list[dict]:
+    """Rows of a DiG parquet (DESIGN §5) as dicts; ``columns`` limits what is read (images are large)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data: no such parquet file: {path}")
+    schema = pq.read_schema(path)
+    wanted = columns or schema.names
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (a DESIGN §5 parquet has {SCORE_COLUMNS})")
+    rows = pq.read_table(path, columns=wanted).to_pylist()
+    for i, row in enumerate(rows):
+        extra = row.get("extra_info") or {}
+        if "extra_info" in wanted and not extra.get("pair_id"):
+            raise ValueError(f"{path}: row {i} has no extra_info.pair_id")
+    return rows
+
+
+def iter_row_batches(path: str | Path, batch_size: int, columns: list[str] | None = None) -> Iterator[list[dict]]:
+    """Stream rows with their images in batches (generation needs the PNG bytes, scoring does not)."""
+    parquet = pq.ParquetFile(path)
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+        yield batch.to_pylist()
+
+
+def pair_id(row: dict) -> str:
+    return str(row["extra_info"]["pair_id"])
+
+
+def ground_truth(row: dict) -> str:
+    return row["reward_model"]["ground_truth"]
+
+
+def difference_types(row: dict) -> list[str] | None:
+    """Change type per GT box, aligned with the boxes: the ground truth's ``types`` key, else extra_info's."""
+    gt = json.loads(ground_truth(row))
+    types = gt.get("types")
+    if types is None:
+        types = (row.get("extra_info") or {}).get("types")
+    if types is None or len(types) != len(gt["boxes"]):
+        return None
+    return [str(t) for t in types]
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """``{pair_id: response}`` from a JSON-lines file; duplicate ids or malformed lines are errors."""
+    out: dict[str, str] = {}
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                pid, response = str(record["pair_id"]), record["response"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f'{path}:{number}: expected {{"pair_id", "response"}}, got {line[:80]!r} ({err})'
+                ) from err
+            if pid in out:
+                raise ValueError(f"{path}:{number}: pair_id {pid!r} appears twice")
+            if not isinstance(response, str):
+                raise ValueError(f"{path}:{number}: response of {pid!r} is not a string")
+            out[pid] = response
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Pair-level means: the reward's precision/recall/F1/mIoU, count accuracy (format ok and N == K),
+    plus the format rate, mean reward score and mean number of predicted boxes."""
+    if not samples:
+        return {"n": 0, **dict.fromkeys(METRIC_KEYS), "format_rate": None, "score": None, "mean_num_pred": None}
+    m = [s["metrics"] for s in samples]
+    return {
+        "n": len(samples),
+        "precision": _mean([x["precision"] for x in m]),
+        "recall": _mean([x["recall"] for x in m]),
+        "f1": _mean([x["f1"] for x in m]),
+        "miou": _mean([x["miou"] for x in m]),
+        "count_accuracy": _mean([float(x["format"] == 1.0 and x["num_pred"] == x["num_gt"]) for x in m]),
+        "format_rate": _mean([x["format"] for x in m]),
+        "score": _mean([x["score"] for x in m]),
+        "mean_num_pred": _mean([x["num_pred"] for x in m]),
+    }
+
+
+def per_type_summary(samples: list[dict]) -> dict:
+    """Per change type t. Box level (what a type-specific number can mean, predictions carry no type):
+    ``n`` GT boxes of type t, ``recall`` = share of them matched (IoU >= threshold), ``miou`` = mean IoU of
+    those that got a Hungarian partner. Pair level, over the ``n_pairs`` pairs holding a type-t difference:
+    ``precision``, ``f1``, ``count_accuracy``."""
+    boxes: dict[str, list[tuple[bool, float | None]]] = defaultdict(list)
+    pairs: dict[str, list[dict]] = defaultdict(list)
+    for s in samples:
+        types = s.get("types")
+        if types is None:
+            continue
+        partner = {p["gt"]: p for p in s["pairs"]}
+        for j, t in enumerate(types):
+            p = partner.get(j)
+            boxes[t].append((bool(p and p["match"]), p["iou"] if p else None))
+        for t in set(types):
+            pairs[t].append(s)
+    out = {}
+    for t in sorted(boxes):
+        pair_stats = summarize(pairs[t])
+        ious = [iou for _, iou in boxes[t] if iou is not None]
+        out[t] = {
+            "n": len(boxes[t]),
+            "recall": _mean([float(hit) for hit, _ in boxes[t]]),
+            "miou": _mean(ious) if ious else 0.0,
+            "precision": pair_stats["precision"],
+            "f1": pair_stats["f1"],
+            "count_accuracy": pair_stats["count_accuracy"],
+            "n_pairs": pair_stats["n"],
+        }
+    return out
+
+
+def no_difference_summary(samples: list[dict]) -> dict:
+    """Pairs with K = 0: hallucination rate = share answered (format ok) with at least one box."""
+    empty = [s for s in samples if s["num_gt"] == 0]
+    if not empty:
+        return {"n": 0, "hallucination_rate": None, "format_fail_rate": None}
+    ok = [s for s in empty if s["metrics"]["format"] == 1.0]
+    return {
+        "n": len(empty),
+        "hallucination_rate": _mean([float(s["metrics"]["num_pred"] > 0) for s in empty]),
+        "format_fail_rate": 1.0 - len(ok) / len(empty),
+    }
+
+
+def aggregate(samples: list[dict]) -> dict:
+    by_k: dict[int, list[dict]] = defaultdict(list)
+    for s in samples:
+        by_k[s["num_gt"]].append(s)
+    return {
+        "overall": summarize(samples),
+        "per_k": {str(k): summarize(by_k[k]) for k in sorted(by_k)},
+        "per_type": per_type_summary(samples),
+        "no_difference": no_difference_summary(samples),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100.0 * value:.1f}"
+
+
+def markdown(results: dict) -> str:
+    """One table: overall, one row per K, one per change type (values in percent)."""
+    lines = [
+        "| subset | n | precision | recall | F1 | mIoU | count acc |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(label: str, stats: dict, n: str | None = None) -> None:
+        cells = [_pct(stats.get(k)) for k in METRIC_KEYS]
+        lines.append(f"| {label} | {n or stats['n']} | " + " | ".join(cells) + " |")
+
+    row("**overall**", results["overall"])
+    for k, stats in results["per_k"].items():
+        row(f"K = {k}", stats)
+    for t, stats in results["per_type"].items():
+        row(f"type: {t}", stats, n=f"{stats['n']} boxes / {stats['n_pairs']} pairs")
+    nd = results["no_difference"]
+    lines.append("")
+    lines.append(
+        f"No-difference pairs: {nd['n']}; hallucination rate {_pct(nd['hallucination_rate'])} %"
+        if nd["n"]
+        else "No-difference pairs: none in this set (hallucination rate not measured)."
+    )
+    lines.append(
+        f"Format rate {_pct(results['overall']['format_rate'])} %, mean reward score "
+        f"{results['overall']['score']:.3f}, mean boxes per answer {results['overall']['mean_num_pred']:.2f}."
+        if results["overall"]["n"]
+        else ""
+    )
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def score_rows(
+    rows: Iterable[dict], predictions: dict[str, str], knobs: dict, allow_missing: bool = False
+) -> list[dict]:
+    rows = list(rows)
+    known = {pair_id(r) for r in rows}
+    unknown = sorted(set(predictions) - known)
+    if unknown:
+        raise ValueError(f"predictions name {len(unknown)} pair_id(s) not in --data, e.g. {unknown[:3]}")
+    missing = [pair_id(r) for r in rows if pair_id(r) not in predictions]
+    if missing and not allow_missing:
+        raise ValueError(
+            f"{len(missing)} of {len(rows)} pairs have no prediction (e.g. {missing[:3]}); "
+            "pass --allow-missing to score them as format failures"
+        )
+    samples = []
+    for r in rows:
+        pid = pair_id(r)
+        response = predictions.get(pid)
+        scored: ScoredAnswer = score_response(response if response is not None else "", ground_truth(r), knobs)
+        if response is None:
+            scored.error = "no prediction"
+        samples.append({
+            "pair_id": pid,
+            "num_gt": len(scored.gt_boxes),
+            "types": difference_types(r),
+            "response": response,
+            **scored.to_json(),
+        })  # fmt: skip
+    return samples
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sibling(out: Path, suffix: str) -> Path:
+    """results.json -> results.<suffix> (results.md, results.samples.jsonl, ...)."""
+    return out.with_name(out.stem + suffix)
+
+
+def generate_predictions(args, spec, out: Path) -> Path:
+    """Run the backend over the pairs that have no answer yet; answers are appended as batches finish."""
+    from eval.backends import build_backend, dig_request
+
+    pred_path = sibling(out, ".predictions.jsonl")
+    done = read_predictions(pred_path) if pred_path.exists() else {}
+    todo = [pid for pid in (pair_id(r) for r in read_rows(args.data, ["extra_info"])) if pid not in done]
+    print(f"eval.dig: {len(done)} answers on file, {len(todo)} to generate with {args.backend}", flush=True)
+    if not todo:
+        return pred_path
+    backend = build_backend(args.backend, args.model_path, spec, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, tensor_parallel_size=args.tensor_parallel_size,
+                            seed=args.seed)  # fmt: skip
+    wanted = set(todo)
+    pred_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(pred_path, "a") as handle:
+        for batch in iter_row_batches(args.data, args.batch_size):
+            batch = [r for r in batch if pair_id(r) in wanted]
+            if not batch:
+                continue
+            responses = backend.generate([dig_request(r) for r in batch])
+            for r, response in zip(batch, responses, strict=True):
+                handle.write(json.dumps({"pair_id": pair_id(r), "response": response}) + "\n")
+            handle.flush()
+    return pred_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.dig", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="test parquet (data_prep.to_verl output)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", help='JSON lines {"pair_id", "response"}')
+    source.add_argument("--model-path", help="HF checkpoint folder to generate answers with")
+    parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
+    parser.add_argument("--model", default="qwen3_vl_8b_thinking", help="base-model config name or YAML path")
+    parser.add_argument("--out", required=True, help="results JSON path")
+    parser.add_argument("--reward-kwargs", default="{}", help="JSON object of reward knob overrides")
+    parser.add_argument("--allow-missing", action="store_true", help="score pairs without a prediction as failures")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: data.max_response_length of the model config"
+    )
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    # Everything that can be wrong with the inputs fails here, before a model is loaded.
+    spec = load_model_spec(args.model)
+    try:
+        overrides = json.loads(args.reward_kwargs)
+    except json.JSONDecodeError as err:
+        parser.error(f"--reward-kwargs is not JSON: {err}")
+    knobs = reward_knobs(spec, **overrides)
+    out = Path(args.out)
+    rows = read_rows(args.data, SCORE_COLUMNS)
+    if args.predictions:
+        pred_path = Path(args.predictions)
+    else:
+        if not Path(args.model_path).is_dir():
+            parser.error(f"--model-path: not a folder: {args.model_path}")
+        pred_path = generate_predictions(args, spec, out)
+    predictions = read_predictions(pred_path)
+    samples = score_rows(rows, predictions, knobs, allow_missing=args.allow_missing)
+
+    results = {
+        "data": str(args.data),
+        "predictions": str(pred_path),
+        "model": spec.model_name,
+        "reward_kwargs": knobs,
+        **aggregate(samples),
+    }
+    table = markdown(results)
+    results["markdown"] = table
+    _write_atomic(out, json.dumps(results, indent=2))
+    _write_atomic(sibling(out, ".md"), table)
+    _write_atomic(sibling(out, ".samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
+    print(table)
+    print(f"eval.dig: wrote {out}, {sibling(out, '.md')}, {sibling(out, '.samples.jsonl')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""eval.dig: scoring through the reward, aggregation per K / per type, the CLI and its outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from eval import dig
+from eval.scoring import reward_knobs, score_response
+from recipes.dig.models import load_model_spec
+from reward_fns import geometry
+from reward_fns.dig_reward import compute_score
+
+W, H = 480, 320
+# pair_id -> (boxes in pixels, types)
+PAIRS = {
+    "p1": ([[10, 20, 60, 80]], ["color"]),
+    "p2": ([[100, 100, 150, 160], [300, 40, 380, 120]], ["color", "added"]),
+    "p3": ([], []),  # no-difference pair
+}
+
+
+def gt_json(boxes, types) -> str:
+    return json.dumps({"boxes": boxes, "width": W, "height": H, "types": types})
+
+
+def write_parquet(path, pairs=PAIRS):
+    rows = []
+    for i, (pid, (boxes, types)) in enumerate(pairs.items()):
+        rows.append({
+            "data_source": "dig",
+            "prompt": [{"role": "user", "content": "<image><image>Find all differences."}],
+            "ability": "grounding",
+            "reward_model": {"style": "rule", "ground_truth": gt_json(boxes, types)},
+            "extra_info": {"split": "test", "index": i, "pair_id": pid, "stage": 0,
+                           "num_differences": len(boxes), "types": types, "width": W, "height": H},
+        })  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def answer(boxes_px, spec) -> str:
+    """The boxes in the model's own frame, as a model would write them."""
+    frame = dict(factor=spec.resize_factor, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    model_boxes = geometry.from_pixels(boxes_px, spec.coord_mode, W, H, **frame).round(2).tolist()
+    body = json.dumps([{"bbox_2d": b, "label": "diff"} for b in model_boxes])
+    return ("<think>looked</think>" if spec.require_think else "") + f"```json\n{body}\n```"
+
+
+@pytest.mark.parametrize("model", ["qwen3_vl_8b_thinking", "qwen2_5_vl_7b"])
+def test_gt_as_answer_scores_perfectly_in_each_frame(tmp_path, model):
+    spec = load_model_spec(model)
+    data = write_parquet(tmp_path / "test.parquet")
+    preds = {pid: answer(boxes, spec) for pid, (boxes, _) in PAIRS.items()}
+    samples = dig.score_rows(dig.read_rows(data, dig.SCORE_COLUMNS), preds, reward_knobs(spec))
+    results = dig.aggregate(samples)
+    for key in ("precision", "recall", "f1", "count_accuracy", "format_rate"):
+        assert results["overall"][key] == pytest.approx(1.0), key
+    assert results["overall"]["miou"] > 0.98
+    assert results["per_type"]["added"]["recall"] == 1.0
+    assert results["no_difference"] == {"n": 1, "hallucination_rate": 0.0, "format_fail_rate": 0.0}
+
+
+def test_score_response_agrees_with_compute_score():
+    spec = load_model_spec("qwen2_5_vl_7b")
+    knobs = reward_knobs(spec)
+    gt = gt_json(*PAIRS["p2"])
+    responses = [
+        answer(PAIRS["p2"][0], spec),
+        answer([[100, 100, 150, 160]], spec),
+        answer([[0, 0, 5, 5], [100, 100, 150, 160], [300, 40, 380, 120]], spec),
+        "no boxes here",
+        "[[10, 10, 5, 5]]",
+        "[]",
+    ]
+    for response in responses:
+        scored = score_response(response, gt, knobs)
+        assert scored.metrics == pytest.approx(compute_score("dig", response, gt, None, **knobs)), response
+        assert (scored.error is None) == (scored.metrics["format"] == 1.0)
+
+
+def test_aggregation_by_k_type_and_hallucination():
+    spec = load_model_spec("qwen3_vl_8b_thinking")
+    rows = [{"reward_model": {"ground_truth": gt_json(*PAIRS[p])}, "extra_info": {"pair_id": p}} for p in PAIRS]
+    preds = {
+        "p1": answer(PAIRS["p1"][0], spec),  # exact
+        "p2": answer([[100, 100, 150, 160]], spec),  # finds the colour change, misses the added object
+        "p3": answer([[5, 5, 50, 50]], spec),  # hallucinates on the no-difference pair
+    }
+    results = dig.aggregate(dig.score_rows(rows, preds, reward_knobs(spec)))
+    assert results["per_k"]["1"]["recall"] == 1.0
+    assert results["per_k"]["2"]["recall"] == pytest.approx(0.5)
+    assert results["per_k"]["2"]["precision"] == pytest.approx(1.0)
+    assert results["per_k"]["2"]["count_accuracy"] == 0.0
+    assert results["per_type"]["color"]["n"] == 2 and results["per_type"]["color"]["recall"] == 1.0
+    assert results["per_type"]["added"]["recall"] == 0.0 and results["per_type"]["added"]["n_pairs"] == 1
+    assert results["no_difference"]["hallucination_rate"] == 1.0
+    # overall recall is the mean over pairs: (1 + 0.5 + 0) / 3 (a hallucination on K = 0 has recall 0)
+    assert results["overall"]["recall"] == pytest.approx(0.5)
+    assert results["overall"]["count_accuracy"] == pytest.approx(1 / 3)
+    table = dig.markdown(results)
+    assert "| K = 2 | 1 | 100.0 | 50.0 |" in table
+    assert "hallucination rate 100.0" in table
+
+
+def test_cli_writes_results_table_and_samples(tmp_path):
+    spec = load_model_spec("qwen3_vl_8b_thinking")
+    data = write_parquet(tmp_path / "test.parquet")
+    preds = tmp_path / "answers.jsonl"
+    preds.write_text(
+        "".join(json.dumps({"pair_id": p, "response": answer(b, spec)}) + "\n" for p, (b, _) in PAIRS.items())
+    )
+    out = tmp_path / "res" / "results.json"
+    assert (
+        dig.main(["--data", str(data), "--predictions", str(preds), "--model", spec.model_name, "--out", str(out)]) == 0
+    )
+    results = json.loads(out.read_text())
+    assert set(results) >= {"overall", "per_k", "per_type", "no_difference", "markdown", "reward_kwargs"}
+    for section in [results["overall"], *results["per_k"].values(), *results["per_type"].values()]:
+        assert set(dig.METRIC_KEYS) | {"n"} <= set(section)
+    assert results["overall"]["f1"] == pytest.approx(1.0)
+    assert (tmp_path / "res" / "results.md").read_text().startswith("| subset |")
+    samples = [json.loads(x) for x in (tmp_path / "res" / "results.samples.jsonl").read_text().splitlines()]
+    assert [s["pair_id"] for s in samples] == list(PAIRS)
+    assert np.allclose(samples[1]["pred_boxes"], PAIRS["p2"][0], atol=1.0)
+
+
+def test_cli_rejects_bad_predictions(tmp_path):
+    data = write_parquet(tmp_path / "test.parquet")
+    # the default model thinks: "[]" without </think> fails format, which --allow-missing rows share
+    out = str(tmp_path / "r.json")
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(json.dumps({"pair_id": "p1", "response": "<think>ok</think>[]"}) + "\n")
+    with pytest.raises(ValueError, match="2 of 3 pairs have no prediction"):
+        dig.main(["--data", str(data), "--predictions", str(partial), "--out", out])
+    assert dig.main(["--data", str(data), "--predictions", str(partial), "--out", out, "--allow-missing"]) == 0
+    assert json.loads(Path(out).read_text())["overall"]["format_rate"] == pytest.approx(1 / 3)
+    stray = tmp_path / "stray.jsonl"
+    stray.write_text(json.dumps({"pair_id": "nope", "response": "[]"}) + "\n")
+    with pytest.raises(ValueError, match="not in --data"):
+        dig.main(["--data", str(data), "--predictions", str(stray), "--out", out, "--allow-missing"])
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text((json.dumps({"pair_id": "p1", "response": "[]"}) + "\n") * 2)
+    with pytest.raises(ValueError, match="appears twice"):
+        dig.main(["--data", str(data), "--predictions", str(twice), "--out", out, "--allow-missing"])
+    with pytest.raises(ValueError, match="unknown reward knob"):
+        dig.main(["--data", str(data), "--predictions", str(partial), "--out", out, "--reward-kwargs", '{"iou": 1}'])
