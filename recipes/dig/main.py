@@ -1,0 +1,79 @@
+"""Training entry point: verl's main_ppo on the DiG recipe config.
+
+    python -m recipes.dig.main [HYDRA_OVERRIDE ...]     (launch/grpo_stage*.sh builds this command for you)
+
+Same steps as ``verl.trainer.main_ppo.main`` (device auto-detection, ``validate_config``, ``run_ppo`` with the
+V1 task runner), on ``config/dig_grpo.yaml``. Additions: relative data/checkpoint paths are made absolute
+before Ray starts (workers do not share our cwd), a clear error when no GPU is visible, and a done-marker
+in the experiment directory once the training loop returns, which the stage handoff reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import OmegaConf, open_dict
+
+from recipes.dig.launch import DONE_MARKER, LaunchError, check_gpu_environment, latest_step
+
+
+def absolutize_paths(config) -> None:
+    """Resolve every path-valued setting against the launch cwd, in the driver, before Ray ships the config."""
+    with open_dict(config):
+        config.curriculum.data_dir = str(Path(config.curriculum.data_dir).expanduser().resolve())
+        config.curriculum.ckpt_dir = str(Path(config.curriculum.ckpt_dir).expanduser().resolve())
+        for key in ("train_files", "val_files"):
+            value = config.data[key]
+            paths = [value] if isinstance(value, str) else list(value)
+            resolved = [str(Path(p).expanduser().resolve()) for p in paths]
+            config.data[key] = resolved[0] if isinstance(value, str) else resolved
+        config.trainer.default_local_dir = str(Path(config.trainer.default_local_dir).expanduser().resolve())
+        model_path = Path(config.actor_rollout_ref.model.path).expanduser()
+        if model_path.exists():  # a local HF dir (stage k > 1); a hub id stays as is
+            config.actor_rollout_ref.model.path = str(model_path.resolve())
+
+
+def write_done_marker(config) -> None:
+    exp_dir = Path(config.trainer.default_local_dir)
+    step = latest_step(exp_dir)
+    if step is None:
+        print(f"[dig] no checkpoint in {exp_dir} (trainer.save_freq <= 0?): the next stage cannot start from this one")
+        return
+    marker = exp_dir / DONE_MARKER
+    tmp = marker.with_name(f".{marker.name}.tmp")
+    record = {"global_step": step, "stage": int(config.curriculum.stage), "model": config.dig.model_name,
+              "init_model": config.actor_rollout_ref.model.path}  # fmt: skip
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, marker)
+    print(f"[dig] stage {config.curriculum.stage} finished at global_step_{step}: {marker}")
+
+
+@hydra.main(config_path="config", config_name="dig_grpo", version_base=None)
+def main(config) -> None:
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.device import auto_set_device
+
+    if config.trainer.device == "cuda" and not os.environ.get("DIG_SKIP_GPU_CHECK"):
+        try:
+            check_gpu_environment()
+        except LaunchError as err:
+            sys.exit(f"[dig] ERROR: {err}")
+    auto_set_device(config)
+    absolutize_paths(config)
+    OmegaConf.resolve(config)  # oc.env and ${dig.*} resolve here, not in a Ray worker with another env
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    if not config.trainer.use_v1:
+        sys.exit("[dig] ERROR: trainer.use_v1=false (legacy trainer) is not supported by this recipe")
+    run_ppo(config, task_runner_class=TaskRunnerV1)
+    if not config.trainer.val_only:
+        write_done_marker(config)
+
+
+if __name__ == "__main__":
+    main()
