@@ -271,10 +271,10 @@ def sibling(out: Path, suffix: str) -> Path:
 
 def generate_predictions(args, spec, out: Path) -> Path:
     """Run the backend over the pairs that have no answer yet; answers are appended as batches finish."""
-    from eval.backends import build_backend, dig_request
+    from eval.backends import build_backend, dig_request, generate_to_file, read_done
 
     pred_path = sibling(out, ".predictions.jsonl")
-    done = read_predictions(pred_path) if pred_path.exists() else {}
+    done = read_done(pred_path, "pair_id")
     todo = [pid for pid in (pair_id(r) for r in read_rows(args.data, ["extra_info"])) if pid not in done]
     print(f"eval.dig: {len(done)} answers on file, {len(todo)} to generate with {args.backend}", flush=True)
     if not todo:
@@ -282,17 +282,11 @@ def generate_predictions(args, spec, out: Path) -> Path:
     backend = build_backend(args.backend, args.model_path, spec, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, tensor_parallel_size=args.tensor_parallel_size,
                             seed=args.seed)  # fmt: skip
-    wanted = set(todo)
-    pred_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(pred_path, "a") as handle:
-        for batch in iter_row_batches(args.data, args.batch_size):
-            batch = [r for r in batch if pair_id(r) in wanted]
-            if not batch:
-                continue
-            responses = backend.generate([dig_request(r) for r in batch])
-            for r, response in zip(batch, responses, strict=True):
-                handle.write(json.dumps({"pair_id": pair_id(r), "response": response}) + "\n")
-            handle.flush()
+    batches = (
+        [(pair_id(r), dig_request(r)) for r in batch if pair_id(r) not in done]
+        for batch in iter_row_batches(args.data, args.batch_size)
+    )
+    generate_to_file(backend, batches, pred_path, "pair_id")
     return pred_path
 
 

@@ -1,0 +1,264 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg referring-expression comprehension (REC): Acc@0.5 and mean IoU per split.
+
+    python -m eval.refcoco --root data/refcoco --model qwen3_vl_8b_thinking \
+        (--model-path CKPT --backend vllm | --predictions answers.jsonl) --out runs/refcoco.json
+
+Data layout read: the lmms-lab Hugging Face parquet snapshots, one folder per dataset under ``--root``
+(``huggingface-cli download lmms-lab/RefCOCO --repo-type dataset --local-dir <root>/RefCOCO``; likewise
+``lmms-lab/RefCOCOplus`` -> ``<root>/RefCOCOplus`` and ``lmms-lab/RefCOCOg`` -> ``<root>/RefCOCOg``), files
+``<folder>/data/<split>-*.parquet`` with the columns
+
+    question_id: string        image: struct{bytes, path}     question: string (lmms-eval's generic prompt)
+    answer: list<string>       (the referring expressions)    bbox: list<float> [x, y, w, h] (COCO, pixels)
+    segmentation, iscrowd, file_name (not used)
+
+As in lmms-eval, every expression is one sample (id ``<dataset>:<split>:<question_id>:<k>``). The model is
+asked in its own frame (``coord_mode`` of its config file, same wording as the DiG prompt); the answer is
+parsed and converted to pixels by the reward's code; the first box counts (none or a format failure: IoU 0).
+Both Acc@0.5 conventions are reported: ``acc50_ge`` (IoU >= 0.5, Perception-R1 / lmms-eval) and ``acc50_gt``
+(IoU > 0.5, VLM-R1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from data_prep.prompts import PROMPT_DIR
+from eval.scoring import reward_knobs
+from recipes.dig.models import ModelSpec, load_model_spec
+from reward_fns import dig_reward, geometry
+from reward_fns.parsing import ParseError
+
+# dataset key -> folder under --root (the lmms-lab repo name) and its standard splits
+DATASETS = {
+    "refcoco": ("RefCOCO", ("val", "testA", "testB")),
+    "refcoco+": ("RefCOCOplus", ("val", "testA", "testB")),
+    "refcocog": ("RefCOCOg", ("val", "test")),
+}
+COLUMNS = ["question_id", "image", "answer", "bbox"]
+REC_PROMPT = Template(
+    'Locate the object described as "$expression" in the image and give its bounding box. $coordinate_frame\n'
+    'Answer with a JSON list holding one object, in this form: [{"bbox_2d": [x1, y1, x2, y2], "label": "$label"}]'
+)
+
+
+@dataclass
+class RecSample:
+    id: str
+    split: str  # "<dataset>:<split>"
+    expression: str
+    image_bytes: bytes
+    width: int
+    height: int
+    gt_box: list[float]  # [x0, y0, x1, y1] pixels
+
+
+def parse_splits(text: str) -> list[tuple[str, str]]:
+    """``refcoco:val,refcocog:test`` -> [(dataset, split)]; ``all`` -> the 8 standard splits."""
+    if text == "all":
+        return [(d, s) for d, (_, splits) in DATASETS.items() for s in splits]
+    out = []
+    for item in text.split(","):
+        dataset, _, split = item.strip().partition(":")
+        if dataset not in DATASETS or not split:
+            raise ValueError(f"--splits: {item!r} is not <dataset>:<split> with dataset in {', '.join(DATASETS)}")
+        out.append((dataset, split))
+    return out
+
+
+def split_files(root: str | Path, dataset: str, split: str) -> list[str]:
+    folder = Path(root) / DATASETS[dataset][0] / "data"
+    files = sorted(glob.glob(str(folder / f"{split}-*.parquet")))
+    if not files:
+        raise FileNotFoundError(
+            f"no {folder}/{split}-*.parquet; download it with "
+            f"`huggingface-cli download lmms-lab/{DATASETS[dataset][0]} --repo-type dataset "
+            f"--local-dir {Path(root) / DATASETS[dataset][0]}`"
+        )
+    missing = [c for c in COLUMNS if c not in pq.read_schema(files[0]).names]
+    if missing:
+        raise ValueError(f"{files[0]}: missing column(s) {', '.join(missing)} (expected the lmms-lab layout)")
+    return files
+
+
+def iter_samples(root, dataset: str, split: str, limit: int | None = None) -> Iterator[RecSample]:
+    count = 0
+    for path in split_files(root, dataset, split):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=COLUMNS):
+            for row in batch.to_pylist():
+                image = row["image"]
+                data = image["bytes"] if isinstance(image, dict) else image
+                width, height = Image.open(io.BytesIO(data)).size  # header only
+                x, y, w, h = (float(v) for v in row["bbox"])
+                for k, expression in enumerate(row["answer"]):
+                    if limit is not None and count >= limit:
+                        return
+                    count += 1
+                    yield RecSample(
+                        id=f"{dataset}:{split}:{row['question_id']}:{k}",
+                        split=f"{dataset}:{split}",
+                        expression=expression,
+                        image_bytes=data,
+                        width=width,
+                        height=height,
+                        gt_box=[x, y, x + w, y + h],
+                    )
+
+
+def rec_request(sample: RecSample, spec: ModelSpec) -> list[dict]:
+    frame = (PROMPT_DIR / "coords" / f"{spec.coord_mode}.txt").read_text().strip()
+    label = sample.expression.replace('"', "'")
+    text = REC_PROMPT.substitute(expression=label, coordinate_frame=frame, label=label)
+    image = Image.open(io.BytesIO(sample.image_bytes)).convert("RGB")
+    item = {"type": "image", "image": image, "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}
+    return [{"role": "user", "content": [item, {"type": "text", "text": text}]}]
+
+
+def score_rec(response: str, gt_box, width: int, height: int, knobs: dict) -> dict:
+    """IoU of the first predicted box (reward parsing + frame conversion) with the GT box."""
+    try:
+        pred = dig_reward.predicted_pixel_boxes(
+            response, width, height,
+            coord_mode=knobs["coord_mode"], require_think=knobs["require_think"], max_boxes=knobs["max_boxes"],
+            max_answer_chars=knobs["max_answer_chars"], resize_factor=knobs["resize_factor"],
+            min_pixels=knobs["min_pixels"], max_pixels=knobs["max_pixels"],
+        )  # fmt: skip
+    except ParseError as err:
+        return {"iou": 0.0, "format": 0.0, "pred_box": None, "error": str(err)}
+    if len(pred) == 0:
+        return {"iou": 0.0, "format": 1.0, "pred_box": None, "error": "empty list"}
+    iou = float(geometry.pairwise_iou(pred[:1], [gt_box])[0, 0])
+    return {"iou": iou, "format": 1.0, "pred_box": pred[0].tolist(), "error": None}
+
+
+def summarize(scores: list[dict]) -> dict:
+    ious = np.array([s["iou"] for s in scores], dtype=np.float64)
+    if not len(ious):
+        return {"n": 0, "acc50_ge": None, "acc50_gt": None, "miou": None, "format_rate": None}
+    return {
+        "n": len(ious),
+        "acc50_ge": float((ious >= 0.5).mean()),
+        "acc50_gt": float((ious > 0.5).mean()),
+        "miou": float(ious.mean()),
+        "format_rate": float(np.mean([s["format"] for s in scores])),
+    }
+
+
+def markdown(splits: dict[str, dict]) -> str:
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}"
+
+    lines = [
+        "| split | n | Acc@0.5 (IoU ≥ 0.5) | Acc@0.5 (IoU > 0.5) | mIoU | format |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in splits.items():
+        lines.append(f"| {name} | {s['n']} | {pct(s['acc50_ge'])} | {pct(s['acc50_gt'])} | {pct(s['miou'])} | "
+                     f"{pct(s['format_rate'])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def read_predictions(path) -> dict[str, str]:
+    out = {}
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                out[str(record["id"])] = str(record["response"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f'{path}:{number}: expected {{"id", "response"}} ({err})') from err
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.refcoco", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", required=True, help="folder holding RefCOCO/, RefCOCOplus/, RefCOCOg/ snapshots")
+    parser.add_argument("--splits", default="all", help="comma list of <dataset>:<split>, or 'all' (8 splits)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", help='JSON lines {"id", "response"}')
+    source.add_argument("--model-path", help="HF checkpoint folder to generate answers with")
+    parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
+    parser.add_argument("--model", default="qwen3_vl_8b_thinking", help="base-model config name or YAML path")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--limit", type=int, default=None, help="samples per split (smoke runs)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    spec = load_model_spec(args.model)
+    knobs = reward_knobs(spec)
+    splits = parse_splits(args.splits)
+    for dataset, split in splits:
+        split_files(args.root, dataset, split)  # fail on a missing split before loading a model
+    out = Path(args.out)
+    if args.predictions:
+        pred_path = Path(args.predictions)
+    else:
+        from eval.backends import build_backend, generate_to_file
+
+        pred_path = out.with_name(out.stem + ".predictions.jsonl")
+        backend = build_backend(args.backend, args.model_path, spec, max_new_tokens=args.max_new_tokens,
+                                tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
+
+        def batches():
+            batch = []
+            for dataset, split in splits:
+                for sample in iter_samples(args.root, dataset, split, args.limit):
+                    batch.append((sample.id, rec_request(sample, spec)))
+                    if len(batch) == args.batch_size:
+                        yield batch
+                        batch = []
+            if batch:
+                yield batch
+
+        generate_to_file(backend, batches(), pred_path, "id")
+    predictions = read_predictions(pred_path)
+
+    per_split: dict[str, list[dict]] = {}
+    details = []
+    for dataset, split in splits:
+        scores = per_split.setdefault(f"{dataset}:{split}", [])
+        for sample in iter_samples(args.root, dataset, split, args.limit):
+            response = predictions.get(sample.id)
+            if response is None:
+                raise ValueError(f"{pred_path}: no answer for {sample.id}")
+            s = score_rec(response, sample.gt_box, sample.width, sample.height, knobs)
+            scores.append(s)
+            details.append({"id": sample.id, "expression": sample.expression, "gt_box": sample.gt_box, **s})
+    results = {"model": spec.model_name, "coord_mode": spec.coord_mode,
+               "splits": {name: summarize(scores) for name, scores in per_split.items()}}  # fmt: skip
+    table = markdown(results["splits"])
+    results["markdown"] = table
+    _write_atomic(out, json.dumps(results, indent=2))
+    _write_atomic(out.with_name(out.stem + ".md"), table)
+    _write_atomic(out.with_name(out.stem + ".samples.jsonl"), "".join(json.dumps(d) + "\n" for d in details))
+    print(table)
+    print(f"eval.refcoco: wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
