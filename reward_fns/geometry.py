@@ -34,44 +34,48 @@ def as_boxes(boxes) -> np.ndarray:
 
 def box_area(boxes) -> np.ndarray:
     b = as_boxes(boxes)
-    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    return np.maximum(b[:, 2] - b[:, 0], 0.0) * np.maximum(b[:, 3] - b[:, 1], 0.0)
 
 
-def _intersection_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
+def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den == 0 (an empty union or hull)."""
+    out = np.zeros_like(num)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _pair_terms(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intersection, union and enclosing-hull areas for every pair, each (N, M). One fused pass with few
+    numpy calls: the reward runs this once per response on a handful of boxes, where call overhead
+    dominates."""
+    pa, gb = a[:, None, :], b[None, :, :]
+    hi, lo = np.maximum(pa, gb), np.minimum(pa, gb)  # (N, M, 4) elementwise max / min of the corners
+    inter = np.maximum(lo[..., 2:] - hi[..., :2], 0.0).prod(-1)
+    hull = np.maximum(hi[..., 2:] - lo[..., :2], 0.0).prod(-1)
     union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-    return inter, union
+    return inter, union, hull
 
 
 def pairwise_iou(a, b) -> np.ndarray:
     """IoU matrix (N, M). A pair whose union is empty has IoU 0."""
-    a, b = as_boxes(a), as_boxes(b)
-    inter, union = _intersection_union(a, b)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    inter, union, _ = _pair_terms(as_boxes(a), as_boxes(b))
+    return _safe_divide(inter, union)
+
+
+def _giou(inter: np.ndarray, union: np.ndarray, hull: np.ndarray) -> np.ndarray:
+    return _safe_divide(inter, union) - _safe_divide(hull - union, hull)
 
 
 def pairwise_giou(a, b) -> np.ndarray:
     """Generalised IoU matrix (N, M), in [-1, 1]."""
-    a, b = as_boxes(a), as_boxes(b)
-    inter, union = _intersection_union(a, b)
-    lt = np.minimum(a[:, None, :2], b[None, :, :2])
-    rb = np.maximum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    hull = wh[..., 0] * wh[..., 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-        return iou - np.where(hull > 0, (hull - union) / np.where(hull > 0, hull, 1), 0.0)
+    return _giou(*_pair_terms(as_boxes(a), as_boxes(b)))
 
 
 def pairwise_l1(a, b, width: float, height: float) -> np.ndarray:
     """Sum of |dx0|/W + |dy0|/H + |dx1|/W + |dy1|/H for every pair, shape (N, M)."""
     a, b = as_boxes(a), as_boxes(b)
     scale = np.array([width, height, width, height], dtype=np.float64)
-    return np.abs(a[:, None, :] / scale - b[None, :, :] / scale).sum(-1)
+    return np.abs((a / scale)[:, None, :] - (b / scale)[None, :, :]).sum(-1)
 
 
 def hungarian(cost) -> tuple[np.ndarray, np.ndarray]:
@@ -89,10 +93,20 @@ def match_boxes(pred, gt, width: float, height: float, w_l1: float = 5.0, w_giou
     Returns ``(pred_idx, gt_idx, iou)`` for the min(N, M) assigned pairs, IoU per pair.
     """
     pred, gt = as_boxes(pred), as_boxes(gt)
-    cost = w_l1 * pairwise_l1(pred, gt, width, height) - w_giou * pairwise_giou(pred, gt)
-    rows, cols = hungarian(cost)
-    iou = pairwise_iou(pred, gt)[rows, cols] if len(rows) else np.zeros(0)
-    return rows, cols, iou
+    if not len(pred) or not len(gt):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
+    inter, union, hull = _pair_terms(pred, gt)
+    if (union > 0).all() and (hull > 0).all():  # always, when predictions have positive area (the reward's case)
+        iou = inter / union
+        giou = iou - (hull - union) / hull
+    else:
+        iou = _safe_divide(inter, union)
+        giou = iou - _safe_divide(hull - union, hull)
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    cost = w_l1 * (np.abs(pred[:, None, :] - gt[None, :, :]) / scale).sum(-1) - w_giou * giou
+    rows, cols = linear_sum_assignment(cost)
+    return rows, cols, iou[rows, cols]
 
 
 @lru_cache(maxsize=4096)
@@ -148,7 +162,4 @@ def from_pixels(boxes, coord_mode: str, width: float, height: float, **frame) ->
 
 
 def clip_boxes(boxes, width: float, height: float) -> np.ndarray:
-    b = as_boxes(boxes).copy()
-    b[:, 0::2] = np.clip(b[:, 0::2], 0, width)
-    b[:, 1::2] = np.clip(b[:, 1::2], 0, height)
-    return b
+    return np.minimum(np.maximum(as_boxes(boxes), 0.0), np.array([width, height, width, height], dtype=np.float64))

@@ -7,8 +7,9 @@ only, and the work is capped before parsing so a hostile or runaway response cos
 from __future__ import annotations
 
 import json
-import math
 import re
+
+import numpy as np
 
 THINK_CLOSE = "</think>"
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -86,6 +87,17 @@ def last_json_list(answer: str, max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
     """Step 2: the last complete (closed and JSON-parseable) top-level list in the answer."""
     if len(answer) > max_answer_chars:
         raise ParseError(f"answer has {len(answer)} characters, more than max_answer_chars={max_answer_chars}")
+    # Fast path (the usual answer, fenced or not): if everything from the first '[' to the last ']' is one
+    # JSON list, it contains every other span, so it is the only top-level list.
+    first, last = answer.find("["), answer.rfind("]")
+    if first < 0 or last < first:
+        raise ParseError("no JSON list in the answer")
+    try:
+        value = json.loads(answer[first : last + 1])
+        if isinstance(value, list):
+            return value
+    except (ValueError, RecursionError):
+        pass
     for start, end, depth in reversed(_top_level_lists(answer)):
         if depth > MAX_LIST_DEPTH:
             continue
@@ -98,35 +110,30 @@ def last_json_list(answer: str, max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
     raise ParseError("no complete JSON list in the answer")
 
 
-def _four_numbers(value) -> list[float]:
-    if not isinstance(value, list) or len(value) != 4:
-        raise ParseError(f"a box must hold 4 numbers, got {str(value)[:60]}")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ParseError(f"box coordinate {v!r} is not a number")
-        try:
-            f = float(v)
-        except OverflowError as err:
-            raise ParseError("box coordinate overflows a float") from err
-        if not math.isfinite(f):
-            raise ParseError(f"box coordinate {v!r} is not finite")
-        out.append(f)
-    return out
+_NUMBER_TYPES = (int, float)  # exact types: a JSON true/false (bool) is not a coordinate
 
 
-def boxes_from_list(items: list, max_boxes: int) -> list[list[float]]:
-    """Elements are ``[x1, y1, x2, y2]`` or ``{"bbox_2d": [x1, y1, x2, y2], ...}`` (other keys ignored)."""
+def boxes_from_list(items: list, max_boxes: int) -> np.ndarray:
+    """Elements are ``[x1, y1, x2, y2]`` or ``{"bbox_2d": [x1, y1, x2, y2], ...}`` (other keys ignored).
+    Returns an (N, 4) float array of finite numbers."""
     if len(items) > max_boxes:
         raise ParseError(f"{len(items)} boxes, more than max_boxes={max_boxes}")
     boxes = []
     for item in items:
-        if isinstance(item, dict):
+        if type(item) is dict:
             if "bbox_2d" not in item:
                 raise ParseError("an object in the list has no 'bbox_2d' key")
             item = item["bbox_2d"]
-        boxes.append(_four_numbers(item))
-    return boxes
+        if type(item) is not list or len(item) != 4 or not all(type(v) in _NUMBER_TYPES for v in item):
+            raise ParseError(f"a box must be 4 numbers, got {str(item)[:80]}")
+        boxes.append(item)
+    try:
+        arr = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    except OverflowError as err:
+        raise ParseError("a box coordinate overflows a float") from err
+    if not np.isfinite(arr).all():
+        raise ParseError("a box coordinate is not finite (NaN or Infinity)")
+    return arr
 
 
 def parse_boxes(

@@ -1,0 +1,157 @@
+"""Box geometry and coordinate frames (DESIGN §4): hand-checked values and round trips through the reward."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from qwen_vl_utils import smart_resize
+
+from recipes.dig.models import load_model_spec, model_names
+from reward_fns import geometry
+from reward_fns.dig_reward import compute_score
+
+
+def test_iou_giou_l1_by_hand():
+    a = [[0, 0, 100, 100]]
+    b = [[50, 0, 150, 100], [200, 200, 300, 300], [0, 0, 100, 100]]
+    # IoU: 5000 / 15000; disjoint -> 0; identical -> 1
+    np.testing.assert_allclose(geometry.pairwise_iou(a, b), [[1 / 3, 0.0, 1.0]])
+    # GIoU of the disjoint pair: 0 - (hull 300*300 - union 20000) / 90000
+    np.testing.assert_allclose(geometry.pairwise_giou(a, b), [[1 / 3, -(90000 - 20000) / 90000, 1.0]])
+    # L1 on a 200 x 400 image: |50|/200 + 0 + |50|/200 + 0
+    np.testing.assert_allclose(geometry.pairwise_l1(a, b[:1], 200, 400), [[0.5]])
+    assert geometry.pairwise_iou(a, np.zeros((0, 4))).shape == (1, 0)
+    # continuous areas, no +1: a box covering pixel columns 10..19 is [10, 20], 10 wide
+    np.testing.assert_allclose(geometry.box_area([[10, 10, 20, 30]]), [200.0])
+
+
+def test_degenerate_boxes_do_not_divide_by_zero():
+    point = [[5, 5, 5, 5]]
+    assert geometry.pairwise_iou(point, point)[0, 0] == 0.0
+    assert np.isfinite(geometry.pairwise_giou(point, point)).all()
+
+
+def test_hungarian_is_minimum_cost():
+    cost = np.array([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
+    rows, cols = geometry.hungarian(cost)
+    assert cost[rows, cols].sum() == 5.0  # 1 + 2 + 2
+    rows, cols = geometry.hungarian(np.zeros((0, 3)))
+    assert len(rows) == len(cols) == 0
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "factor", "min_pixels", "max_pixels"),
+    [
+        (320, 480, 28, 3136, 12845056),
+        (320, 480, 32, 4096, 1310720),
+        (720, 1280, 28, 3136, 448 * 448),  # downscaled by max_pixels
+        (64, 64, 28, 256 * 28 * 28, 12845056),  # upscaled by min_pixels
+        (517, 333, 28, 3136, 1003520),
+        (1080, 1920, 32, 4096, 1310720),
+    ],
+)
+def test_resized_size_is_smart_resize(height, width, factor, min_pixels, max_pixels):
+    assert geometry.resized_size(height, width, factor, min_pixels, max_pixels) == smart_resize(
+        height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+
+
+def test_known_resizes():
+    assert geometry.resized_size(320, 480, 28, 3136, 12845056) == (308, 476)
+    assert geometry.resized_size(720, 1280, 28, 3136, 448 * 448) == (336, 588)
+
+
+def test_frame_conversions_by_hand():
+    box = [[100, 50, 300, 250]]
+    np.testing.assert_allclose(geometry.to_pixels([[250, 250, 750, 750]], "rel1000", 400, 200), [[100, 50, 300, 150]])
+    np.testing.assert_allclose(geometry.to_pixels([[0.25, 0.25, 0.75, 0.75]], "rel1", 400, 200), [[100, 50, 300, 150]])
+    np.testing.assert_allclose(geometry.to_pixels(box, "abs", 400, 200), box)
+    # Qwen2.5-VL on 480 x 320: the model saw 476 x 308, so its x = 476 is pixel 480
+    np.testing.assert_allclose(
+        geometry.to_pixels([[0, 0, 476, 308]], "abs_resized", 480, 320, factor=28), [[0, 0, 480, 320]]
+    )
+    with pytest.raises(ValueError, match="coord_mode"):
+        geometry.to_pixels(box, "pixels", 400, 200)
+
+
+SIZES = [(480, 320), (640, 480), (1280, 720), (333, 517), (64, 64), (1920, 1080)]
+BOUNDS = [(3136, 12845056), (3136, 448 * 448), (256 * 28 * 28, 1280 * 28 * 28)]
+
+
+def _gt_boxes(width, height):
+    return [
+        [0.1 * width, 0.2 * height, 0.4 * width, 0.6 * height],
+        [0.55 * width, 0.05 * height, 0.95 * width, 0.5 * height],
+    ]
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+@pytest.mark.parametrize(("min_pixels", "max_pixels"), BOUNDS)
+def test_abs_resized_round_trip_scores_one(width, height, min_pixels, max_pixels):
+    frame = {"factor": 28, "min_pixels": min_pixels, "max_pixels": max_pixels}
+    gt = _gt_boxes(width, height)
+    answer = geometry.from_pixels(gt, "abs_resized", width, height, **frame)
+    np.testing.assert_allclose(geometry.to_pixels(answer, "abs_resized", width, height, **frame), gt)
+    result = compute_score(
+        "dig",
+        json.dumps([{"bbox_2d": b.tolist()} for b in answer]),
+        json.dumps({"boxes": gt, "width": width, "height": height}),
+        coord_mode="abs_resized",
+        resize_factor=28,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    )
+    assert result["score"] == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("coord_mode", ["rel1000", "rel1", "abs"])
+@pytest.mark.parametrize(("width", "height"), SIZES)
+def test_other_frames_round_trip_scores_one(coord_mode, width, height):
+    gt = _gt_boxes(width, height)
+    answer = geometry.from_pixels(gt, coord_mode, width, height)
+    result = compute_score(
+        "dig",
+        json.dumps(answer.tolist()),
+        json.dumps({"boxes": gt, "width": width, "height": height}),
+        coord_mode=coord_mode,
+    )
+    assert result["score"] == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("model", model_names())
+def test_every_base_model_frame_round_trips(model):
+    """GT converted into the frame each model config declares, rounded to integers as models print
+    them, is scored back with that config's reward kwargs: all matched, IoU within rounding."""
+    spec = load_model_spec(model)
+    kwargs = spec.reward_kwargs()
+    width, height = 480, 320
+    gt = _gt_boxes(width, height)
+    answer = np.rint(
+        geometry.from_pixels(
+            gt,
+            spec.coord_mode,
+            width,
+            height,
+            factor=spec.resize_factor,
+            min_pixels=spec.min_pixels,
+            max_pixels=spec.max_pixels,
+        )
+    )
+    response = json.dumps([{"bbox_2d": [int(v) for v in b], "label": "x"} for b in answer])
+    if spec.require_think:
+        response = "<think>compare</think>" + response
+    result = compute_score("dig", response, json.dumps({"boxes": gt, "width": width, "height": height}), **kwargs)
+    assert result["f1"] == 1.0
+    assert result["miou"] > 0.97
+
+
+def test_rel1000_is_not_abs_resized():
+    """Scoring a Qwen2.5-VL answer as if it were Qwen3-VL's must not pass silently."""
+    gt = _gt_boxes(480, 320)
+    answer = geometry.from_pixels(gt, "abs_resized", 480, 320, factor=28)
+    result = compute_score(
+        "dig", json.dumps(answer.tolist()), json.dumps({"boxes": gt, "width": 480, "height": 320}), coord_mode="rel1000"
+    )
+    assert result["f1"] < 1.0

@@ -1,0 +1,326 @@
+"""DESIGN §6, rule by rule, with expected values computed by hand in the comments."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from reward_fns.dig_reward import RESULT_KEYS, check_reward_kwargs, compute_score
+
+W, H = 1000, 1000  # 1000 x 1000 so that rel1000 values equal pixels and the arithmetic stays readable
+
+
+def gt_json(boxes, width=W, height=H, **extra):
+    return json.dumps({"boxes": boxes, "width": width, "height": height, **extra})
+
+
+def score(answer, boxes, **kwargs):
+    return compute_score("dig", answer, gt_json(boxes), None, **kwargs)
+
+
+def boxes_text(boxes, style="list"):
+    if style == "bbox_2d":
+        return json.dumps([{"bbox_2d": b, "label": "colour"} for b in boxes])
+    return json.dumps(boxes)
+
+
+A = [100, 100, 200, 200]
+B = [400, 400, 500, 600]
+C = [700, 100, 900, 300]
+
+
+def assert_result(result, **expected):
+    assert tuple(result) == RESULT_KEYS
+    assert all(isinstance(v, float) for v in result.values())
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-9), key
+
+
+# ---- perfect, empty, counts -------------------------------------------------------------------------
+
+
+def test_perfect_answer_scores_one():
+    assert_result(
+        score(boxes_text([A, B]), [A, B]),
+        score=1.0,
+        acc=1.0,
+        format=1.0,
+        f1=1.0,
+        precision=1.0,
+        recall=1.0,
+        miou=1.0,
+        num_pred=2.0,
+        num_gt=2.0,
+    )
+
+
+def test_empty_gt_and_empty_answer_scores_one():
+    assert_result(score("[]", []), score=1.0, f1=1.0, precision=1.0, recall=1.0, miou=1.0, num_pred=0.0, num_gt=0.0)
+
+
+def test_empty_gt_with_a_box_gets_format_only():
+    # P = 0/1 = 0, R: M = 0 and N > 0 -> 0, F1 = 0, no pairs -> mIoU 0; score = 0.9 * 0 + 0.1
+    assert_result(score(boxes_text([A]), []), score=0.1, acc=0.0, format=1.0, precision=0.0, recall=0.0, num_pred=1.0)
+
+
+def test_empty_answer_with_gt_gets_format_only():
+    # N = 0, M = 1: P = 0, R = 0, mIoU = 0 -> score 0.1
+    assert_result(score("[]", [A]), score=0.1, f1=0.0, precision=0.0, recall=0.0, miou=0.0, num_gt=1.0)
+
+
+def test_permutation_invariance():
+    gt = [A, B, C]
+    pred = [[110, 100, 200, 210], [400, 420, 500, 600], [700, 100, 880, 300]]
+    reference = score(boxes_text(pred), gt)
+    for order in ([2, 0, 1], [1, 2, 0], [2, 1, 0]):
+        assert score(boxes_text([pred[i] for i in order]), gt) == pytest.approx(reference)
+        assert score(boxes_text(pred), [gt[i] for i in order]) == pytest.approx(reference)
+
+
+def test_duplicates_do_not_help():
+    # N = 2, M = 1: one assigned pair (IoU 1) -> P = 1/2, R = 1, F1 = 2/3, mIoU = 1
+    # acc = 0.5 * 2/3 + 0.5 = 5/6; score = 0.9 * 5/6 + 0.1 = 0.85
+    once, twice = score(boxes_text([A]), [A]), score(boxes_text([A, A]), [A])
+    assert_result(twice, score=0.85, precision=0.5, recall=1.0, f1=2 / 3, miou=1.0, num_pred=2.0)
+    assert twice["score"] < once["score"] == 1.0
+
+
+def test_over_prediction_lowers_precision_and_f1():
+    # an exact box plus a far one: P = 1/2, R = 1
+    result = score(boxes_text([A, C]), [A])
+    assert_result(result, precision=0.5, recall=1.0, f1=2 / 3, miou=1.0, score=0.85)
+
+
+def test_under_prediction_lowers_recall_and_f1():
+    result = score(boxes_text([A]), [A, B])
+    assert_result(result, precision=1.0, recall=0.5, f1=2 / 3, miou=1.0, score=0.85)
+
+
+def test_iou_threshold_and_miou_by_hand():
+    # pred [150,100,250,200] vs A: inter 50*100 = 5000, union 15000 -> IoU 1/3 < 0.5 -> no match
+    # F1 = 0, mIoU = 1/3, acc = 1/6, score = 0.9/6 + 0.1 = 0.25
+    assert_result(score(boxes_text([[150, 100, 250, 200]]), [A]), f1=0.0, miou=1 / 3, acc=1 / 6, score=0.25)
+    # pred [100,100,200,150]: IoU exactly 0.5 -> a match (>=): F1 = 1, mIoU = 0.5, acc = 0.75, score = 0.775
+    half = boxes_text([[100, 100, 200, 150]])
+    assert_result(score(half, [A]), f1=1.0, miou=0.5, acc=0.75, score=0.775)
+    # the threshold is a knob
+    assert_result(score(half, [A], iou_threshold=0.6), f1=0.0, miou=0.5, score=0.9 * 0.25 + 0.1)
+
+
+def test_hungarian_assignment_beats_greedy():
+    # GT A'=[0,0,100,100], B'=[100,0,200,100]; p1=[50,0,150,100] overlaps both by 1/3, p2 = A'.
+    # Greedy in prediction order would give p1 -> A' and leave p2 with B' (IoU 0). The minimum-cost
+    # assignment pairs p2 -> A' (IoU 1) and p1 -> B' (IoU 1/3): n = 1, P = R = F1 = 1/2,
+    # mIoU = (1 + 1/3) / 2 = 2/3, acc = 0.25 + 1/3, score = 0.9 * acc + 0.1 = 0.625
+    gt = [[0, 0, 100, 100], [100, 0, 200, 100]]
+    result = score(boxes_text([[50, 0, 150, 100], [0, 0, 100, 100]]), gt)
+    assert_result(result, precision=0.5, recall=0.5, f1=0.5, miou=2 / 3, score=0.625)
+
+
+def test_weights_are_knobs():
+    # the F1-only reward with no format bonus: score == F1
+    result = score(boxes_text([A, C]), [A], w_format=0.0, w_f1=1.0, w_iou=0.0)
+    assert result["score"] == pytest.approx(2 / 3)
+
+
+def test_matching_cost_weights_change_the_assignment():
+    # A thin prediction [0,0,10,100] between GT1 [0,0,10,50] (IoU 0.5, L1 = 50/1000 = 0.05) and
+    # GT2 [20,0,30,100] (IoU 0, GIoU = 0 - (3000 - 2000)/3000 = -1/3, L1 = 40/1000 = 0.04).
+    # L1 alone prefers GT2, GIoU alone GT1; the default cost 5 L1 - 2 GIoU: GT1 -0.75 < GT2 0.867.
+    gt, pred = [[0, 0, 10, 50], [20, 0, 30, 100]], boxes_text([[0, 0, 10, 100]])
+    assert score(pred, gt, w_l1=1.0, w_giou=0.0)["miou"] == pytest.approx(0.0)
+    assert score(pred, gt, w_l1=0.0, w_giou=1.0)["miou"] == pytest.approx(0.5)
+    assert score(pred, gt)["miou"] == pytest.approx(0.5)
+
+
+# ---- answer syntax ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["list", "bbox_2d"])
+def test_both_element_syntaxes(style):
+    assert score(boxes_text([A, B], style), [A, B])["score"] == 1.0
+
+
+def test_mixed_element_syntaxes_and_extra_keys():
+    answer = json.dumps([{"bbox_2d": A, "label": "x", "confidence": 0.3}, B])
+    assert score(answer, [A, B])["score"] == 1.0
+
+
+def test_code_fence_and_answer_block():
+    fenced = f"Here they are:\n```json\n{boxes_text([A], 'bbox_2d')}\n```\nDone."
+    assert score(fenced, [A])["score"] == 1.0
+    blocks = f"<answer>{boxes_text([C])}</answer> then <answer>```json\n{boxes_text([A])}\n```</answer>"
+    assert score(blocks, [A])["score"] == 1.0  # the last <answer> block counts
+
+
+def test_last_complete_list_counts():
+    assert score(f"first guess {boxes_text([C])}, final {boxes_text([A])}", [A])["score"] == 1.0
+    # a trailing bracketed remark that is not JSON is not a list
+    assert score(f"{boxes_text([A])} [see above]", [A])["score"] == 1.0
+    # a stray unmatched '[' before the answer does not swallow it
+    assert score(f"compare [ left and right: {boxes_text([A])}", [A])["score"] == 1.0
+    # a list cut off by the length limit is not complete: format fails
+    assert score(boxes_text([A, B])[:-8], [A, B])["format"] == 0.0
+
+
+def test_labels_with_brackets_and_quotes():
+    answer = json.dumps([{"bbox_2d": A, "label": 'a "red] cube [x'}])
+    assert score(answer, [A])["score"] == 1.0
+
+
+def test_think_block():
+    wrong, right = boxes_text([C]), boxes_text([A])
+    assert score(f"<think>maybe {wrong}</think>{right}", [A])["score"] == 1.0
+    assert score(f"<think>a</think>x<think>b {wrong}</think>{right}", [A])["score"] == 1.0
+    # a thinking model must close its thought
+    assert_result(score(f"<think>{right}", [A], require_think=True), score=0.0, format=0.0)
+    assert score(right, [A], require_think=True)["format"] == 0.0
+    assert score(f"<think>x</think>{right}", [A], require_think=True)["score"] == 1.0
+    # a non-thinking model may answer directly
+    assert score(right, [A], require_think=False)["score"] == 1.0
+
+
+# ---- validity: format fails -> every metric 0 ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        "no boxes here",
+        "[[1, 2, 3]]",  # three numbers
+        "[[1, 2, 3, 4, 5]]",
+        '[["1", 2, 3, 4]]',  # a string is not a number
+        "[[true, 2, 3, 4]]",  # nor is a boolean
+        "[[null, 2, 3, 4]]",
+        "[[NaN, 100, 200, 200]]",
+        "[[Infinity, 100, 200, 200]]",
+        "[[-Infinity, 100, 200, 200]]",
+        "[[1e999, 100, 200, 200]]",
+        "[[1" + "0" * 400 + ", 100, 200, 200]]",  # an integer too large for a float
+        "[[200, 100, 100, 200]]",  # inverted x
+        "[[100, 200, 200, 100]]",  # inverted y
+        "[[100, 100, 100, 200]]",  # zero width
+        "[[1100, 1100, 1200, 1200]]",  # outside the frame: empty after clipping
+        "[[-300, 100, -100, 200]]",
+        '[{"box": [100, 100, 200, 200]}]',  # no bbox_2d key
+        '[{"bbox_2d": [100, 100, 200]}]',
+        "[1, 2, 3, 4]",  # a flat list is not a list of boxes
+        '{"bbox_2d": [100, 100, 200, 200]}',  # not a list at all -> its inner list is flat
+        "[[100, 100, 200, 200],",  # unterminated
+        "(100, 100, 200, 200)",
+        "[[100, 100, 200, 200]]".replace("]]", "]"),
+    ],
+)
+def test_malformed_answers_fail_format(answer):
+    assert_result(
+        score(answer, [A]),
+        score=0.0,
+        acc=0.0,
+        format=0.0,
+        f1=0.0,
+        precision=0.0,
+        recall=0.0,
+        miou=0.0,
+        num_pred=0.0,
+        num_gt=1.0,
+    )
+
+
+def test_partly_outside_boxes_are_clipped():
+    assert score("[[900, 900, 1100, 1100]]", [[900, 900, 1000, 1000]])["score"] == 1.0
+    assert score("[[-50, -50, 100, 100]]", [[0, 0, 100, 100]])["score"] == 1.0
+
+
+def test_max_boxes():
+    fifty = boxes_text([A] * 50)
+    assert score(fifty, [A])["format"] == 1.0
+    assert score(boxes_text([A] * 51), [A])["format"] == 0.0
+    assert score(boxes_text([A] * 3), [A], max_boxes=2)["format"] == 0.0
+
+
+def test_overlong_answer_fails_before_parsing():
+    padded = "x" * 40_000 + boxes_text([A])
+    assert score(padded, [A])["format"] == 0.0
+    assert score(padded, [A], max_answer_chars=50_000)["score"] == 1.0
+    # the cap applies to the answer, not to the thinking before it
+    assert score("<think>" + "y" * 100_000 + "</think>" + boxes_text([A]), [A])["score"] == 1.0
+
+
+@pytest.mark.parametrize("response", [None, b"[[1,2,3,4]]", 42, ["[[1,2,3,4]]"]])
+def test_non_string_responses_never_raise(response):
+    assert_result(compute_score("dig", response, gt_json([A])), score=0.0, format=0.0)
+
+
+@pytest.mark.parametrize(
+    "ground_truth",
+    [
+        "",
+        "not json",
+        "{}",
+        '{"boxes": [[1, 2, 3]], "width": 10, "height": 10}',
+        '{"boxes": [], "width": 0, "height": 10}',
+        None,
+    ],
+)
+def test_broken_ground_truth_never_raises(ground_truth):
+    assert_result(compute_score("dig", boxes_text([A]), ground_truth), score=0.0)
+
+
+def test_ground_truth_as_dict_and_extra_keys():
+    gt = {"boxes": [A], "width": W, "height": H, "types": ["colour"]}
+    assert compute_score("dig", boxes_text([A]), gt)["score"] == 1.0
+    assert compute_score("dig", boxes_text([A]), json.dumps(gt), {"num_turns": 1, "anything": 2})["score"] == 1.0
+
+
+def test_model_text_is_never_evaluated(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = f"[[__import__('pathlib').Path({str(marker)!r}).touch(), 1, 2, 3]]"
+    assert score(payload, [A])["format"] == 0.0
+    assert not marker.exists()
+
+
+# ---- knobs --------------------------------------------------------------------------------------------
+
+
+def test_check_reward_kwargs_names_the_culprit():
+    assert check_reward_kwargs(coord_mode="abs_resized")["coord_mode"] == "abs_resized"
+    with pytest.raises(ValueError, match="iou_thresh"):
+        check_reward_kwargs(iou_thresh=0.5)
+    with pytest.raises(ValueError, match="coord_mode"):
+        check_reward_kwargs(coord_mode="pixels")
+    with pytest.raises(ValueError, match="w_format"):
+        check_reward_kwargs(w_format=1.5)
+    with pytest.raises(ValueError, match="min_pixels"):
+        check_reward_kwargs(min_pixels=10, max_pixels=5)
+    with pytest.raises(ValueError, match="require_think"):
+        check_reward_kwargs(require_think="yes")
+
+
+def test_defaults_match_the_contract():
+    defaults = check_reward_kwargs()
+    assert defaults | {} == {
+        "w_format": 0.1,
+        "w_f1": 0.5,
+        "w_iou": 0.5,
+        "iou_threshold": 0.5,
+        "w_l1": 5.0,
+        "w_giou": 2.0,
+        "max_boxes": 50,
+        "coord_mode": "rel1000",
+        "require_think": False,
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+        "resize_factor": 28,
+        "max_answer_chars": 32768,
+    }
+
+
+def test_scores_are_finite_floats_in_unit_interval():
+    for answer in ("[]", boxes_text([A]), boxes_text([A, B, C]), "junk"):
+        for gt in ([], [A], [A, B]):
+            result = score(answer, gt)
+            assert all(math.isfinite(v) for v in result.values())
+            assert 0.0 <= result["score"] <= 1.0
