@@ -10,6 +10,7 @@ adversarial inputs. Medians over --repeats runs (the machine is shared and noisy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -88,10 +89,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n", type=int, default=20_000, help="responses per throughput run")
     args = parser.parse_args()
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as the figure claims
-    except (AttributeError, OSError):
-        pass
     rng = random.Random(0)
     gt = json.dumps({"boxes": [[10, 10, 50, 50]], "width": W, "height": H})
     for name, frame in FRAMES.items():
