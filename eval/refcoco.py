@@ -39,7 +39,8 @@ from PIL import Image
 from data_prep.prompts import PROMPT_DIR
 from eval.scoring import reward_knobs
 from recipes.dig.models import ModelSpec, load_model_spec
-from reward_fns import dig_reward, geometry
+from reward_fns import geometry
+from reward_fns import scoring as dig_reward
 from reward_fns.parsing import ParseError
 
 # dataset key -> folder under --root (the lmms-lab repo name) and its standard splits

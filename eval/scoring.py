@@ -1,6 +1,6 @@
 """Per-answer scoring with the details eval needs, built on the reward's own functions (one implementation).
 
-``score_response`` runs exactly the reward's steps (``reward_fns.dig_reward``: parse -> frame conversion ->
+``score_response`` runs exactly the reward's steps (``reward_fns.scoring``: parse -> frame conversion ->
 clip/validate -> Hungarian matching -> metrics) and also returns what the reward throws away: the predicted
 boxes in original pixels and the matched pairs, so eval can count recall per change type and draw galleries.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from recipes.dig.models import ModelSpec
-from reward_fns import dig_reward
+from reward_fns import scoring as dig_reward
 from reward_fns.parsing import ParseError
 
 
