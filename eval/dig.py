@@ -10,7 +10,7 @@ Writes ``results.json`` (sections ``overall``, ``per_k``, ``per_type``, ``no_dif
 boxes in pixels, matched pairs; ``python -m eval.visualize`` draws it). Generated answers go to
 ``results.predictions.jsonl`` as they finish, so a rerun resumes where it stopped.
 
-Scoring is the reward's (``eval.scoring`` wraps ``reward_fns.dig_reward``), with the model's frame and pixel
+Scoring is the reward's (``eval.scoring`` wraps ``reward_fns.scoring``), with the model's frame and pixel
 bounds from its config file: a number here is the number the reward gave during validation.
 """
 

@@ -1,0 +1,109 @@
+"""eval.visualize: tiles show GT and predictions where they are; works on eval.dig samples and on verl's dump."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from eval import dig, visualize
+from recipes.dig.models import load_model_spec
+from reward_fns import geometry
+
+W, H = 100, 50
+GT_BOX = [20, 10, 40, 30]
+SPEC = load_model_spec("qwen3_vl_8b_thinking")
+
+
+def png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (W, H), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_parquet(path):
+    gt = json.dumps({"boxes": [GT_BOX], "width": W, "height": H, "types": ["color"]})
+    rows = [{
+        "data_source": "dig",
+        "prompt": [{"role": "user", "content": "<image><image>Find all differences."}],
+        "images": [{"bytes": png((0, 0, 255)), "min_pixels": 4096, "max_pixels": 1310720},
+                   {"bytes": png((0, 0, 255)), "min_pixels": 4096, "max_pixels": 1310720}],
+        "ability": "grounding",
+        "reward_model": {"style": "rule", "ground_truth": gt},
+        "extra_info": {"split": "val", "index": 0, "pair_id": "pair0", "stage": 1, "num_differences": 1,
+                       "types": ["color"], "width": W, "height": H},
+    }]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path, gt
+
+
+def response(boxes_px) -> str:
+    boxes = geometry.from_pixels(boxes_px, SPEC.coord_mode, W, H).tolist()
+    return "<think>x</think>" + json.dumps([{"bbox_2d": b} for b in boxes])
+
+
+def tile_pixel(tile: Image.Image, x: float, y: float, image: str) -> tuple[int, int, int]:
+    scale = visualize.TILE_HEIGHT / H
+    offset = 0 if image == "A" else round(W * scale) + 4
+    return tile.getpixel((offset + round(x * scale), round(y * scale)))
+
+
+def test_gallery_from_eval_samples(tmp_path):
+    data, _ = write_parquet(tmp_path / "val.parquet")
+    preds = tmp_path / "p.jsonl"
+    # one matched prediction on the GT box, one unmatched far away
+    preds.write_text(json.dumps({"pair_id": "pair0", "response": response([GT_BOX, [70, 5, 90, 45]])}) + "\n")
+    out = tmp_path / "r.json"
+    dig.main(["--data", str(data), "--predictions", str(preds), "--model", SPEC.model_name, "--out", str(out)])
+    assert visualize.main(["--samples", str(tmp_path / "r.samples.jsonl"), "--data", str(data),
+                           "--out", str(tmp_path / "g")]) == 0  # fmt: skip
+    sheet = Image.open(tmp_path / "g" / "contact_sheet.png")
+    tile = Image.open(tmp_path / "g" / "tiles" / "0000.png").convert("RGB")
+    assert sheet.width >= tile.width and sheet.height >= tile.height
+    # GT (green) on A's box edge; the prediction is drawn over the GT on B (red); the image itself is blue
+    assert tile_pixel(tile, 30, 10, "A") == visualize.GT_COLOR
+    assert tile_pixel(tile, 30, 10, "B") == visualize.PRED_COLOR
+    assert tile_pixel(tile, 30, 20, "A") == (0, 0, 255)
+    assert tile_pixel(tile, 70, 25, "A") == (0, 0, 255)  # predictions are not drawn on A
+    assert tile_pixel(tile, 71, 5, "B") == visualize.PRED_COLOR  # first dash of the unmatched box
+    assert tile_pixel(tile, 72.5, 5, "B") == (0, 0, 255)  # ... and the gap after it
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert "pair0" in page and "tiles/0000.png" in page and "types color" in page
+
+
+def test_gallery_from_verl_validation_dump(tmp_path):
+    """The dump is written by verl's own writer, so a format change in verl breaks this test."""
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    data, gt = write_parquet(tmp_path / "val.parquet")
+    outputs = [response([GT_BOX]), "<think>hmm</think> I see nothing [oops"]
+    dump_dir = tmp_path / "val_dump"
+    PPOTrainer._write_generations(
+        inputs=["user prompt", "user prompt"], outputs=outputs, gts=[gt, gt], scores=[1.0, 0.0],
+        reward_extra_infos_dict={"acc": [1.0, 0.0], "f1": [1.0, 0.0], "uid": ["u_0_0", "u_0_1"]},
+        dump_path=str(dump_dir), global_steps=40,
+    )  # fmt: skip
+    dump = dump_dir / "40.jsonl"
+    knobs = dig.reward_knobs(SPEC)
+    samples = visualize.samples_from_verl_dump(dump, knobs, visualize.load_images(data)[1])
+    assert [s["pair_id"] for s in samples] == ["pair0", "pair0"]  # joined to the parquet by ground truth
+    assert samples[0]["metrics"]["f1"] == 1.0 and samples[1]["error"]
+    assert samples[0]["step"] == 40
+    argv = ["--verl-dump", str(dump), "--data", str(data), "--model", SPEC.model_name, "--out", str(tmp_path / "g"),
+            "--sort", "worst"]  # fmt: skip
+    assert visualize.main(argv) == 0
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert page.index("format failed") < page.index("F1 1.00")  # worst first
+
+
+def test_rejects_other_files(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"pair_id": "x"}) + "\n")
+    with pytest.raises(ValueError, match="not an eval.dig samples line"):
+        visualize.samples_from_eval(bad)
+    with pytest.raises(ValueError, match="not a verl generations dump line"):
+        visualize.samples_from_verl_dump(bad, dig.reward_knobs(SPEC), {})
