@@ -44,21 +44,21 @@ def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pair_terms(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Intersection, union and enclosing-hull areas for every pair, each (N, M). One fused pass with few
-    numpy calls: the reward runs this once per response on a handful of boxes, where call overhead
-    dominates."""
+def _pair_terms(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Intersection, union and enclosing-hull areas for every pair, each (N, M), plus the (N, M, 4) absolute
+    corner differences. One fused pass with few numpy calls: the reward runs this once per response on a
+    handful of boxes, where per-call overhead, not arithmetic, is the cost."""
     pa, gb = a[:, None, :], b[None, :, :]
-    hi, lo = np.maximum(pa, gb), np.minimum(pa, gb)  # (N, M, 4) elementwise max / min of the corners
+    hi, lo = np.maximum(pa, gb), np.minimum(pa, gb)  # elementwise max / min of the corners
     inter = np.maximum(lo[..., 2:] - hi[..., :2], 0.0).prod(-1)
     hull = np.maximum(hi[..., 2:] - lo[..., :2], 0.0).prod(-1)
     union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-    return inter, union, hull
+    return inter, union, hull, hi - lo
 
 
 def pairwise_iou(a, b) -> np.ndarray:
     """IoU matrix (N, M). A pair whose union is empty has IoU 0."""
-    inter, union, _ = _pair_terms(as_boxes(a), as_boxes(b))
+    inter, union, _, _ = _pair_terms(as_boxes(a), as_boxes(b))
     return _safe_divide(inter, union)
 
 
@@ -68,7 +68,8 @@ def _giou(inter: np.ndarray, union: np.ndarray, hull: np.ndarray) -> np.ndarray:
 
 def pairwise_giou(a, b) -> np.ndarray:
     """Generalised IoU matrix (N, M), in [-1, 1]."""
-    return _giou(*_pair_terms(as_boxes(a), as_boxes(b)))
+    inter, union, hull, _ = _pair_terms(as_boxes(a), as_boxes(b))
+    return _giou(inter, union, hull)
 
 
 def pairwise_l1(a, b, width: float, height: float) -> np.ndarray:
@@ -96,15 +97,21 @@ def match_boxes(pred, gt, width: float, height: float, w_l1: float = 5.0, w_giou
     if not len(pred) or not len(gt):
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0)
-    inter, union, hull = _pair_terms(pred, gt)
-    if (union > 0).all() and (hull > 0).all():  # always, when predictions have positive area (the reward's case)
+    inter, union, hull, corner_gap = _pair_terms(pred, gt)
+    if union.min() > 0 and hull.min() > 0:  # always, when predictions have positive area (the reward's case)
         iou = inter / union
         giou = iou - (hull - union) / hull
     else:
         iou = _safe_divide(inter, union)
         giou = iou - _safe_divide(hull - union, hull)
-    scale = np.array([width, height, width, height], dtype=np.float64)
-    cost = w_l1 * (np.abs(pred[:, None, :] - gt[None, :, :]) / scale).sum(-1) - w_giou * giou
+    l1 = (corner_gap * np.array([1.0 / width, 1.0 / height, 1.0 / width, 1.0 / height])).sum(-1)
+    cost = w_l1 * l1 - w_giou * giou
+    if cost.shape[0] == 1:  # one prediction (or one GT, below): the assignment is an argmin
+        col = int(cost[0].argmin())
+        return np.array([0]), np.array([col]), iou[0, col : col + 1]
+    if cost.shape[1] == 1:
+        row = int(cost[:, 0].argmin())
+        return np.array([row]), np.array([0]), iou[row : row + 1, 0]
     rows, cols = linear_sum_assignment(cost)
     return rows, cols, iou[rows, cols]
 
