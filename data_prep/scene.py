@@ -317,7 +317,7 @@ def _random_attrs(vocab: Vocabulary, rng: random.Random) -> tuple[str, str, str,
     )
 
 
-def _place(vocab, rng, oid, others, attrs=None) -> dict | None:
+def _place(vocab, rng, oid, others, attrs=None, check_margin=True) -> dict | None:
     pl = vocab.placement
     shape, color, material, size = attrs or _random_attrs(vocab, rng)
     for _ in range(pl["max_attempts"]):
@@ -325,7 +325,7 @@ def _place(vocab, rng, oid, others, attrs=None) -> dict | None:
         y = rng.uniform(*pl["y"])
         rot = rng.uniform(*pl["rotation_deg"])
         obj = _object(vocab, oid, shape, color, material, size, round(x, 4), round(y, 4), round(rot, 3))
-        if placement_ok(vocab, obj, others):
+        if placement_ok(vocab, obj, others, check_margin):
             return obj
     return None
 
@@ -429,7 +429,10 @@ def _place_additions(vocab, scene, edits, rng):
     out = []
     for e in edits:
         if e["type"] == "addition":
-            obj = _place(vocab, rng, e["object_id"], b_objects)
+            # An added object keeps the margin if it can; in a crowded scene the footprint gap suffices.
+            obj = _place(vocab, rng, e["object_id"], b_objects) or _place(
+                vocab, rng, e["object_id"], b_objects, check_margin=False
+            )
             if obj is None:
                 raise SamplingError("no room for an added object")
             b_objects.append(obj)

@@ -1,0 +1,197 @@
+"""The generation CLI/API end to end at 64x64, 1 spp: output contract, resume, SIGKILL, shards, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from data_prep import scene as S
+from data_prep.gallery import draw_pair, make_sheet, pair_boxes
+from data_prep.generate import GenerateConfig, RenderEnvError, generate, main, pair_id, render_python, sample_candidate
+
+SMALL = {"width": 64, "height": 64, "samples": 1, "denoise": False, "progress": False, "threads": 1}
+DIFF_KEYS = {"type", "object_id", "box", "visible_px_a", "visible_px_b", "changed_px"}
+
+
+def _have_render_venv() -> bool:
+    try:
+        render_python()
+    except RuntimeError:
+        return False
+    return True
+
+
+needs_render = pytest.mark.skipif(not _have_render_venv(), reason="render venv missing: bash scripts/setup_env.sh")
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _check_pair_files(out: Path, rec: dict) -> dict:
+    pair = json.loads((out / rec["json"]).read_text())
+    for side in ("a", "b"):
+        with Image.open((out / rec["json"]).parent / pair["images"][side]) as im:
+            im.load()  # decodes fully: a truncated PNG raises
+            assert im.size == (pair["width"], pair["height"])
+    return pair
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "run"
+    cfg = GenerateConfig(out=out, num=8, k="1-3", seed=7, workers=2, **SMALL)
+    stats = generate(cfg)
+    return out, cfg, stats
+
+
+@needs_render
+def test_output_contract(run):
+    out, cfg, stats = run
+    recs = _manifest(out)
+    assert sorted(r["pair_id"] for r in recs) == [pair_id(7, i) for i in range(8)]
+    vocab = S.load_vocabulary()
+    for rec in recs:
+        pair = _check_pair_files(out, rec)
+        assert Path(rec["json"]).parent.name == "shard-000-of-001"
+        assert pair["pair_id"] == rec["pair_id"]
+        assert pair["num_differences"] == len(pair["differences"]) == rec["num_differences"]
+        assert 1 <= pair["num_differences"] <= 3
+        assert (pair["width"], pair["height"]) == (64, 64)
+        assert pair["renderer"]["name"] == "blender-cycles" and pair["renderer"]["version"].startswith("5.0")
+        assert pair["renderer"]["settings"]["samples"] == 1
+        assert len(pair["edits"]) == pair["num_differences"]
+        for d in pair["differences"]:
+            assert set(d) >= DIFF_KEYS
+            x0, y0, x1, y1 = d["box"]
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            assert d["changed_px"] > 0
+        # The recorded seed regenerates the pair's scene and edits exactly.
+        a, edits, _ = sample_candidate(vocab, pair["seed"], pair["generator"]["k"])
+        assert a == pair["scene"] and edits == pair["edits"]
+    assert stats["accepted"] == 8
+    assert stats["candidates"] == 8 + stats["rejected_total"]
+    on_disk = json.loads((out / "stats.json").read_text())
+    assert on_disk["accepted"] == 8 and on_disk["rejected"] == stats["rejected"]
+    assert sum(on_disk["differences_by_type"].values()) == sum(r["num_differences"] for r in recs)
+
+
+@needs_render
+def test_rerun_resumes_without_new_work(run):
+    out, cfg, _ = run
+    before = (out / "manifest.jsonl").read_text()
+    stats = generate(GenerateConfig(**{**cfg.__dict__, "out": out}))
+    assert stats["this_run"]["pairs"] == 0
+    assert (out / "manifest.jsonl").read_text() == before
+    with pytest.raises(ValueError, match="different settings"):
+        generate(GenerateConfig(**{**cfg.__dict__, "out": out, "width": 80}))
+
+
+@needs_render
+def test_gallery_sheet(run, tmp_path):
+    out, _, _ = run
+    sheet = make_sheet(out, limit=4, scale=2.0)
+    assert sheet.width > 4 * 64 and sheet.height > 2 * 64
+    rec = json.loads((out / _manifest(out)[0]["json"]).read_text())
+    on_a, on_b = pair_boxes(rec)
+    blank = Image.new("RGB", (64, 64))
+    img = np.asarray(draw_pair(blank, blank, on_a, on_b))
+    assert img.max() > 0  # boxes drawn on black
+
+
+@needs_render
+def test_shards_and_no_diff_fraction(tmp_path):
+    out = tmp_path / "sharded"
+    for i in range(2):
+        generate(GenerateConfig(out=out, num=4, k=2, seed=3, shard=(i, 2), no_diff_fraction=1.0, **SMALL))
+    recs = _manifest(out)
+    assert sorted(r["pair_id"] for r in recs) == [pair_id(3, i) for i in range(4)]
+    assert {Path(r["json"]).parent.name for r in recs} == {"shard-000-of-002", "shard-001-of-002"}
+    for rec in recs:
+        pair = _check_pair_files(out, rec)
+        assert pair["num_differences"] == 0 and pair["differences"] == []
+        folder = (out / rec["json"]).parent
+        a = np.asarray(Image.open(folder / pair["images"]["a"]))
+        b = np.asarray(Image.open(folder / pair["images"]["b"]))
+        assert np.array_equal(a, b)  # same scene, same Cycles seed: nothing differs
+    assert json.loads((out / "stats.json").read_text())["accepted"] == 4
+
+
+@needs_render
+def test_sigkill_mid_run_then_resume(tmp_path):
+    out = tmp_path / "killed"
+    num = 24
+    cmd = [sys.executable, "-m", "data_prep.generate", "--num", str(num), "--k", "1-4", "--seed", "5", "--out", str(out),
+           "--width", "64", "--height", "64", "--samples", "1", "--no-denoise", "--workers", "2", "--threads", "1",
+           "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = out / "manifest.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and len(manifest.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"generator ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(_manifest(out))
+    assert 4 <= done_before < num
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=300)
+    recs = _manifest(out)
+    ids = [r["pair_id"] for r in recs]
+    assert sorted(ids) == [pair_id(5, i) for i in range(num)]  # every pair exactly once
+    for rec in recs:
+        _check_pair_files(out, rec)
+    leftovers = [p.name for p in out.rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+    files = {p.name for p in (out / "shard-000-of-001").glob("s5-*")}
+    assert len(files) == 3 * num
+
+
+def test_bad_flags_give_clear_errors(tmp_path, capsys):
+    base = ["--num", "2", "--out", str(tmp_path / "x")]
+    for extra, flag in [
+        (["--k", "0"], "--k"),
+        (["--k", "3-1"], "--k"),
+        (["--k", "x"], "--k"),
+        (["--shard", "2/2"], "--shard"),
+        (["--shard", "a"], "--shard"),
+        (["--no-diff-fraction", "1.5"], "--no-diff-fraction"),
+        (["--workers", "0"], "--workers"),
+        (["--width", "3"], "--width"),
+        (["--samples", "0"], "--samples"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(base + extra)
+        assert exc.value.code == 2
+        assert flag in capsys.readouterr().err, extra
+    assert not (tmp_path / "x").exists()  # nothing written before the flags are valid
+
+
+def test_bad_vocabulary_fails_before_rendering(tmp_path, capsys):
+    raw = yaml.safe_load(S.DEFAULT_VOCAB_PATH.read_text())
+    raw["materials"]["metal"] = {"Metallic": "shiny"}
+    vocab = tmp_path / "v.yaml"
+    vocab.write_text(yaml.safe_dump(raw))
+    with pytest.raises(S.VocabularyError, match=r"materials\.metal\.Metallic"):
+        generate(GenerateConfig(out=tmp_path / "o", num=1, vocab=vocab, **SMALL))
+    with pytest.raises(SystemExit) as exc:
+        main(["--num", "1", "--out", str(tmp_path / "o"), "--vocab", str(vocab)])
+    assert exc.value.code == 2 and "materials.metal.Metallic" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_render_venv_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIG_RENDER_PYTHON", str(tmp_path / "nope" / "python"))
+    with pytest.raises(RenderEnvError, match="setup_env.sh"):
+        generate(GenerateConfig(out=tmp_path / "o", num=1, **SMALL))
