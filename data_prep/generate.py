@@ -284,6 +284,7 @@ class PairMaker:
                 job["save_masks"] = str(self.shard_dir / pid)
             ans = self.worker.request(job)
             delta["render_cpu_s"] += ans.get("timing", {}).get("cpu_s", 0.0)
+            delta["peak_rss_mb"] = max(delta.get("peak_rss_mb", 0.0), ans.get("peak_rss_mb", 0.0))
             if not ans["accepted"]:
                 delta["rejected"][ans["reason"]] += 1
                 for t in (tmp_a, tmp_b):
@@ -420,6 +421,9 @@ class RunState:
             st["candidates"] += delta["candidates"]
             st["rejected"].update(delta["rejected"])
             st["render_cpu_s"] = round(st["render_cpu_s"] + delta["render_cpu_s"], 3)
+            st["peak_rss_mb_per_worker"] = round(
+                max(st.get("peak_rss_mb_per_worker", 0.0), delta.get("peak_rss_mb", 0.0)), 1
+            )
             st["differences_by_type"].update(record["types"])
             self._write_stats()
 
@@ -441,6 +445,9 @@ class RunState:
                 total["rejected"].update(s.get("rejected", {}))
                 total["differences_by_type"].update(s.get("differences_by_type", {}))
                 total["shards"].append(p.parent.name)
+                total["peak_rss_mb_per_worker"] = max(
+                    total.get("peak_rss_mb_per_worker", 0.0), s.get("peak_rss_mb_per_worker", 0.0)
+                )
         total["rejected_total"] = sum(total["rejected"].values())
         total["acceptance_rate"] = round(total["accepted"] / total["candidates"], 4) if total["candidates"] else None
         total["renderer_settings"] = self.stats["renderer_settings"]
@@ -531,7 +538,7 @@ def _run_ray(cfg: GenerateConfig, vocab: S.Vocabulary, state: RunState, todo: li
     threads = cfg.threads_per_worker
     if not ray.is_initialized():
         if cfg.ray_address == "local":
-            ray.init(num_cpus=cfg.workers * threads, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=cfg.workers * threads, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=cfg.ray_address, log_to_driver=False)
     task = ray.remote(num_cpus=threads, max_retries=2)(_ray_chunk)

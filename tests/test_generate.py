@@ -195,3 +195,17 @@ def test_missing_render_venv_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DIG_RENDER_PYTHON", str(tmp_path / "nope" / "python"))
     with pytest.raises(RenderEnvError, match="setup_env.sh"):
         generate(GenerateConfig(out=tmp_path / "o", num=1, **SMALL))
+
+
+@needs_render
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DIG_TEST_RAY") != "1", reason="starts a local Ray instance (~25 s): DIG_TEST_RAY=1")
+def test_ray_local_matches_local_run(run, tmp_path):
+    out, cfg, _ = run
+    ray_out = tmp_path / "ray"
+    generate(GenerateConfig(**{**cfg.__dict__, "out": ray_out, "ray_address": "local", "num": 4}))
+    for rec in _manifest(ray_out):
+        mine = json.loads((ray_out / rec["json"]).read_text())
+        ref = json.loads((out / rec["json"]).read_text())
+        assert (mine["seed"], mine["differences"]) == (ref["seed"], ref["differences"])
+    assert len(_manifest(ray_out)) == 4
