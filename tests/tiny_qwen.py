@@ -33,10 +33,15 @@ Usage::
     ckpt = save_tiny_checkpoint("qwen3_vl", tmp_path / "ckpt")  # config + safetensors + processor + tokenizer
     # AutoProcessor.from_pretrained(ckpt) / AutoModelForImageTextToText.from_pretrained(ckpt) work offline.
 
-Cached objects are shared: do not mutate them (``copy.deepcopy`` first if you must). ``min_pixels`` /
-``max_pixels`` default to qwen_vl_utils' own bounds (4 and 16384 tokens x factor^2), so the HF image
-processor is a no-op on images already resized by ``qwen_vl_utils.fetch_image`` — unlike the real Qwen3-VL
-checkpoint, whose processor min is 65536 px and would upscale a 64x64 test image to 256x256.
+Cached objects are shared: do not mutate them (``copy.deepcopy`` first if you must).
+
+Pixel bounds: images are resized twice on the verl path, first by ``qwen_vl_utils.fetch_image`` (per-image
+``min_pixels``/``max_pixels`` from the parquet) and then again by the HF image processor with ITS OWN bounds.
+The fixture's processor defaults to (1 token, 16384 tokens) x factor^2, so it is a no-op on any image
+fetch_image produced and token counts equal ``smart_resize``'s prediction. The real checkpoints' processor
+bounds are in ``REAL_PROCESSOR_PIXEL_BOUNDS``: the real Qwen3-VL processor's min is 65536 px, so it upscales any
+image fetch_image shrank below 64 tokens (e.g. a 64x64 test image becomes 256x256). To test with the real
+behaviour: ``lo, hi = REAL_PROCESSOR_PIXEL_BOUNDS[family]; build_tiny_processor(family, min_pixels=lo, max_pixels=hi)``.
 """
 
 from __future__ import annotations
@@ -63,9 +68,20 @@ def resize_factor(family: str) -> int:
 
 
 def default_pixel_bounds(family: str) -> tuple[int, int]:
-    """(min_pixels, max_pixels) used by default: qwen_vl_utils' own bounds (4 / 16384 tokens)."""
+    """The fixture processor's default (min_pixels, max_pixels): 1 and 16384 tokens x factor^2.
+
+    The min is the smallest smart_resize can return, so the processor never re-resizes an image that
+    qwen_vl_utils.fetch_image already resized; the max is qwen_vl_utils' own default max.
+    """
     factor = resize_factor(family)
-    return 4 * factor * factor, 16384 * factor * factor
+    return factor * factor, 16384 * factor * factor
+
+
+# (min_pixels, max_pixels) of the real checkpoints' image processors (preprocessor_config.json "size").
+REAL_PROCESSOR_PIXEL_BOUNDS = {
+    "qwen2_5_vl": (3136, 12845056),  # Qwen2.5-VL-*-Instruct: 56*56, 28*28*16384
+    "qwen3_vl": (65536, 16777216),  # Qwen3-VL-*: shortest_edge 256*256, longest_edge 4096*4096
+}
 
 
 # Added tokens in the real checkpoints' id order (Qwen2.5-VL: 151643..151664; Qwen3-VL adds
@@ -567,3 +583,25 @@ def save_tiny_checkpoint(
     processor = build_tiny_processor(family, variant, min_pixels, max_pixels)
     processor.save_pretrained(save_dir)
     return save_dir
+
+
+def verl_data_config(family: str, **overrides):
+    """verl 0.9.1's ``data`` config (``trainer/config/data/legacy_data.yaml`` defaults) for ``RLHFDataset``.
+
+    Defaults for tests: ``image_patch_size`` = the family's patch, ``filter_overlong_prompts=True`` and
+    ``filter_overlong_prompts_workers=None``. The last one matters: ``datasets`` forks a worker pool even for
+    ``num_proc=1``, and a forked child that runs torch ops after the parent already used torch's thread pool
+    (any earlier model/processor call in the same pytest process) deadlocks. ``None`` filters in-process.
+    ``overrides`` (e.g. ``max_prompt_length=...``, ``cache_dir=str(tmp_path)``) win.
+    """
+    import verl
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.load(Path(verl.__file__).parent / "trainer" / "config" / "data" / "legacy_data.yaml")
+    test_defaults = {
+        "image_patch_size": PATCH_SIZE[_check_family(family)],
+        "filter_overlong_prompts": True,
+        "filter_overlong_prompts_workers": None,
+        "dataloader_num_workers": 0,
+    }
+    return OmegaConf.merge(defaults, test_defaults, overrides)
