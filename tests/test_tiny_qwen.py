@@ -138,6 +138,30 @@ def test_qwen3_vl_chat_template_renders_official_format(variant, generation_prom
     assert processor.apply_chat_template(system, tokenize=False).startswith("<|im_start|>system\nBe exact.<|im_end|>\n")
 
 
+@pytest.mark.parametrize("variant", ["instruct", "thinking"])
+def test_qwen3_vl_templates_render_tools_and_tool_turns(variant):
+    tokenizer = build_tiny_tokenizer("qwen3_vl", variant)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "ok", "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]},
+        {"role": "tool", "content": "r"},
+    ]
+    rendered = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert rendered == (
+        "<|im_start|>system\nS\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "f", "parameters": {}}}\n</tools>\n\n'
+        "For each function call, return a json object with function name and arguments within <tool_call></tool_call>"
+        ' XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n"
+        '<|im_start|>assistant\nok\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\nr\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n" + ("<think>\n" if variant == "thinking" else "")
+    )
+
+
 def test_qwen3_vl_thinking_template_splits_reasoning_of_last_turn():
     tokenizer = build_tiny_tokenizer("qwen3_vl", "thinking")
     messages = [
