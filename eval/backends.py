@@ -21,6 +21,7 @@ from recipes.dig.models import ModelSpec, model_file
 
 IMAGE_SPLIT = re.compile(r"(<image>)")
 DEFAULT_MAX_NEW_TOKENS = 1024
+PROMPT_TOKEN_BUDGET = 8192  # two images at the configs' max_pixels plus the instruction fit well inside
 
 
 class Backend(Protocol):
@@ -132,7 +133,7 @@ class VLLMBackend:
 
     def __init__(self, model_path, spec: ModelSpec, max_new_tokens: int | None = None, temperature: float = 0.0,
                  tensor_parallel_size: int = 1, seed: int = 0, gpu_memory_utilization: float = 0.85,
-                 max_images: int = 2):  # fmt: skip
+                 max_images: int = 2, max_model_len: int | None = None):  # fmt: skip
         try:
             from vllm import LLM, SamplingParams
         except ImportError as err:
@@ -144,16 +145,17 @@ class VLLMBackend:
 
         self.spec = spec
         self.processor = AutoProcessor.from_pretrained(model_path)
+        max_new_tokens = max_new_tokens or default_max_new_tokens(spec)
         self.llm = LLM(
             model=str(model_path),
             tensor_parallel_size=tensor_parallel_size,
             limit_mm_per_prompt={"image": max_images},
             gpu_memory_utilization=gpu_memory_utilization,
+            # bounded context: the checkpoints' native 256k would reserve KV cache eval never uses
+            max_model_len=max_model_len or max_new_tokens + PROMPT_TOKEN_BUDGET,
             seed=seed,
         )
-        self.sampling = SamplingParams(
-            temperature=temperature, max_tokens=max_new_tokens or default_max_new_tokens(spec), seed=seed
-        )
+        self.sampling = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
 
     def generate(self, requests: list[list[dict]]) -> list[str]:
         prompts = []
