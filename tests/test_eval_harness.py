@@ -35,7 +35,8 @@ def test_lmms_eval_command_hf_and_vllm():
     cmd = harness.lmms_eval_command(benchmarks, "/ckpt", spec, "/out", backend="hf", num_processes=4, python="py")
     assert cmd[:4] == ["py", "-m", "accelerate.commands.launch", "--num_processes=4"]
     assert cmd[cmd.index("--model") + 1] == "qwen2_5_vl"
-    assert cmd[cmd.index("--model_args") + 1] == "pretrained=/ckpt,min_pixels=3136,max_pixels=1003520"
+    bounds = f"min_pixels={spec.min_pixels},max_pixels={spec.max_pixels}"  # from the model's config file
+    assert cmd[cmd.index("--model_args") + 1] == f"pretrained=/ckpt,{bounds}"
     assert cmd[cmd.index("--tasks") + 1] == "mmstar,pope,cv_bench"
     assert cmd[cmd.index("--output_path") + 1] == "/out"
     cmd = harness.lmms_eval_command(
@@ -50,10 +51,12 @@ def test_lmms_eval_command_hf_and_vllm():
 
 def test_vlmevalkit_config_and_command(tmp_path):
     benchmarks = harness.select_benchmarks(harness.load_benchmarks(), "hallusionbench,cv_bench")
-    config = harness.vlmevalkit_config(benchmarks, "/ckpt", load_model_spec("qwen3_vl_4b_thinking"), "dig4b")
+    spec = load_model_spec("qwen3_vl_4b_thinking")
+    config = harness.vlmevalkit_config(benchmarks, "/ckpt", spec, "dig4b")
     assert config["model"] == {
-        "dig4b": {"class": "Qwen3VLChat", "model_path": "/ckpt", "min_pixels": 4096, "max_pixels": 1310720}
-    }
+        "dig4b": {"class": "Qwen3VLChat", "model_path": "/ckpt", "min_pixels": spec.min_pixels,
+                  "max_pixels": spec.max_pixels}
+    }  # fmt: skip
     assert config["data"] == {
         "HallusionBench": {"class": "ImageYORNDataset", "dataset": "HallusionBench"},
         "CV-Bench-2D": {"class": "ImageMCQDataset", "dataset": "CV-Bench-2D"},
