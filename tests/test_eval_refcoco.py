@@ -107,3 +107,23 @@ def test_cli_scores_gt_in_native_frame(root, tmp_path):
     preds.write_text("".join(json.dumps(a) + "\n" for a in answers[:1]))
     with pytest.raises(ValueError, match="no answer for refcoco:val:1:1"):
         refcoco.main(argv)
+
+
+def test_cli_generates_with_hf_backend_and_resumes(root, tmp_path):
+    """The path a user runs on a checkpoint, with a tiny random Qwen2.5-VL saved offline."""
+    from tiny_qwen import save_tiny_checkpoint
+
+    spec = load_model_spec("qwen2_5_vl_3b")
+    ckpt = save_tiny_checkpoint("qwen2_5_vl", tmp_path / "ckpt")
+    out = tmp_path / "gen" / "refcoco.json"
+    argv = ["--root", str(root), "--splits", "refcoco:val,refcocog:test", "--model", spec.model_name,
+            "--model-path", str(ckpt), "--backend", "hf", "--max-new-tokens", "5", "--out", str(out)]  # fmt: skip
+    assert refcoco.main(argv) == 0
+    predictions = (tmp_path / "gen" / "refcoco.predictions.jsonl").read_text().splitlines()
+    assert sorted(json.loads(p)["id"] for p in predictions) == [
+        "refcoco:val:1:0", "refcoco:val:1:1", "refcocog:test:7:0"
+    ]  # fmt: skip
+    results = json.loads(out.read_text())
+    assert sum(s["n"] for s in results["splits"].values()) == 3
+    assert refcoco.main(argv) == 0  # nothing left to generate
+    assert (tmp_path / "gen" / "refcoco.predictions.jsonl").read_text().splitlines() == predictions
