@@ -75,6 +75,7 @@ def test_gallery_from_eval_samples(tmp_path):
     assert "pair0" in page and "tiles/0000.png" in page and "types color" in page
 
 
+@pytest.mark.verl
 def test_gallery_from_verl_validation_dump(tmp_path):
     """The dump is written by verl's own writer, so a format change in verl breaks this test."""
     from verl.trainer.ppo.v1.trainer_base import PPOTrainer
