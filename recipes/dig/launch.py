@@ -35,9 +35,10 @@ STAGES = (1, 2, 3)
 DONE_MARKER = "dig_stage_done.json"
 # Merged HF weights of <experiment>/global_step_N live in <experiment>/hf_merged/global_step_N.
 MERGED_DIRNAME = "hf_merged"
-# Pairs per stage and split (DESIGN §7) and the measured render speed, for "data will be built" estimates.
-PAIRS_PER_STAGE = {"train": 1600, "val": 200}
-RENDER_SEC_PER_PAIR = 4.5  # 480x320, 16 spp, wall per pair on a 2-core box (data_prep benchmark)
+# What data_prep.build will render (data, not code: pair counts and image size per stage live there).
+STAGES_FILE = REPO_ROOT / "data_prep" / "stages.yaml"
+DEFAULT_PAIRS_PER_SPLIT = {"train": 1600, "val": 200}  # DESIGN §7, used if stages.yaml is absent
+RENDER_SEC_PER_PAIR = 4.5  # 480x320, 16 spp: measured wall time per pair on a 2-core box
 REQUIRED_COLUMNS = ("data_source", "prompt", "images", "ability", "reward_model", "extra_info")
 # Text part of a prompt (instruction + chat template) in tokens: a generous bound for the budget check.
 PROMPT_TEXT_TOKENS = 300
@@ -187,7 +188,9 @@ def compose(overrides: list[str]):
             return hydra_compose(CONFIG_NAME, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         message = str(err).strip()
-        culprit = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") in message), None)
+        culprit = next((o for o in overrides if o in message), None) or next(
+            (o for o in overrides if f"'{o.split('=', 1)[0].lstrip('+~')}'" in message), None
+        )
         hint = f"override {culprit!r} rejected" if culprit else "config composition failed"
         raise LaunchError(f"{hint}: {message} (new keys need a leading '+'; check the spelling)") from err
 
@@ -345,7 +348,7 @@ def plan_handoff(settings: Settings, stage: int, prev_cfg, spec: ModelSpec) -> H
     if done is None:
         if settings.assume_previous:
             return Handoff(
-                str(prev_dir / MERGED_DIRNAME / "global_step_<last>"),
+                str(prev_dir / MERGED_DIRNAME / "global_step_LAST"),
                 f"stage {stage - 1} runs first (curriculum); its last step is merged before stage {stage} starts",
             )
         step = latest_step(prev_dir)
@@ -452,6 +455,23 @@ def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
     return f"{path} ({rows} rows, prompts <= ~{worst} tokens of {cfg.data.max_prompt_length})"
 
 
+def planned_render(stage: int) -> dict:
+    """Pairs per split and image size data_prep.build renders for a stage, from data_prep/stages.yaml."""
+    import yaml
+
+    plan = {"pairs": dict(DEFAULT_PAIRS_PER_SPLIT), "width": 480, "height": 320}
+    if not STAGES_FILE.is_file():
+        return plan
+    doc = yaml.safe_load(STAGES_FILE.read_text()) or {}
+    render = doc.get("render") or {}
+    plan["width"], plan["height"] = int(render.get("width", 480)), int(render.get("height", 320))
+    splits = ((doc.get("stages") or {}).get(str(stage)) or {}).get("splits") or {}
+    for split, runs in splits.items():
+        runs = runs if isinstance(runs, list) else [runs]
+        plan["pairs"][split] = sum(int(run.get("num", 0)) for run in runs)
+    return plan
+
+
 def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: str) -> DataReport:
     files = data_files(cfg)
     missing = {split: p for split, p in files.items() if not p.is_file()}
@@ -465,14 +485,21 @@ def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: 
     }
     if any(files.get(s) != p for s, p in expected.items() if s in missing):
         raise LaunchError(f"data file(s) not found: {', '.join(str(p) for p in missing.values())} (set by an override)")
-    pairs = sum(PAIRS_PER_STAGE.get(split, 0) for split in missing)
+    plan = planned_render(stage)
+    pairs = sum(plan["pairs"].get(split, 0) for split in missing)
     seconds = pairs * RENDER_SEC_PER_PAIR
+    worst = prompt_token_bound(plan["width"], plan["height"], spec)
+    if worst > cfg.data.max_prompt_length:
+        raise LaunchError(
+            f"data.max_prompt_length={cfg.data.max_prompt_length} is below the ~{worst} tokens of a two-image prompt "
+            f"at the planned {plan['width']}x{plan['height']} render ({STAGES_FILE.name}): raise it in the model file"
+        )
     command = [settings.python, "-m", "data_prep.build", "--data-dir", str(data_dir), "--model", model_ref,
                "--stage", str(stage)]  # fmt: skip
     lines.append(
         f"data: missing {', '.join(str(p) for p in missing.values())}; the run builds them first with "
-        f"`{shlex.join(command)}`: ~{pairs} pairs x {RENDER_SEC_PER_PAIR} s/pair (480x320, 16 spp, measured on "
-        f"2 cores) = ~{seconds / 3600:.1f} h on one such worker"
+        f"`{shlex.join(command)}`: {pairs} pairs x {RENDER_SEC_PER_PAIR} s/pair (measured at 480x320, 16 spp on "
+        f"2 cores) = ~{seconds / 3600:.1f} h on such a box; prompts <= ~{worst} tokens of {cfg.data.max_prompt_length}"
     )
     return DataReport(False, lines, command)
 
@@ -548,11 +575,6 @@ def describe(plan: Plan) -> str:
 
 def check_gpu_environment() -> None:
     """Before anything slow or Ray: a real run needs vLLM and GPUs (or a Ray cluster that has them)."""
-    if importlib.util.find_spec("vllm") is None:
-        raise LaunchError(
-            "vLLM is not installed in this Python: a training run needs the GPU stack "
-            "(pip install -r requirements.txt && pip install -e . --no-deps). To validate on CPU use DRY_RUN=1"
-        )
     if os.environ.get("RAY_ADDRESS"):
         return  # GPUs live in the cluster; verl checks trainer.nnodes x n_gpus_per_node against it
     import torch
@@ -560,6 +582,11 @@ def check_gpu_environment() -> None:
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         raise LaunchError("no GPU visible (torch.cuda.device_count() == 0): training needs GPUs. Use DRY_RUN=1 to "
                           "validate everything on CPU, or set RAY_ADDRESS to a Ray cluster with GPUs")  # fmt: skip
+    if importlib.util.find_spec("vllm") is None:
+        raise LaunchError(
+            "vLLM is not installed in this Python: a training run needs the GPU stack "
+            "(pip install -r requirements.txt && pip install -e . --no-deps). To validate on CPU use DRY_RUN=1"
+        )
 
 
 def default_gpus_per_node(dry_run: bool) -> int:

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Shared by launch/grpo_stage{1,2,3}.sh, launch/curriculum.sh and launch/slurm/*.sbatch (source it).
+# Picks the Python, checks that it can run the recipe (or installs the GPU stack with SETUP_ENV=1), and hands
+# over to the one implementation: python -m recipes.dig.launch (config, checks, data, handoff, training).
+#
+# Knobs (environment): MODEL NNODES GPUS_PER_NODE DATA_DIR CKPT_DIR DRY_RUN LOGGER INIT_MODEL
+#                      DIG_PYTHON (interpreter to use) SETUP_ENV=1 (pip-install requirements.txt if missing)
+# Extra arguments are Hydra overrides passed to verl, e.g. trainer.total_epochs=2.
+
+DIG_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export DIG_REPO
+# recipes/ and reward_fns/ importable even without `pip install -e .` (Ray workers inherit this)
+export PYTHONPATH="$DIG_REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+dig_python() {
+  if [ -n "${DIG_PYTHON:-}" ]; then
+    echo "$DIG_PYTHON"
+  elif [ -x "$DIG_REPO/.venv/bin/python" ]; then
+    echo "$DIG_REPO/.venv/bin/python"
+  else
+    command -v python3 || command -v python
+  fi
+}
+
+# Verify the environment (imports the launcher needs); SETUP_ENV=1 installs the pinned GPU stack instead of failing.
+dig_check_env() {
+  local py=$1
+  if "$py" -c 'import verl, hydra, recipes.dig.launch, reward_fns' 2>/dev/null; then
+    return 0
+  fi
+  if [ "${SETUP_ENV:-0}" = 1 ]; then
+    echo "[dig] setting up the training environment in $py (requirements.txt)" >&2
+    "$py" -m pip install -r "$DIG_REPO/requirements.txt" && "$py" -m pip install -e "$DIG_REPO" --no-deps || return 1
+    "$py" -c 'import verl, hydra, recipes.dig.launch, reward_fns' && return 0
+  fi
+  echo "[dig] ERROR: $py cannot import verl/hydra/recipes: install the training stack" \
+       "(GPU node: SETUP_ENV=1 or 'pip install -r requirements.txt && pip install -e . --no-deps';" \
+       "CPU/dry runs: 'bash scripts/setup_env.sh'), or point DIG_PYTHON at an interpreter that has it" >&2
+  return 1
+}
+
+# run_stage K [overrides...]: one curriculum stage (exec: the trainer inherits this process and its signals).
+run_stage() {
+  local stage=$1
+  shift
+  local py
+  py=$(dig_python) || { echo "[dig] ERROR: no python found (set DIG_PYTHON)" >&2; return 1; }
+  dig_check_env "$py" || return 1
+  cd "$DIG_REPO" || return 1
+  exec "$py" -m recipes.dig.launch --stage "$stage" "$@"
+}
