@@ -44,7 +44,7 @@ class Benchmark:
     display: str
     paper: str | None
     lmms_tasks: tuple[str, ...]
-    lmms_metric: str
+    lmms_metrics: tuple[str, ...]  # candidates, first present wins (harness versions rename metrics)
     vlmeval_datasets: tuple[str, ...]
     vlmeval_class: str
     vlmeval_metric: str
@@ -67,7 +67,7 @@ def load_benchmarks(path: str | Path = BENCHMARKS_FILE) -> dict[str, Benchmark]:
                 display=entry.get("display", key),
                 paper=entry.get("paper"),
                 lmms_tasks=tuple(lm["tasks"]),
-                lmms_metric=lm["metric"],
+                lmms_metrics=(lm["metric"],) if isinstance(lm["metric"], str) else tuple(lm["metric"]),
                 vlmeval_datasets=tuple(vk["datasets"]),
                 vlmeval_class=vk["class"],
                 vlmeval_metric=vk["metric"],
@@ -195,8 +195,13 @@ def collect_lmms_eval(benchmarks: list[Benchmark], output_path: str | Path) -> d
         merged.update(parse_lmms_eval_results(path))
     table = {}
     for b in benchmarks:
-        values = [merged[t][b.lmms_metric] for t in b.lmms_tasks if b.lmms_metric in merged.get(t, {})]
-        missing = [t for t in b.lmms_tasks if b.lmms_metric not in merged.get(t, {})]
+        values, missing = [], []
+        for task in b.lmms_tasks:
+            found = [merged.get(task, {})[m] for m in b.lmms_metrics if m in merged.get(task, {})]
+            if found:
+                values.append(found[0])
+            else:
+                missing.append(task)
         table[b.key] = _row(b, values, missing, {t: merged.get(t, {}) for t in b.lmms_tasks})
     return table
 

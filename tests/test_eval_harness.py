@@ -141,3 +141,14 @@ def test_cli_dry_run_and_collect(tmp_path, capsys):
     saved = json.loads((out / "perception.json").read_text())
     assert saved["benchmarks"]["mmstar"]["score"] == 50.0
     assert (out / "perception.md").read_text().startswith("| model | MMStar | POPE |")
+
+
+def test_metric_candidates_first_present_wins(tmp_path):
+    listing = tmp_path / "b.yaml"
+    listing.write_text(
+        "benchmarks:\n  hb:\n    display: HB\n    lmms_eval: {tasks: [hb], metric: [new_name, aAcc]}\n"
+        "    vlmevalkit: {datasets: [HallusionBench], class: ImageYORNDataset, metric: aAcc}\n"
+    )
+    benchmarks = list(harness.load_benchmarks(listing).values())
+    lmms_results(tmp_path / "out" / "m" / "x_results.json", {"hb": {"aAcc,none": 0.7, "qAcc,none": 0.4}})
+    assert harness.collect_lmms_eval(benchmarks, tmp_path / "out")["hb"]["score"] == 70.0
