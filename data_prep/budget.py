@@ -1,0 +1,162 @@
+"""Prompt-length budget check: does the longest DiG prompt fit ``data.max_prompt_length``?
+
+    python -m data_prep.budget --model NAME [--processor HF_ID_OR_DIR] [--max-prompt-length N] [--image-size WxH]
+
+verl never truncates a multimodal prompt: an over-long one is either dropped by ``filter_overlong_prompts`` or
+fails in the rollout ("image features and image tokens do not match", "Multimodal prompt produced N tokens").
+So we count the prompt exactly as verl's length filter does (chat template + ``qwen_vl_utils.process_vision_info``
+with the row's min/max_pixels + the processor) for the longest prompt: two images at ``max_pixels`` (the default,
+valid for any image size) or at ``--image-size`` (the rendered size, e.g. 480x320), plus the instruction text.
+Works with the real HF processor (``--processor``, default the model's ``hf_path``) and with the tiny test one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from data_prep.prompts import build_vision_messages
+from recipes.dig.models import ModelSpec, load_model_spec, model_file
+
+DEFAULT_MAX_PROMPT_LENGTH = 512  # verl's legacy_data.yaml default, used when the model file sets none
+
+
+@dataclass(frozen=True)
+class PromptBudget:
+    model: str
+    image_size: tuple[int, int]  # (width, height) of each input image
+    resized_size: tuple[int, int]  # (width, height) after smart_resize with the model's min/max_pixels
+    image_tokens: int  # per image, as the processor expands <|image_pad|>
+    prompt_tokens: int  # the whole prompt: chat template + 2 images + text
+    max_prompt_length: int
+
+    @property
+    def text_tokens(self) -> int:
+        return self.prompt_tokens - 2 * self.image_tokens
+
+    @property
+    def fits(self) -> bool:
+        return self.prompt_tokens <= self.max_prompt_length
+
+    def advice(self, spec: ModelSpec) -> str:
+        """What to change when the prompt does not fit, with the numbers."""
+        factor_sq = spec.resize_factor**2
+        per_image = (self.max_prompt_length - self.text_tokens) // 2
+        lines = [
+            f"{self.model}: the longest prompt needs {self.prompt_tokens} tokens = 2 images x {self.image_tokens} "
+            f"({self.image_size[0]}x{self.image_size[1]} px -> {self.resized_size[0]}x{self.resized_size[1]}) "
+            f"+ {self.text_tokens} text/template tokens, but data.max_prompt_length={self.max_prompt_length}.",
+            f"  fix: raise data.max_prompt_length to >= {self.prompt_tokens} "
+            f"(e.g. data.max_prompt_length={math.ceil(self.prompt_tokens / 256) * 256})",
+        ]
+        if per_image >= 4:
+            lines.append(
+                f"   or: lower dig.max_pixels in {model_file(spec.model_name)} to <= {per_image * factor_sq} "
+                f"({per_image} tokens of {spec.resize_factor}x{spec.resize_factor} px per image)"
+            )
+        return "\n".join(lines)
+
+
+def max_prompt_length_of(model: str | Path) -> int:
+    """``data.max_prompt_length`` the model's config file sets (the value the launch uses for that model)."""
+    raw = yaml.safe_load(model_file(model).read_text()) or {}
+    value = (raw.get("data") or {}).get("max_prompt_length")
+    return int(value) if value is not None else DEFAULT_MAX_PROMPT_LENGTH
+
+
+def largest_image_size(spec: ModelSpec) -> tuple[int, int]:
+    """(width, height) of an image that smart_resize keeps at the most tokens ``max_pixels`` allows (near square)."""
+    factor = spec.resize_factor
+    max_tokens = spec.max_pixels // factor**2
+    best = (1, 1)
+    for rows in range(1, math.isqrt(max_tokens) + 1):
+        cols = max_tokens // rows
+        if rows * cols > best[0] * best[1] or (rows * cols == best[0] * best[1] and cols - rows < best[1] - best[0]):
+            best = (rows, cols)
+    rows, cols = best
+    return cols * factor, rows * factor
+
+
+def measure_prompt(
+    processor, spec: ModelSpec, image_size: tuple[int, int], system_prompt: str | None = None
+) -> tuple[int, int, tuple[int, int]]:
+    """(prompt tokens, image tokens per image, resized (w, h)) for two ``image_size`` images, counted like verl."""
+    from PIL import Image
+    from qwen_vl_utils import process_vision_info
+
+    width, height = image_size
+    image_a = Image.new("RGB", (width, height), (200, 30, 30))
+    image_b = Image.new("RGB", (width, height), (30, 30, 200))
+    messages = build_vision_messages(spec, image_a, image_b, system_prompt)
+    # Same calls as RLHFDataset.maybe_filter_out_long_prompts: the factor comes from data.image_patch_size,
+    # which the model file sets to spec.patch_size.
+    images, _ = process_vision_info(messages, image_patch_size=spec.patch_size)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=images, return_tensors="np")
+    prompt_tokens = len(inputs["input_ids"][0])
+    merge = getattr(processor.image_processor, "merge_size", 2)
+    grid = inputs["image_grid_thw"]
+    per_image = [int(t * h * w) // merge**2 for t, h, w in grid]
+    if len(per_image) != 2 or per_image[0] != per_image[1]:
+        raise RuntimeError(f"expected two equal image grids, got {grid.tolist()}")
+    return prompt_tokens, per_image[0], images[0].size
+
+
+def check_prompt_budget(
+    processor,
+    model: str | Path,
+    max_prompt_length: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    system_prompt: str | None = None,
+) -> PromptBudget:
+    """Measure the longest prompt; ``image_size`` None means images at the model's ``max_pixels``."""
+    spec = load_model_spec(model)
+    if max_prompt_length is None:
+        max_prompt_length = max_prompt_length_of(model)
+    size = image_size or largest_image_size(spec)
+    prompt_tokens, image_tokens, resized = measure_prompt(processor, spec, size, system_prompt)
+    return PromptBudget(spec.model_name, tuple(size), tuple(resized), image_tokens, prompt_tokens, max_prompt_length)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from err
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"image size must be positive, got {text!r}")
+    return width, height
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.budget", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="base model name or YAML path")
+    parser.add_argument("--processor", default=None, help="HF id or local dir of the processor (default: hf_path)")
+    parser.add_argument("--max-prompt-length", type=int, default=None, help="default: the model file's data.*")
+    parser.add_argument("--image-size", type=_parse_size, default=None, help="WxH; default: images at max_pixels")
+    parser.add_argument("--system-prompt", default=None, help="'default' or literal text, as for to_verl")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_model_spec(args.model)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(args.processor or spec.hf_path)
+    budget = check_prompt_budget(processor, args.model, args.max_prompt_length, args.image_size, args.system_prompt)
+    print(json.dumps({**asdict(budget), "text_tokens": budget.text_tokens, "fits": budget.fits}))
+    if not budget.fits:
+        print(budget.advice(spec), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
