@@ -91,16 +91,44 @@ def write_pairs(
     shard_size: int = 1000,
     noise: int = 3,
 ) -> Path:
-    """A generator-style output directory of ``num`` pairs; ``k`` is a count or a function of the pair index."""
+    """A generator-style output directory of ``num`` pairs; ``k`` is a count or a function of the pair index.
+
+    Resumes like the generator: indices already in the manifest are skipped. Pair ``index`` has seed
+    ``seed + index``, so runs with overlapping seed ranges share pair seeds (tests of the disjointness check).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "manifest.jsonl").open("a", encoding="utf-8") as manifest:
+    manifest_path = out / "manifest.jsonl"
+    done = set()
+    if manifest_path.exists():
+        done = {json.loads(line)["index"] for line in manifest_path.read_text().splitlines() if line.strip()}
+    with manifest_path.open("a", encoding="utf-8") as manifest:
         for index in range(num):
-            pair_id = f"s{seed}_{index:06d}"
+            if index in done:
+                continue
+            pair_id = f"s{seed}-{index:07d}"
             shard = f"shard_{index // shard_size:03d}"
             count = k(index) if callable(k) else k
             write_pair(out / shard, pair_id, seed + index, count, width, height, noise)
-            entry = {"pair_id": pair_id, "json": f"{shard}/{pair_id}.json", "num_differences": count}
+            entry = {"pair_id": pair_id, "json": f"{shard}/{pair_id}.json", "num_differences": count, "index": index}
             manifest.write(json.dumps(entry) + "\n")
-    (out / "stats.json").write_text(json.dumps({"accepted": num, "rejected": {}}))
+    accepted = len(done) + sum(1 for i in range(num) if i not in done)
+    (out / "stats.json").write_text(json.dumps({"accepted": accepted, "rejected": {}}))
     return out
+
+
+def generate(cfg) -> dict:
+    """Stand-in for ``data_prep.generate.generate`` (same config object, same layout, resumes) without Blender.
+
+    K of pair ``index`` cycles through the run's K range (0 for a ``no_diff_fraction`` share), deterministically.
+    """
+    low, high = (int(v) for v in str(cfg.k).split("-")) if "-" in str(cfg.k) else (int(cfg.k), int(cfg.k))
+    period = round(1 / cfg.no_diff_fraction) if cfg.no_diff_fraction > 0 else 0
+
+    def k_of(index: int) -> int:
+        if period and index % period == period - 1:
+            return 0
+        return low + index % (high - low + 1)
+
+    write_pairs(Path(cfg.out), cfg.num, k_of, cfg.seed, cfg.width, cfg.height)
+    return {"accepted": cfg.num, "rejected": {}}

@@ -104,26 +104,39 @@ class PairRecord:
     types: list[str]
 
 
-def read_manifest(pairs_dir: Path) -> list[PairRef]:
-    """Entries of ``<pairs_dir>/manifest.jsonl``, sorted by pair_id so the row order does not depend on workers."""
+def read_manifest(pairs_dir: Path, limit: int | None = None) -> list[PairRef]:
+    """Entries of ``<pairs_dir>/manifest.jsonl``, sorted by pair_id so the row order does not depend on workers.
+
+    ``limit``: keep only pairs whose generator ``index`` is below it (a run asked for fewer pairs than the folder
+    holds). A line that is not JSON is a write torn by a killed generator; the generator re-makes that pair and
+    appends a complete line, so such lines are skipped (and counted on stderr), as the generator itself does.
+    """
     manifest = pairs_dir / "manifest.jsonl"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: --pairs must be a generator output directory")
     refs: dict[str, PairRef] = {}
+    torn = 0
     with manifest.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
-                pair_id = str(entry["pair_id"])
-                json_rel = entry["json"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{manifest}:{number}: bad manifest line ({err}): {line.strip()[:200]}") from err
-            if pair_id in refs:
-                raise ValueError(f"{manifest}:{number}: pair {pair_id} listed twice")
-            k = entry.get("num_differences")
-            refs[pair_id] = PairRef(pairs_dir, pair_id, pairs_dir / json_rel, None if k is None else int(k))
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            try:
+                pair_id, json_path = str(entry["pair_id"]), pairs_dir / entry["json"]
+                k, index = entry.get("num_differences"), entry.get("index")
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"{manifest}:{number}: manifest line lacks {err}: {line.strip()[:200]}") from err
+            if pair_id in refs and refs[pair_id].json_path != json_path:
+                raise ValueError(f"{manifest}:{number}: pair {pair_id} listed twice with different records")
+            if limit is not None and index is not None and int(index) >= limit:
+                continue
+            refs[pair_id] = PairRef(pairs_dir, pair_id, json_path, None if k is None else int(k))
+    if torn:
+        print(f"warning: {manifest}: skipped {torn} torn line(s) (pairs a killed run did not finish)", file=sys.stderr)
     return [refs[pair_id] for pair_id in sorted(refs)]
 
 
@@ -262,6 +275,73 @@ def _row_groups(records: Iterator[PairRecord], prompt, spec, stage, split, size)
         yield pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
+@dataclass(frozen=True)
+class ConversionPlan:
+    """Everything a conversion needs except the images; cheap to compute (manifests only)."""
+
+    refs: list[PairRef]
+    spec: ModelSpec
+    prompt: list[dict]
+    stage: str
+    split: str
+    metadata: dict
+
+
+def plan_conversion(
+    pairs_dirs: list[Path] | Path,
+    model: str | Path,
+    stage: str | int,
+    split: str,
+    system_prompt: str | None = None,
+    limits: list[int | None] | None = None,
+) -> ConversionPlan:
+    """Read the manifests and the model file; ``limits[i]`` caps the generator index taken from ``pairs_dirs[i]``."""
+    spec = load_model_spec(model)  # unknown model name -> ValueError listing the known ones
+    pairs_dirs = [Path(pairs_dirs)] if isinstance(pairs_dirs, str | Path) else [Path(d) for d in pairs_dirs]
+    limits = limits or [None] * len(pairs_dirs)
+    stage = str(stage)
+    refs: list[PairRef] = []
+    seen: dict[str, Path] = {}
+    for pairs_dir, limit in zip(pairs_dirs, limits, strict=True):
+        for ref in read_manifest(pairs_dir, limit):
+            if ref.pair_id in seen:
+                raise ValueError(f"pair {ref.pair_id} appears in both {seen[ref.pair_id]} and {pairs_dir}")
+            seen[ref.pair_id] = pairs_dir
+            refs.append(ref)
+    if not refs:
+        raise ValueError(f"no pairs in {', '.join(map(str, pairs_dirs))}: the manifests are empty")
+    prompt = build_prompt(spec, system_prompt)
+    return ConversionPlan(refs, spec, prompt, stage, split, conversion_metadata(refs, spec, stage, split, prompt))
+
+
+def write_parquet(
+    plan: ConversionPlan, out: Path, allowed_k: set[int] | None = None, row_group_size: int = DEFAULT_ROW_GROUP
+) -> dict:
+    """Check every record, then stream the rows into ``out`` (temp file + rename). Returns metadata + timing."""
+    started = time.perf_counter()
+    for ref in plan.refs:  # pass 1: every record checked before any image is read
+        load_pair(ref, allowed_k)
+    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(plan.metadata).encode()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with pq.ParquetWriter(tmp, schema, **WRITER_OPTIONS) as writer:
+            records = (load_pair(ref, allowed_k) for ref in plan.refs)
+            for table in _row_groups(records, plan.prompt, plan.spec, plan.stage, plan.split, row_group_size):
+                writer.write_table(table)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    return {
+        **plan.metadata,
+        "out": str(out),
+        "seconds": round(seconds, 3),
+        "pairs_per_s": round(len(plan.refs) / seconds, 1) if seconds > 0 else None,
+    }
+
+
 def convert(
     pairs_dirs: list[Path] | Path,
     out: Path,
@@ -271,50 +351,14 @@ def convert(
     allowed_k: set[int] | None = None,
     system_prompt: str | None = None,
     row_group_size: int = DEFAULT_ROW_GROUP,
+    limits: list[int | None] | None = None,
 ) -> dict:
     """Write ``out`` from the pairs in ``pairs_dirs``; returns the conversion metadata plus timing.
 
     ``allowed_k``: K values the stage permits (None: no check). The CLI takes them from stages.yaml.
     """
-    spec = load_model_spec(model)  # unknown model name -> ValueError listing the known ones
-    pairs_dirs = [Path(pairs_dirs)] if isinstance(pairs_dirs, str | Path) else [Path(d) for d in pairs_dirs]
-    out = Path(out)
-    stage = str(stage)
-    started = time.perf_counter()
-
-    refs: list[PairRef] = []
-    seen: dict[str, Path] = {}
-    for pairs_dir in pairs_dirs:
-        for ref in read_manifest(pairs_dir):
-            if ref.pair_id in seen:
-                raise ValueError(f"pair {ref.pair_id} appears in both {seen[ref.pair_id]} and {pairs_dir}")
-            seen[ref.pair_id] = pairs_dir
-            refs.append(ref)
-    if not refs:
-        raise ValueError(f"no pairs in {', '.join(map(str, pairs_dirs))}: the manifests are empty")
-    for ref in refs:  # pass 1: every record checked before any image is read
-        load_pair(ref, allowed_k)
-
-    prompt = build_prompt(spec, system_prompt)
-    metadata = conversion_metadata(refs, spec, stage, split, prompt)
-    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with pq.ParquetWriter(tmp, schema, **WRITER_OPTIONS) as writer:
-            records = (load_pair(ref, allowed_k) for ref in refs)
-            for table in _row_groups(records, prompt, spec, stage, split, row_group_size):
-                writer.write_table(table.replace_schema_metadata(schema.metadata))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    seconds = time.perf_counter() - started
-    return {
-        **metadata,
-        "out": str(out),
-        "seconds": round(seconds, 3),
-        "pairs_per_s": round(len(refs) / seconds, 1) if seconds > 0 else None,
-    }
+    plan = plan_conversion(pairs_dirs, model, stage, split, system_prompt, limits)
+    return write_parquet(plan, out, allowed_k, row_group_size)
 
 
 def stage_allowed_k(stage: str | int, stages_file: Path | str = STAGES_FILE) -> set[int]:

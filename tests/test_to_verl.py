@@ -143,7 +143,7 @@ def pairs(tmp_path) -> Path:
 
 
 def pair_file(pairs_dir: Path, index: int, suffix: str) -> Path:
-    return next(pairs_dir.glob(f"shard_*/s11_{index:06d}{suffix}"))
+    return next(pairs_dir.glob(f"shard_*/s11-{index:07d}{suffix}"))
 
 
 def convert_fails(pairs_dir: Path, out: Path, match: str, **kwargs):
@@ -158,23 +158,23 @@ def convert_fails(pairs_dir: Path, out: Path, match: str, **kwargs):
 
 def test_missing_png_names_the_pair(pairs, tmp_path):
     pair_file(pairs, 2, "_b.png").unlink()
-    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11_000002 .*s11_000002_b\.png missing")
+    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11-0000002 .*s11-0000002_b\.png missing")
 
 
 def test_corrupt_png_names_the_pair(pairs, tmp_path):
     png = pair_file(pairs, 3, "_a.png")
     png.write_bytes(png.read_bytes()[:-40])  # truncated: IEND and part of IDAT lost
-    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11_000003: corrupt image .*s11_000003_a\.png")
+    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11-0000003: corrupt image .*s11-0000003_a\.png")
 
 
 def test_png_bytes_that_are_not_png_name_the_pair(pairs, tmp_path):
     pair_file(pairs, 0, "_b.png").write_bytes(b"GIF89a not a png at all")
-    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11_000000: corrupt image .*not a PNG")
+    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11-0000000: corrupt image .*not a PNG")
 
 
 def test_image_size_must_match_record(pairs, tmp_path):
     Image.new("RGB", (31, 32)).save(pair_file(pairs, 1, "_a.png"))
-    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11_000001: image .* is 31x32, record says 32x32")
+    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11-0000001: image .* is 31x32, record says 32x32")
 
 
 def test_record_k_disagreeing_with_boxes(pairs, tmp_path):
@@ -182,7 +182,7 @@ def test_record_k_disagreeing_with_boxes(pairs, tmp_path):
     record = json.loads(path.read_text())
     record["num_differences"] = 2
     path.write_text(json.dumps(record))
-    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11_000001 .*record says num_differences=2 but it lists 1")
+    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11-0000001 .*record says num_differences=2 but it lists 1")
 
 
 def test_manifest_k_disagreeing_with_boxes(pairs, tmp_path):
@@ -191,7 +191,7 @@ def test_manifest_k_disagreeing_with_boxes(pairs, tmp_path):
     entry = json.loads(lines[0])
     entry["num_differences"] = 3
     manifest.write_text("\n".join([json.dumps(entry), *lines[1:]]) + "\n")
-    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11_000000 .*manifest says num_differences=3 but it lists 1")
+    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11-0000000 .*manifest says num_differences=3 but it lists 1")
 
 
 def test_box_outside_the_image(pairs, tmp_path):
@@ -199,13 +199,13 @@ def test_box_outside_the_image(pairs, tmp_path):
     record = json.loads(path.read_text())
     record["differences"][0]["box"] = [10, 10, 40, 20]
     path.write_text(json.dumps(record))
-    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11_000002 .*outside the 32x32 image")
+    convert_fails(pairs, tmp_path / "out.parquet", r"pair s11-0000002 .*outside the 32x32 image")
 
 
 def test_stage_k_outside_what_it_allows(tmp_path):
     pairs = write_pairs(tmp_path / "pairs", num=3, k=lambda i: 2 if i == 1 else 1, seed=11, width=32, height=32)
     convert_fails(
-        pairs, tmp_path / "out.parquet", r"pair s11_000001 .*K=2 differences, but this stage allows K in \[1\]"
+        pairs, tmp_path / "out.parquet", r"pair s11-0000001 .*K=2 differences, but this stage allows K in \[1\]"
     )
 
 
@@ -220,7 +220,7 @@ def test_error_after_rows_were_written_leaves_no_parquet(tmp_path):
     png.write_bytes(png.read_bytes()[:30])
     out = tmp_path / "out" / "train.parquet"
     out.parent.mkdir()
-    convert_fails(pairs, out, r"pair s11_000008: corrupt image", row_group_size=2)
+    convert_fails(pairs, out, r"pair s11-0000008: corrupt image", row_group_size=2)
 
 
 def test_empty_or_missing_manifest(tmp_path):

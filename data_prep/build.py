@@ -1,0 +1,237 @@
+"""Build the curriculum datasets: generate (resuming) the pairs of each stage, then convert them to verl parquet.
+
+    python -m data_prep.build --data-dir data --model qwen3_vl_8b_thinking --stage all
+
+Layout under ``--data-dir``::
+
+    pairs/stage1/{train,val}/ ...          generator output (DESIGN §3), one folder per generation run
+    pairs/test/test/{1-k1,...}/            the test split: one run per K
+    stage1/{train,val}.parquet ... stage3/ verl rows (DESIGN §5) for --model
+    test/test.parquet
+
+Stage sizes, K distributions, seeds and the no-difference fraction come from ``data_prep/stages.yaml``. Reruns
+skip what is done: a run whose manifest already holds its pairs is not started again, and a parquet whose
+recorded metadata (model, stage, split, pair ids, prompt, pixel bounds) matches is not rewritten. Switching
+``--model`` only reconverts. Before converting, the pair seeds of the test split are checked to be disjoint
+from every training and validation run found under ``pairs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep import to_verl
+from data_prep.stages import STAGES_FILE, Curriculum, Run, Stage, load_curriculum
+from recipes.dig.models import load_model_spec
+
+TEST_STAGE = "test"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    width: int = 480
+    height: int = 320
+    samples: int = 16
+    workers: int = 1
+    denoise: bool = True
+    ray_address: str | None = None
+    progress: bool = True
+    system_prompt: str | None = None
+    vocab: Path | None = None
+
+
+def stage_dir_name(stage: Stage) -> str:
+    return stage.name if stage.name == TEST_STAGE else f"stage{stage.name}"
+
+
+def run_dirs(data_dir: Path, stage: Stage, split: str) -> list[Path]:
+    """One folder per generation run of ``split``; a split made of several runs gets a sub-folder per run."""
+    base = data_dir / "pairs" / stage_dir_name(stage) / split
+    runs = stage.splits[split]
+    if len(runs) == 1:
+        return [base]
+    return [base / f"{i}-k{run.k}" for i, run in enumerate(runs)]
+
+
+def parquet_path(data_dir: Path, stage: Stage, split: str) -> Path:
+    return data_dir / stage_dir_name(stage) / f"{split}.parquet"
+
+
+def manifest_size(pairs_dir: Path, num: int) -> int:
+    """How many of the run's first ``num`` pairs the manifest already lists."""
+    manifest = pairs_dir / "manifest.jsonl"
+    if not manifest.is_file():
+        return 0
+    indices = set()
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        try:
+            index = json.loads(line).get("index")
+        except json.JSONDecodeError:
+            continue  # torn line of a killed run
+        if isinstance(index, int) and index < num:
+            indices.add(index)
+    return len(indices)
+
+
+def _generator_config(run: Run, out: Path, options: BuildOptions):
+    from data_prep.generate import GenerateConfig
+
+    return GenerateConfig(
+        out=out,
+        num=run.num,
+        k=run.k,
+        seed=run.seed,
+        width=options.width,
+        height=options.height,
+        samples=options.samples,
+        workers=options.workers,
+        no_diff_fraction=run.no_diff_fraction,
+        vocab=options.vocab,
+        ray_address=options.ray_address,
+        progress=options.progress,
+        denoise=options.denoise,
+    )
+
+
+def _real_generate(config) -> dict:
+    from data_prep.generate import generate
+
+    return generate(config)
+
+
+def pair_seeds(pairs_dir: Path) -> dict[int, str]:
+    """seed -> pair_id of every pair of a run (the seed recorded in each pair record)."""
+    seeds = {}
+    for ref in to_verl.read_manifest(pairs_dir):
+        record = json.loads(ref.json_path.read_text(encoding="utf-8"))
+        seeds[int(record["seed"])] = ref.pair_id
+    return seeds
+
+
+def check_test_seeds_disjoint(data_dir: Path, curriculum: Curriculum) -> None:
+    """Raise if a test pair shares its seed with a training/validation pair under ``data_dir/pairs``."""
+    if TEST_STAGE not in curriculum.stages:
+        return
+    test_stage = curriculum.stages[TEST_STAGE]
+    test_seeds: dict[int, str] = {}
+    for split in test_stage.splits:
+        for pairs_dir in run_dirs(data_dir, test_stage, split):
+            if (pairs_dir / "manifest.jsonl").is_file():
+                test_seeds.update(pair_seeds(pairs_dir))
+    if not test_seeds:
+        return
+    for stage in curriculum.stages.values():
+        if stage.name == TEST_STAGE:
+            continue
+        for split in stage.splits:
+            for pairs_dir in run_dirs(data_dir, stage, split):
+                if not (pairs_dir / "manifest.jsonl").is_file():
+                    continue
+                shared = [(seed, pid) for seed, pid in pair_seeds(pairs_dir).items() if seed in test_seeds]
+                if shared:
+                    seed, pid = shared[0]
+                    raise ValueError(
+                        f"test pair {test_seeds[seed]} and {pairs_dir.relative_to(data_dir)} pair {pid} share seed "
+                        f"{seed} ({len(shared)} shared in all): give the test runs in {STAGES_FILE.name} seeds "
+                        "disjoint from training"
+                    )
+
+
+def build(
+    data_dir: Path,
+    model: str | Path,
+    stages: list[str],
+    curriculum: Curriculum,
+    options: BuildOptions = BuildOptions(),
+    generate_fn: Callable[[object], dict] = _real_generate,
+    log: Callable[[dict], None] = lambda event: print(json.dumps(event), flush=True),
+) -> list[dict]:
+    """Generate and convert ``stages`` (names from the curriculum); returns one event per split."""
+    data_dir = Path(data_dir)
+    load_model_spec(model)  # bad model name: fail before generating anything
+    selected = [curriculum.stage(name) for name in stages]
+    # Generation first (the slow part, resumable), then the seed check, then conversion.
+    for stage in selected:
+        for split, runs in stage.splits.items():
+            for run, pairs_dir in zip(runs, run_dirs(data_dir, stage, split), strict=True):
+                have = manifest_size(pairs_dir, run.num)
+                if have >= run.num:
+                    continue
+                log({"event": "generate", "stage": stage.name, "split": split, "dir": str(pairs_dir),
+                     "have": have, "num": run.num, "k": run.k, "seed": run.seed})  # fmt: skip
+                generate_fn(_generator_config(run, pairs_dir, options))
+                if manifest_size(pairs_dir, run.num) < run.num:
+                    raise RuntimeError(f"{pairs_dir}: the generator finished with fewer than {run.num} pairs")
+    check_test_seeds_disjoint(data_dir, curriculum)
+    events = []
+    for stage in selected:
+        allowed = stage.allowed_k()
+        for split, runs in stage.splits.items():
+            out = parquet_path(data_dir, stage, split)
+            plan = to_verl.plan_conversion(
+                run_dirs(data_dir, stage, split),
+                model,
+                stage.name,
+                split,
+                options.system_prompt,
+                limits=[run.num for run in runs],
+            )
+            event = {"stage": stage.name, "split": split, "out": str(out), "rows": len(plan.refs)}
+            if to_verl.read_metadata(out) == plan.metadata:
+                event["event"] = "skip"
+            else:
+                result = to_verl.write_parquet(plan, out, allowed)
+                event.update(event="convert", seconds=result["seconds"], pairs_per_s=result["pairs_per_s"])
+            log(event)
+            events.append(event)
+    return events
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--model", required=True, help="base model name or YAML path (pixel bounds, prompt)")
+    parser.add_argument("--stage", required=True, help="1, 2, 3, test or all")
+    parser.add_argument("--stages-file", type=Path, default=STAGES_FILE)
+    parser.add_argument("--width", type=int, default=None, help="render width (default: stages file)")
+    parser.add_argument("--height", type=int, default=None, help="render height (default: stages file)")
+    parser.add_argument("--samples", type=int, default=None, help="Cycles samples per pixel (default: stages file)")
+    parser.add_argument("--no-denoise", action="store_true", help="OIDN off (quick 1 spp test data)")
+    parser.add_argument("--workers", type=int, default=1, help="render worker processes")
+    parser.add_argument("--ray-address", default=None, help="render on a Ray cluster ('auto', 'ray://...')")
+    parser.add_argument("--vocab", type=Path, default=None, help="scene vocabulary YAML (generator default)")
+    parser.add_argument("--num-train", type=int, default=None, help="pairs per train split (small runs)")
+    parser.add_argument("--num-val", type=int, default=None, help="pairs per val split")
+    parser.add_argument("--num-test", type=int, default=None, help="pairs per K of the test split")
+    parser.add_argument("--system-prompt", default=None, help="'default' (prompts/system.txt) or literal text")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        curriculum = load_curriculum(args.stages_file).with_sizes(args.num_train, args.num_val, args.num_test)
+        stages = list(curriculum.stages) if args.stage == "all" else [curriculum.stage(args.stage).name]
+        render = curriculum.render
+        options = BuildOptions(
+            width=args.width or int(render.get("width", 480)),
+            height=args.height or int(render.get("height", 320)),
+            samples=args.samples or int(render.get("samples", 16)),
+            workers=args.workers,
+            denoise=not args.no_denoise,
+            ray_address=args.ray_address,
+            progress=not args.no_progress,
+            system_prompt=args.system_prompt,
+            vocab=args.vocab,
+        )
+        build(args.data_dir, args.model, stages, curriculum, options)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
