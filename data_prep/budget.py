@@ -70,14 +70,18 @@ def max_prompt_length_of(model: str | Path) -> int:
     return int(value) if value is not None else DEFAULT_MAX_PROMPT_LENGTH
 
 
-def largest_image_size(spec: ModelSpec) -> tuple[int, int]:
-    """(width, height) of an image that smart_resize keeps at the most tokens ``max_pixels`` allows (near square)."""
+def largest_image_size(spec: ModelSpec, max_aspect: float = 4.0) -> tuple[int, int]:
+    """(width, height) of an image that smart_resize keeps at the most tokens ``max_pixels`` allows.
+
+    Grid rows x cols of merged patches with rows * cols <= max_pixels / factor^2, as large as possible with an
+    aspect ratio of at most ``max_aspect`` (a prime token count would otherwise give a 1 x N strip).
+    """
     factor = spec.resize_factor
     max_tokens = spec.max_pixels // factor**2
     best = (1, 1)
     for rows in range(1, math.isqrt(max_tokens) + 1):
         cols = max_tokens // rows
-        if rows * cols > best[0] * best[1] or (rows * cols == best[0] * best[1] and cols - rows < best[1] - best[0]):
+        if cols / rows <= max_aspect and rows * cols > best[0] * best[1]:
             best = (rows, cols)
     rows, cols = best
     return cols * factor, rows * factor

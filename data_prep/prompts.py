@@ -23,7 +23,7 @@ DEFAULT_SYSTEM = "default"
 
 def _read_template(path: Path, what: str) -> str:
     if not path.is_file():
-        choices = sorted(p.stem for p in path.parent.glob("*.txt"))
+        choices = sorted(p.stem for p in path.parent.glob("*.txt") if p.stem != "system")
         raise ValueError(f"no {what} template {path}; available: {', '.join(choices) or 'none'}")
     return path.read_text(encoding="utf-8").strip()
 

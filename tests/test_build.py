@@ -184,7 +184,6 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
 
 
 @pytest.mark.render
-@pytest.mark.slow
 def test_real_generator_64px_1spp_into_verl_rows(tmp_path, capsys):
     """The real Blender generator (render venv) at 64x64, 1 spp, through the CLI; rows carry its boxes."""
     repo = Path(__file__).resolve().parents[1]
