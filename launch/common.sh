@@ -39,13 +39,18 @@ dig_check_env() {
   return 1
 }
 
-# run_stage K [overrides...]: one curriculum stage (exec: the trainer inherits this process and its signals).
-run_stage() {
-  local stage=$1
-  shift
+# run_launcher ARGS...: exec python -m recipes.dig.launch (the trainer inherits this process and its signals).
+run_launcher() {
   local py
   py=$(dig_python) || { echo "[dig] ERROR: no python found (set DIG_PYTHON)" >&2; return 1; }
   dig_check_env "$py" || return 1
   cd "$DIG_REPO" || return 1
-  exec "$py" -m recipes.dig.launch --stage "$stage" "$@"
+  exec "$py" -m recipes.dig.launch "$@"
+}
+
+# run_stage K [overrides...]: one curriculum stage.
+run_stage() {
+  local stage=$1
+  shift
+  run_launcher --stage "$stage" -- "$@"
 }

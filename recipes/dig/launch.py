@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from recipes.dig.models import DEFAULT_MODEL, ModelSpec, load_model_spec, model_file
@@ -193,6 +193,22 @@ def compose(overrides: list[str]):
         )
         hint = f"override {culprit!r} rejected" if culprit else "config composition failed"
         raise LaunchError(f"{hint}: {message} (new keys need a leading '+'; check the spelling)") from err
+
+
+def check_override_types(base_cfg, cfg, overrides: list[str]) -> None:
+    """A number or flag overridden with text (trainer.save_freq=often) composes fine and crashes on the GPUs."""
+    from omegaconf import OmegaConf
+
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.startswith(("+", "~")) or key.startswith("hydra."):
+            continue
+        default = OmegaConf.select(base_cfg, key, default=None, throw_on_missing=False)
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise LaunchError(f"override {item!r}: {key} is a flag (default {default}); use true/false")
+        if isinstance(default, int | float) and not isinstance(default, bool) and isinstance(value, str):
+            raise LaunchError(f"override {item!r}: {key} is a number (default {default}), got text {value!r}")
 
 
 def validate(cfg) -> None:
@@ -545,6 +561,9 @@ def plan_stage(settings: Settings, overlay_root: Path | None = None) -> Plan:
         overrides.append(f"actor_rollout_ref.model.path={handoff.init_path}")
     overrides += settings.extra_overrides
     cfg = compose(overrides)
+    if settings.extra_overrides:
+        check_override_types(compose(overrides[: len(overrides) - len(settings.extra_overrides)]), cfg,
+                             settings.extra_overrides)  # fmt: skip
     validate(cfg)
     check_reward_kwargs(cfg, spec)
     probe = load_reward(cfg)
@@ -628,26 +647,68 @@ def run(settings: Settings) -> int:
     os.execv(command[0], command)  # hand the process (and SLURM's signals) to the trainer
 
 
-def status(settings: Settings) -> int:
-    """Exit 0 if the stage finished (DONE marker), 1 if not; prints the experiment dir."""
+def stage_experiment_dir(settings: Settings) -> Path:
     spec, model_option, model_path = resolve_model(settings)
     overlay = model_overlay_dir(model_path, Path(tempfile.mkdtemp(prefix="dig_model_"))) if model_path else None
     if settings.gpus_per_node is None:
-        settings.gpus_per_node = 8
+        settings.gpus_per_node = 8  # does not enter the experiment path
     cfg = compose(stage_overrides(settings, settings.stage, model_option, overlay) + settings.extra_overrides)
-    exp_dir = experiment_dir(cfg)
+    return experiment_dir(cfg)
+
+
+def status(settings: Settings) -> int:
+    """Exit 0 if the stage finished (DONE marker), 1 if not; prints the experiment dir."""
+    exp_dir = stage_experiment_dir(settings)
     done = stage_done(exp_dir)
     print(f"stage {settings.stage}: {'done' if done else 'not done'} ({exp_dir})")
     return 0 if done else 1
 
 
+def curriculum(settings: Settings, stages: list[int]) -> int:
+    """Stages in order, skipping finished ones; a failed stage stops the chain (rerun to resume it).
+
+    Dry run: every stage is planned in this process, stage k on the checkpoint stage k-1 will produce.
+    Real run: each stage is its own `python -m recipes.dig.launch --stage k` (it execs the trainer).
+    """
+    for stage in stages:
+        stage_settings = replace(settings, stage=stage)
+        exp_dir = stage_experiment_dir(replace(stage_settings))
+        if stage_done(exp_dir):
+            print(f"[dig] curriculum: stage {stage} already finished ({exp_dir / DONE_MARKER}), skipping", flush=True)
+            continue
+        print(f"[dig] curriculum: stage {stage}", flush=True)
+        if settings.dry_run:
+            rc = run(replace(stage_settings, assume_previous=True))
+        else:
+            command = [
+                settings.python,
+                "-m",
+                "recipes.dig.launch",
+                "--stage",
+                str(stage),
+                "--",
+                *settings.extra_overrides,
+            ]
+            rc = subprocess.run(command, check=False).returncode
+        if rc != 0:
+            print(f"[dig] curriculum: stage {stage} failed (rc={rc}); rerun to resume it", file=sys.stderr, flush=True)
+            return rc
+    print("[dig] curriculum: done", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m recipes.dig.launch")
-    parser.add_argument("--stage", type=int, required=True, choices=STAGES)
-    parser.add_argument("--status", action="store_true", help="exit 0 if the stage has finished, 1 otherwise")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", type=int, choices=STAGES, help="run (or DRY_RUN) one curriculum stage")
+    which.add_argument("--curriculum", type=int, nargs="+", choices=STAGES, metavar="STAGE",
+                       help="run these stages in order, skipping finished ones")  # fmt: skip
+    parser.add_argument("--status", action="store_true", help="with --stage: exit 0 if it has finished, 1 otherwise")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, passed to verl")
     args = parser.parse_args(argv)
     try:
+        if args.curriculum:
+            return curriculum(Settings.from_env(args.curriculum[0], args.overrides), args.curriculum)
         settings = Settings.from_env(args.stage, args.overrides)
         return status(settings) if args.status else run(settings)
     except LaunchError as err:

@@ -1,0 +1,259 @@
+"""Launch layer on CPU: every model x stage dry-runs through the real Hydra composition, verl's validate_config
+and verl's reward loader; every class of bad input stops with a message naming its culprit.
+
+Most checks call recipes.dig.launch in-process (one verl import for all); two run the real entry points as
+subprocesses: `DRY_RUN=1 bash launch/grpo_stage1.sh` and `python -m recipes.dig.main --cfg job`, the latter
+proving the dry run composes exactly the config the training run gets.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from PIL import Image
+
+from recipes.dig import launch
+from recipes.dig.models import BASE_MODEL_DIR, load_model_spec, model_names
+
+pytestmark = pytest.mark.verl
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_ENV_KEYS = ("MODEL", "NNODES", "GPUS_PER_NODE", "DATA_DIR", "CKPT_DIR", "DRY_RUN", "LOGGER", "INIT_MODEL",
+                   "DIG_ASSUME_PREVIOUS", "SLURM_NNODES", "RAY_ADDRESS")  # fmt: skip
+
+
+@pytest.fixture
+def launch_env(tmp_path, monkeypatch):
+    """A clean launch environment: dry run, checkpoints and data under tmp_path."""
+    for key in LAUNCH_ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DRY_RUN", "1")
+    monkeypatch.setenv("CKPT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+def dry_settings(tmp_path: Path, stage: int, **kwargs) -> launch.Settings:
+    return launch.Settings(stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True,
+                           gpus_per_node=8, **kwargs)  # fmt: skip
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 90, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_stage_parquet(path: Path, min_pixels: int, max_pixels: int, width: int = 64, height: int = 48) -> None:
+    """Two rows in the DESIGN §5 layout (plain image structs with per-image pixel bounds)."""
+    png = png_bytes(width, height)
+    rows = [
+        {
+            "data_source": "dig",
+            "prompt": [{"role": "user", "content": "<image><image>Find every difference."}],
+            "images": [{"bytes": png, "min_pixels": min_pixels, "max_pixels": max_pixels}] * 2,
+            "ability": "grounding",
+            "reward_model": {
+                "style": "rule",
+                "ground_truth": json.dumps({"boxes": [[1, 2, 9, 9]], "width": width, "height": height}),
+            },  # fmt: skip
+            "extra_info": {
+                "split": path.stem,
+                "index": i,
+                "pair_id": f"p{i}",
+                "stage": 1,
+                "num_differences": 1,
+                "types": ["color"],
+                "width": width,
+                "height": height,
+            },  # fmt: skip
+        }
+        for i in range(2)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every model x stage
+
+
+@pytest.mark.parametrize("model", model_names())
+def test_dry_run_every_stage_of_every_model(model, tmp_path):
+    spec = load_model_spec(model)
+    for stage in launch.STAGES:
+        plan = launch.plan_stage(dry_settings(tmp_path, stage, model=model, assume_previous=True))
+        cfg = plan.cfg
+        assert (cfg.dig.model_name, cfg.curriculum.stage) == (model, stage)
+        assert cfg.trainer.experiment_name == f"{model}_stage{stage}"  # fresh name per stage
+        assert cfg.trainer.default_local_dir == str(tmp_path / "ckpt" / "dig" / f"{model}_stage{stage}")
+        assert cfg.trainer.resume_mode == "auto"
+        assert cfg.data.train_files == str(tmp_path / "data" / f"stage{stage}" / "train.parquet")
+        assert cfg.data.val_files == str(tmp_path / "data" / f"stage{stage}" / "val.parquet")
+        assert cfg.data.image_patch_size == spec.patch_size
+        # GRPO + low-variance KL loss, vLLM async rollouts with two images
+        assert cfg.algorithm.adv_estimator == "grpo" and not cfg.algorithm.use_kl_in_reward
+        actor = cfg.actor_rollout_ref.actor
+        assert (actor.use_kl_loss, actor.kl_loss_type, actor.kl_loss_coef) == (True, "low_var_kl", 0.01)
+        assert actor.use_dynamic_bsz
+        rollout = cfg.actor_rollout_ref.rollout
+        assert (rollout.name, rollout.mode, rollout.limit_images, rollout.n) == ("vllm", "async", 2, 8)
+        # reward through reward.custom_reward_function, its model kwargs from the model file's dig: block
+        reward = cfg.reward.custom_reward_function
+        assert (reward.path, reward.name) == ("pkg://reward_fns.dig_reward", "compute_score")
+        kwargs = OmegaConf.to_container(reward.reward_kwargs, resolve=True)
+        assert spec.reward_kwargs().items() <= kwargs.items()
+        assert OmegaConf.select(cfg, "custom_reward_function.path") is None  # legacy key stays unused
+        assert plan.reward_probe["score"] == 0.0  # verl-loaded reward scored a malformed answer
+        # initial weights: base model, then the previous stage's merged checkpoint
+        expected_init = (
+            spec.hf_path
+            if stage == 1
+            else str(tmp_path / "ckpt" / "dig" / f"{model}_stage{stage - 1}" / "hf_merged" / "global_step_LAST")
+        )
+        assert cfg.actor_rollout_ref.model.path == expected_init
+        # no data yet: the run will build it, and says how
+        assert not plan.data.ready
+        assert plan.data.build_command[-6:] == ["--data-dir", str(tmp_path / "data"), "--model", model, "--stage",
+                                                str(stage)]  # fmt: skip
+        assert any("pairs x 4.5 s/pair" in line for line in plan.data.lines)
+        command = plan.train_command()
+        assert command[1:3] == ["-m", "recipes.dig.main"] and f"stage=stage{stage}" in command
+
+
+def test_stage1_script_dry_run_subprocess(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
+    env.update(DRY_RUN="1", CKPT_DIR=str(tmp_path / "ckpt"), DATA_DIR=str(tmp_path / "data"), NNODES="2",
+               GPUS_PER_NODE="4", MODEL="qwen2_5_vl_3b", LOGGER="console,wandb")  # fmt: skip
+    result = subprocess.run(["bash", str(REPO / "launch" / "grpo_stage1.sh"), "trainer.total_epochs=2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "DRY_RUN: stage 1 OK" in out
+    assert "GPUs: 2 node(s) x 4" in out
+    assert "-m data_prep.build --data-dir" in out  # data missing: says it will build it
+    command = next(line for line in out.splitlines() if line.startswith("[dig] command: "))
+    for override in ("base_model=qwen2_5_vl_3b", "stage=stage1", "trainer.nnodes=2", "trainer.n_gpus_per_node=4",
+                     "trainer.logger=[console,wandb]", "trainer.total_epochs=2"):  # fmt: skip
+        assert override in command
+    assert not (tmp_path / "ckpt").exists()  # a dry run writes nothing
+
+
+def test_training_entry_point_composes_the_dry_run_config(tmp_path):
+    plan = launch.plan_stage(dry_settings(tmp_path, 1, model="qwen3_vl_4b_thinking",
+                                          extra_overrides=["trainer.save_freq=10"]))  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "recipes.dig.main", *plan.overrides, "--cfg", "job"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    composed_by_main = yaml.safe_load(result.stdout)
+    assert composed_by_main == OmegaConf.to_container(plan.cfg, resolve=False)
+    assert composed_by_main["trainer"]["save_freq"] == 10
+
+
+def test_model_file_given_by_path(launch_env, monkeypatch):
+    """Adding a model is one YAML: here one outside the repo, selected by path."""
+    source = yaml.safe_load((BASE_MODEL_DIR / "qwen2_5_vl_3b.yaml").read_text())
+    source["dig"]["model_name"] = "my_vlm"
+    source["dig"]["hf_path"] = "org/My-VLM-2B"
+    path = launch_env / "models" / "my_vlm.yaml"
+    path.parent.mkdir()
+    path.write_text("# @package _global_\n" + yaml.safe_dump(source))
+    plan = launch.plan_stage(dry_settings(launch_env, 1, model=str(path)))
+    assert plan.cfg.dig.model_name == "my_vlm"
+    assert plan.cfg.actor_rollout_ref.model.path == "org/My-VLM-2B"
+    assert plan.cfg.trainer.experiment_name == "my_vlm_stage1"
+    assert plan.data.build_command[plan.data.build_command.index("--model") + 1] == str(path)
+
+
+def test_existing_data_is_checked_and_reported(launch_env):
+    spec = load_model_spec("qwen2_5_vl_3b")
+    for split in ("train", "val"):
+        write_stage_parquet(launch_env / "data" / "stage1" / f"{split}.parquet", spec.min_pixels, spec.max_pixels)
+    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b"))
+    assert plan.data.ready and plan.data.build_command is None
+    assert any("train.parquet (2 rows" in line for line in plan.data.lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: each class stops with its own message, exit code 2
+
+
+def run_launch(args: list[str], capsys) -> tuple[int, str]:
+    rc = launch.main(args)
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+BAD_INPUTS = {
+    # name: (env, argv, substrings of the error)
+    "typo_override": ({}, ["--stage", "1", "actor_rollout_ref.rollout.nn=3"],
+                      ["'actor_rollout_ref.rollout.nn=3' rejected", "Could not override"]),
+    "typo_value_type": ({}, ["--stage", "1", "trainer.save_freq=often"], ["trainer.save_freq=often"]),
+    "unknown_model": ({"MODEL": "qwen9_vl"}, ["--stage", "1"], ["MODEL=qwen9_vl", "unknown model 'qwen9_vl'",
+                                                                "qwen3_vl_8b_thinking"]),
+    "missing_model_file": ({"MODEL": "/nonexistent/m.yaml"}, ["--stage", "1"], ["model config file not found"]),
+    "missing_previous_stage": ({}, ["--stage", "2"], ["stage 1 checkpoint missing", "launch/grpo_stage1.sh",
+                                                      "INIT_MODEL"]),
+    "missing_previous_stage3": ({}, ["--stage", "3"], ["stage 2 checkpoint missing", "launch/grpo_stage2.sh"]),
+    "legacy_reward_key": ({}, ["--stage", "1", "custom_reward_function.path=/x.py"],
+                          ["custom_reward_function.path=/x.py", "reward.custom_reward_function"]),
+    "stage_override": ({}, ["--stage", "1", "stage=stage2"], ["choose the model with MODEL"]),
+    "verl_validate_config": ({}, ["--stage", "1", "actor_rollout_ref.actor.use_dynamic_bsz=false"],
+                             ["verl validate_config rejected", "ppo_micro_batch_size"]),
+    "reward_kwargs_off_model": ({}, ["--stage", "1", "reward.custom_reward_function.reward_kwargs.coord_mode=abs"],
+                                ["reward_kwargs.coord_mode='abs'", "dig.coord_mode='rel1000'"]),
+    "bad_nnodes": ({"NNODES": "two"}, ["--stage", "1"], ["NNODES='two'"]),
+    "tp_vs_gpus": ({"GPUS_PER_NODE": "3"}, ["--stage", "1"], ["tensor_model_parallel_size=2", "n_gpus_per_node=3"]),
+    "unknown_logger": ({"LOGGER": "console,wandbb"}, ["--stage", "1"], ["unknown backend(s) ['wandbb']"]),
+    "prompt_budget": ({}, ["--stage", "1", "data.max_prompt_length=256"], ["data.max_prompt_length=256"]),
+    "reward_not_loadable": ({}, ["--stage", "1", "reward.custom_reward_function.path=pkg://reward_fns.nope"],
+                            ["reward.custom_reward_function.path=pkg://reward_fns.nope", "cannot load"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_names_its_culprit(case, launch_env, monkeypatch, capsys):
+    env, argv, expected = BAD_INPUTS[case]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rc, err = run_launch(argv, capsys)
+    assert rc == 2
+    assert "[dig] ERROR:" in err
+    for text in expected:
+        assert text in err, err
+
+
+def test_data_built_for_another_model_is_rejected(launch_env, monkeypatch, capsys):
+    other = load_model_spec("qwen2_5_vl_7b")
+    for split in ("train", "val"):
+        write_stage_parquet(launch_env / "data" / "stage1" / f"{split}.parquet", other.min_pixels, other.max_pixels)
+    rc, err = run_launch(["--stage", "1"], capsys)  # MODEL defaults to qwen3_vl_8b_thinking
+    assert rc == 2
+    assert "train.parquet" in err and "built for another model" in err
+
+
+def test_no_gpu_without_dry_run_fails_before_anything_starts(launch_env, monkeypatch, capsys):
+    monkeypatch.delenv("DRY_RUN")
+    rc, err = run_launch(["--stage", "1"], capsys)
+    assert rc == 2
+    assert "no GPU visible" in err and "DRY_RUN=1" in err
+    assert not (launch_env / "ckpt").exists() and not (launch_env / "data").exists()
+
+
+def test_model_file_clashing_with_builtin_name(launch_env, monkeypatch, capsys):
+    clash = launch_env / "qwen2_5_vl_3b.yaml"
+    shutil.copyfile(BASE_MODEL_DIR / "qwen2_5_vl_3b.yaml", clash)
+    monkeypatch.setenv("MODEL", str(clash))
+    rc, err = run_launch(["--stage", "1"], capsys)
+    assert rc == 2 and "clashes with a built-in model" in err
