@@ -59,7 +59,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dig-prep-bench"))
     parser.add_argument("--width", type=int, default=480)
     parser.add_argument("--height", type=int, default=320)
-    parser.add_argument("--row-group-size", type=int, default=64)
+    parser.add_argument("--row-group-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="conversions per size; the best is reported")
     parser.add_argument("--child", nargs=2, metavar=("PAIRS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()

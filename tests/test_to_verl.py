@@ -380,3 +380,12 @@ def test_every_model_file_converts(tmp_path):
     for name in model_names():
         to_verl.convert(pairs, tmp_path / f"{name}.parquet", name, stage=1, split="train")
         assert pq.read_metadata(tmp_path / f"{name}.parquet").num_rows == 1
+
+
+def test_torn_manifest_line_of_a_killed_run_is_skipped(pairs, tmp_path, capsys):
+    """The generator leaves a torn last line when killed mid-append; it re-makes that pair on resume."""
+    manifest = pairs / "manifest.jsonl"
+    manifest.write_text(manifest.read_text() + '{"pair_id": "s11-00000\n')
+    out = tmp_path / "out.parquet"
+    assert to_verl.convert(pairs, out, "qwen2_5_vl_7b", stage=1, split="train")["num_rows"] == 4
+    assert "skipped 1 torn line" in capsys.readouterr().err
