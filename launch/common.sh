@@ -25,13 +25,15 @@ dig_python() {
 # Verify the environment (imports the launcher needs); SETUP_ENV=1 installs the pinned GPU stack instead of failing.
 dig_check_env() {
   local py=$1
-  if "$py" -c 'import verl, hydra, recipes.dig.launch, reward_fns' 2>/dev/null; then
+  # find_spec: locate without importing (importing verl costs seconds; the launcher imports it anyway)
+  local probe='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("verl", "hydra", "recipes.dig.launch", "reward_fns")))'
+  if "$py" -c "$probe" 2>/dev/null; then
     return 0
   fi
   if [ "${SETUP_ENV:-0}" = 1 ]; then
     echo "[dig] setting up the training environment in $py (requirements.txt)" >&2
     "$py" -m pip install -r "$DIG_REPO/requirements.txt" && "$py" -m pip install -e "$DIG_REPO" --no-deps || return 1
-    "$py" -c 'import verl, hydra, recipes.dig.launch, reward_fns' && return 0
+    "$py" -c "$probe" && return 0
   fi
   echo "[dig] ERROR: $py cannot import verl/hydra/recipes: install the training stack" \
        "(GPU node: SETUP_ENV=1 or 'pip install -r requirements.txt && pip install -e . --no-deps';" \

@@ -257,3 +257,13 @@ def test_model_file_clashing_with_builtin_name(launch_env, monkeypatch, capsys):
     monkeypatch.setenv("MODEL", str(clash))
     rc, err = run_launch(["--stage", "1"], capsys)
     assert rc == 2 and "clashes with a built-in model" in err
+
+
+def test_script_refuses_an_interpreter_without_the_stack(tmp_path):
+    """launch/common.sh verifies the environment before anything: /bin/false stands for a Python without verl."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
+    env.update(DRY_RUN="1", DIG_PYTHON="/bin/false", CKPT_DIR=str(tmp_path / "ckpt"))
+    result = subprocess.run(["bash", str(REPO / "launch" / "grpo_stage1.sh")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert "/bin/false cannot import verl/hydra/recipes" in result.stderr and "SETUP_ENV=1" in result.stderr

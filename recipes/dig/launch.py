@@ -608,6 +608,13 @@ def check_gpu_environment() -> None:
         )
 
 
+def wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
 def default_gpus_per_node(dry_run: bool) -> int:
     if dry_run:
         return 8
@@ -625,6 +632,10 @@ def run(settings: Settings) -> int:
     overlay_root = None if settings.dry_run else settings.ckpt_dir / "model_configs"
     plan = plan_stage(settings, overlay_root)
     print(describe(plan), flush=True)
+    if "wandb" in plan.cfg.trainer.logger and not wandb_credentials():
+        print(
+            "[dig] WARNING: LOGGER has wandb but no WANDB_API_KEY / ~/.netrc login (WANDB_MODE=offline to log locally)"
+        )
     if plan.data.build_command and not settings.dry_run:
         print(f"[dig] building data: {shlex.join(plan.data.build_command)}", flush=True)
         if importlib.util.find_spec("data_prep.build") is None:
