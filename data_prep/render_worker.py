@@ -50,7 +50,9 @@ def _union(boxes):
 def evaluate_pair(mask_a, mask_b, img_a, img_b, differences, untouched_ids, gates) -> dict:
     """Boxes per DESIGN §3 and the pixel quality gates. Returns accepted/reason/detail/differences/objects."""
     objs_a, objs_b = mask_objects(mask_a), mask_objects(mask_b)
-    changed = np.abs(img_a.astype(np.int16) - img_b.astype(np.int16)).max(axis=-1) > gates["changed_intensity"]
+    masks_only = img_a is None  # pre-pass: visibility gates only
+    if not masks_only:
+        changed = np.abs(img_a.astype(np.int16) - img_b.astype(np.int16)).max(axis=-1) > gates["changed_intensity"]
     result = {
         "accepted": True,
         "reason": None,
@@ -81,8 +83,8 @@ def evaluate_pair(mask_a, mask_b, img_a, img_b, differences, untouched_ids, gate
             box, changed_px = (_union(boxes) if boxes else None), 0
         else:
             box = _union(boxes)
-            changed_px = int(changed[box[1] : box[3], box[0] : box[2]].sum())
-            if changed_px < gates["min_changed_px"]:
+            changed_px = 0 if masks_only else int(changed[box[1] : box[3], box[0] : box[2]].sum())
+            if not masks_only and changed_px < gates["min_changed_px"]:
                 reject(
                     "difference_unchanged", f"{t} of object {oid}: {changed_px} px changed < {gates['min_changed_px']}"
                 )
@@ -312,29 +314,35 @@ class BlenderScene:
 
     def render(self, png_path):
         """Render the synced scene; write the beauty PNG; return (ids HxW int32, rgb HxWx3 uint8)."""
-        import OpenEXR
         from PIL import Image
 
         bpy, r = self.bpy, self.scn.render
-        r.image_settings.media_type = "MULTI_LAYER_IMAGE"
-        r.image_settings.color_depth = "16"  # half float holds integer ids exactly
-        r.filepath = self.exr_path
-        bpy.ops.render.render(write_still=True)
+        ids = self.render_ids()
         r.image_settings.media_type = "IMAGE"
         r.image_settings.file_format = "PNG"
         r.image_settings.color_mode = "RGB"
         r.image_settings.color_depth = "8"
         r.image_settings.compression = 15
         bpy.data.images["Render Result"].save_render(png_path, scene=self.scn)
+        with Image.open(png_path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        return ids, rgb
+
+    def render_ids(self):
+        """Render the synced scene to a multilayer EXR; return the Object Index pass (HxW int32)."""
+        import OpenEXR
+
+        r = self.scn.render
+        r.image_settings.media_type = "MULTI_LAYER_IMAGE"
+        r.image_settings.color_depth = "16"  # half float holds integer ids exactly
+        r.filepath = self.exr_path
+        self.bpy.ops.render.render(write_still=True)
         with OpenEXR.File(self.exr_path, separate_channels=True) as f:
             ch = {k: v for part in f.parts for k, v in part.channels.items()}
         key = next((k for k in ch if k.endswith("Object Index.X") or k.endswith("IndexOB.X")), None)
         if key is None:
             raise RuntimeError(f"no Object Index channel in the EXR; channels: {sorted(ch)}")
-        ids = np.rint(ch[key].pixels).astype(np.int32)  # row 0 = top, like image coordinates
-        with Image.open(png_path) as im:
-            rgb = np.asarray(im.convert("RGB"))
-        return ids, rgb
+        return np.rint(ch[key].pixels).astype(np.int32)  # row 0 = top, like image coordinates
 
 
 def renderer_info():
@@ -354,6 +362,24 @@ def handle(scene: BlenderScene, job: dict) -> dict:
             return {"accepted": False, "reason": "out_of_frame", "detail": f"{side}: objects {bad} leave the frame",
                     "differences": [], "timing": {"total_s": time.perf_counter() - t0}}  # fmt: skip
     timing["check_s"] = time.perf_counter() - t0
+    diff_ids = {d["object_id"] for d in job["differences"]}
+    ids_a = {o["id"] for o in job["scene_a"]["objects"]}
+    ids_b = {o["id"] for o in job["scene_b"]["objects"]}
+    untouched = sorted((ids_a & ids_b) - diff_ids)
+    if render.get("mask_prepass") and not job.get("only_a"):
+        # Cheap 1-spp, no-bounce renders give the masks: the visibility gates reject most bad candidates
+        # before the expensive renders. The GT itself always comes from the final renders' masks.
+        pre = dict(render, samples=1, denoise=False, max_bounces=0, diffuse_bounces=0, glossy_bounces=0)
+        scene.sync(job["scene_a"], pre)
+        pre_a = scene.render_ids()
+        scene.sync(job["scene_b"], pre)
+        pre_b = scene.render_ids()
+        res = evaluate_pair(pre_a, pre_b, None, None, job["differences"], untouched, gates)
+        timing["prepass_s"] = time.perf_counter() - t0 - timing["check_s"]
+        if not res["accepted"]:
+            timing.update(total_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
+            return {"accepted": False, "reason": res["reason"], "detail": "mask pre-pass: " + res["detail"],
+                    "differences": res["differences"], "timing": timing}  # fmt: skip
     scene.sync(job["scene_a"], render)
     t1 = time.perf_counter()
     mask_a, img_a = scene.render(job["out_a"])
@@ -364,10 +390,6 @@ def handle(scene: BlenderScene, job: dict) -> dict:
     scene.sync(job["scene_b"], render)
     mask_b, img_b = scene.render(job["out_b"])
     t3 = time.perf_counter()
-    diff_ids = {d["object_id"] for d in job["differences"]}
-    ids_a = {o["id"] for o in job["scene_a"]["objects"]}
-    ids_b = {o["id"] for o in job["scene_b"]["objects"]}
-    untouched = sorted((ids_a & ids_b) - diff_ids)
     res = evaluate_pair(mask_a, mask_b, img_a, img_b, job["differences"], untouched, gates)
     if job.get("save_masks"):
         np.save(job["save_masks"] + "_mask_a.npy", mask_a)
@@ -380,7 +402,22 @@ def handle(scene: BlenderScene, job: dict) -> dict:
     return res
 
 
+def _die_with_parent():
+    """SIGKILL this worker when the process that started it dies (Linux), so no orphan keeps writing files."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    expected = os.environ.get("DIG_RENDER_PARENT_PID")
+    if expected and os.getppid() != int(expected):  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main():
+    _die_with_parent()
     proto = os.fdopen(os.dup(1), "w", buffering=1)  # private channel for answers
     os.dup2(2, 1)  # Blender's C-level prints on fd 1 go to stderr and cannot corrupt the protocol
     sys.stdout = sys.stderr

@@ -156,6 +156,12 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
         seen[tuple(v)] = n
 
     materials = {str(n): _bsdf(p, f"materials.{n}", v) for n, v in _mapping(p, "materials", raw["materials"]).items()}
+    for i, (n, v) in enumerate(materials.items()):
+        for m, w in list(materials.items())[:i]:
+            if v == w:
+                raise _fail(
+                    p, f"materials.{n}", f"same values as materials.{m}: a material change would change nothing"
+                )
     sizes = {str(n): _num(p, f"sizes.{n}", v, 0.05, 3.0) for n, v in _mapping(p, "sizes", raw["sizes"]).items()}
     if len(set(sizes.values())) != len(sizes):
         raise _fail(p, "sizes", "radii must be distinct: a size change would change nothing")

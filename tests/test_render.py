@@ -40,17 +40,17 @@ def worker():
         yield w
 
 
-def _settings(seed=0, width=W, height=H):
+def _settings(seed=0, width=W, height=H, prepass=True):
     cfg = GenerateConfig(out=Path("."), num=1, width=width, height=height, samples=1, denoise=False, threads=1)
-    return dict(cfg.render_settings(), seed=seed)
+    return dict(cfg.render_settings(), seed=seed, mask_prepass=prepass)
 
 
-def _job(vocab, tmp_path, scene_a, scene_b, differences, name="p", width=W, height=H, seed=0):
+def _job(vocab, tmp_path, scene_a, scene_b, differences, name="p", width=W, height=H, seed=0, prepass=True):
     return {
         "scene_a": scene_a,
         "scene_b": scene_b,
         "differences": differences,
-        "render": _settings(seed, width, height),
+        "render": _settings(seed, width, height, prepass),
         "gates": vocab.gate_thresholds(width, height),
         "out_a": str(tmp_path / f"{name}_a.png"),
         "out_b": str(tmp_path / f"{name}_b.png"),
@@ -162,30 +162,34 @@ def _manual_scene(vocab, objects, camera_location=(7.4, -7.4, 1.0)):
     return spec
 
 
-def test_gate_rejects_addition_hidden_behind_object(vocab, worker, tmp_path):
+@pytest.mark.parametrize("prepass", [True, False], ids=["mask-prepass", "final-render"])
+def test_gate_rejects_addition_hidden_behind_object(vocab, worker, tmp_path, prepass):
     # Low camera: a large cube close to it hides a small sphere placed right behind it.
     a = _manual_scene(vocab, [("cube", "red", "large", 2.0, -2.0), ("cylinder", "blue", "large", -2.0, 1.5)])
     hidden = {"type": "addition", "object_id": 3,
               "object": {"shape": "sphere", "color": "yellow", "material": "rubber", "size": "small", "x": 0.8,
                          "y": -0.8, "rotation_deg": 0.0}}  # fmt: skip
     b = S.apply_edits(vocab, a, [hidden])
-    ans = worker.request(_job(vocab, tmp_path, a, b, [{"type": "addition", "object_id": 3}], "hidden"))
+    ans = worker.request(_job(vocab, tmp_path, a, b, [{"type": "addition", "object_id": 3}], "hidden", prepass=prepass))
+    assert ("pre-pass" in ans["detail"]) == prepass
     assert not ans["accepted"] and ans["reason"] == "difference_too_small"
     assert ans["differences"][0]["visible_px_b"] < vocab.gate_thresholds(W, H)["min_visible_px"]
     # Control: the same addition out in the open passes.
     visible = copy.deepcopy(hidden)
     visible["object"].update(size="large", x=1.5, y=1.0)
     b2 = S.apply_edits(vocab, a, [visible])
-    ans2 = worker.request(_job(vocab, tmp_path, a, b2, [{"type": "addition", "object_id": 3}], "open"))
+    ans2 = worker.request(_job(vocab, tmp_path, a, b2, [{"type": "addition", "object_id": 3}], "open", prepass=prepass))
     assert ans2["accepted"], ans2
 
 
-def test_gate_rejects_revealed_untouched_object(vocab, worker, tmp_path):
+@pytest.mark.parametrize("prepass", [True, False], ids=["mask-prepass", "final-render"])
+def test_gate_rejects_revealed_untouched_object(vocab, worker, tmp_path, prepass):
     # Removing the front cube reveals the sphere behind it: an unlabeled change of an untouched object.
     a = _manual_scene(vocab, [("cube", "red", "large", 2.0, -2.0), ("sphere", "yellow", "small", 0.8, -0.8)])
     b = S.apply_edits(vocab, a, [{"type": "removal", "object_id": 1}])
-    ans = worker.request(_job(vocab, tmp_path, a, b, [{"type": "removal", "object_id": 1}], "reveal"))
+    ans = worker.request(_job(vocab, tmp_path, a, b, [{"type": "removal", "object_id": 1}], "reveal", prepass=prepass))
     assert not ans["accepted"] and ans["reason"] == "untouched_visibility_changed"
+    assert not (tmp_path / "reveal_a.png").exists() if prepass else (tmp_path / "reveal_a.png").exists()
 
 
 def test_gate_rejects_claimed_change_that_did_not_render(vocab, worker, tmp_path):

@@ -133,6 +133,7 @@ def _write_vocab(tmp_path: Path, mutate) -> Path:
         (lambda r: r["colors"].update(red=[300, 0, 0]), "colors.red[0]"),
         (lambda r: r["shapes"]["cube"].update(primitive="teapot"), "shapes.cube.primitive"),
         (lambda r: r["sizes"].update(small=0.7), "sizes"),
+        (lambda r: r["materials"].update(rubber={"Metallic": 1.0, "Roughness": 0.25}), "materials.rubber"),
         (lambda r: r["changes"].update(move=1.0), "changes.move"),
         (lambda r: r.update(changes=dict.fromkeys(S.CHANGE_TYPES, 0)), "changes"),
         (lambda r: r["gates"].pop("min_visible_fraction"), "gates.min_visible_fraction"),
