@@ -56,6 +56,7 @@ RESUME_KEYS = (
     "denoise",
     "no_diff_fraction",
     "render_overrides",
+    "change_weights",
     "vocab_sha",
 )
 
@@ -250,6 +251,7 @@ class PairMaker:
         self.cfg, self.vocab, self.worker, self.shard_dir = cfg, vocab, worker, shard_dir
         self.render = cfg.render_settings()
         self.gates = vocab.gate_thresholds(cfg.width, cfg.height)
+        self.vocab_sha = _vocab_sha(vocab)
 
     def make(self, index: int) -> tuple[dict, dict]:
         """Returns (manifest record, stats delta). Files are complete on disk when this returns."""
@@ -294,8 +296,9 @@ class PairMaker:
                     "attempt": attempt,
                     "k": k,
                     "vocabulary": self.vocab.path,
-                    "vocabulary_sha256": _vocab_sha(self.vocab),
-                },  # fmt: skip
+                    "vocabulary_sha256": self.vocab_sha,
+                    "change_weights": cfg.change_weights,
+                },
                 "width": cfg.width,
                 "height": cfg.height,
                 "renderer": {**ans["renderer"], "settings": render},
@@ -355,7 +358,8 @@ class RunState:
         want = {"seed": self.cfg.seed, "k": str(self.cfg.k), "width": self.cfg.width, "height": self.cfg.height,
                 "samples": self.cfg.samples, "denoise": self.cfg.denoise,
                 "no_diff_fraction": float(self.cfg.no_diff_fraction),
-                "render_overrides": self.cfg.render_overrides, "vocab_sha": _vocab_sha(vocab)}  # fmt: skip
+                "render_overrides": self.cfg.render_overrides, "change_weights": self.cfg.change_weights,
+                "vocab_sha": _vocab_sha(vocab)}  # fmt: skip
         path = self.out / CONFIG
         if path.exists():
             have = json.loads(path.read_text())
