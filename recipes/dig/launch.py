@@ -61,6 +61,8 @@ class Settings:
     dry_run: bool = False
     logger: list[str] | None = None
     init_model: str | None = None
+    # render worker processes for a missing dataset (data_prep.build --workers); None: its default
+    data_workers: int | None = None
     # dry runs of a whole curriculum: stage k-1 has not run yet but will have when stage k starts
     assume_previous: bool = False
     extra_overrides: list[str] = field(default_factory=list)
@@ -94,6 +96,7 @@ class Settings:
             dry_run=env.get("DRY_RUN", "0").strip() not in ("", "0", "false", "False"),
             logger=logger,
             init_model=env.get("INIT_MODEL", "").strip() or None,
+            data_workers=positive_int("DATA_WORKERS", None),
             assume_previous=env.get("DIG_ASSUME_PREVIOUS", "0").strip() not in ("", "0"),
             extra_overrides=list(extra_overrides),
             python=env.get("DIG_PYTHON") or sys.executable,
@@ -141,14 +144,22 @@ def model_overlay_dir(model_path: Path, root: Path) -> Path:
     return root
 
 
+def hydra_value(value: object) -> str:
+    """A path as a Hydra override value: quoted when it holds characters the override grammar treats specially."""
+    text = str(value)
+    if all(c.isalnum() or c in "_./-:" for c in text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def stage_overrides(settings: Settings, stage: int, model_option: str, overlay: Path | None) -> list[str]:
     """The overrides the launcher adds for one stage, before the user's own (which win)."""
     data_dir = settings.data_dir or (REPO_ROOT / "data" / model_option)
     overrides = [
         f"base_model={model_option}",
         f"stage=stage{stage}",
-        f"curriculum.data_dir={data_dir}",
-        f"curriculum.ckpt_dir={settings.ckpt_dir}",
+        f"curriculum.data_dir={hydra_value(data_dir)}",
+        f"curriculum.ckpt_dir={hydra_value(settings.ckpt_dir)}",
         f"trainer.nnodes={settings.nnodes}",
     ]
     if settings.gpus_per_node is not None:
@@ -156,7 +167,7 @@ def stage_overrides(settings: Settings, stage: int, model_option: str, overlay: 
     if settings.logger:
         overrides.append(f"trainer.logger=[{','.join(settings.logger)}]")
     if overlay is not None:
-        overrides.append(f"hydra.searchpath=[pkg://verl.trainer.config,file://{overlay}]")
+        overrides.append(f"hydra.searchpath=[pkg://verl.trainer.config,{hydra_value(f'file://{overlay}')}]")
     return overrides
 
 
@@ -503,7 +514,8 @@ def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: 
         raise LaunchError(f"data file(s) not found: {', '.join(str(p) for p in missing.values())} (set by an override)")
     plan = planned_render(stage)
     pairs = sum(plan["pairs"].get(split, 0) for split in missing)
-    seconds = pairs * RENDER_SEC_PER_PAIR
+    workers = settings.data_workers or 1
+    seconds = pairs * RENDER_SEC_PER_PAIR / workers
     worst = prompt_token_bound(plan["width"], plan["height"], spec)
     if worst > cfg.data.max_prompt_length:
         raise LaunchError(
@@ -512,10 +524,12 @@ def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: 
         )
     command = [settings.python, "-m", "data_prep.build", "--data-dir", str(data_dir), "--model", model_ref,
                "--stage", str(stage)]  # fmt: skip
+    if settings.data_workers:
+        command += ["--workers", str(settings.data_workers)]
     lines.append(
         f"data: missing {', '.join(str(p) for p in missing.values())}; the run builds them first with "
         f"`{shlex.join(command)}`: {pairs} pairs x {RENDER_SEC_PER_PAIR} s/pair (measured at 480x320, 16 spp on "
-        f"2 cores) = ~{seconds / 3600:.1f} h on such a box; prompts <= ~{worst} tokens of {cfg.data.max_prompt_length}"
+        f"2 cores) / {workers} worker(s) = ~{seconds / 3600:.1f} h; prompts <= ~{worst} tokens of {cfg.data.max_prompt_length}"
     )
     return DataReport(False, lines, command)
 
@@ -558,7 +572,7 @@ def plan_stage(settings: Settings, overlay_root: Path | None = None) -> Plan:
 
     overrides = stage_overrides(settings, stage, model_option, overlay)
     if stage > 1 or settings.init_model:
-        overrides.append(f"actor_rollout_ref.model.path={handoff.init_path}")
+        overrides.append(f"actor_rollout_ref.model.path={hydra_value(handoff.init_path)}")
     overrides += settings.extra_overrides
     cfg = compose(overrides)
     if settings.extra_overrides:
