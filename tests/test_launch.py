@@ -267,3 +267,13 @@ def test_script_refuses_an_interpreter_without_the_stack(tmp_path):
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 1
     assert "/bin/false cannot import verl/hydra/recipes" in result.stderr and "SETUP_ENV=1" in result.stderr
+
+
+def test_training_entry_point_without_gpu_stops_before_ray(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS + ("DIG_SKIP_GPU_CHECK",)}
+    overrides = [f"curriculum.ckpt_dir={tmp_path / 'ckpt'}", f"curriculum.data_dir={tmp_path / 'data'}"]
+    result = subprocess.run([sys.executable, "-m", "recipes.dig.main", *overrides], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "no GPU visible" in result.stderr
+    assert "ray init kwargs" not in result.stdout  # run_ppo never reached ray.init
