@@ -63,6 +63,8 @@ class Settings:
     init_model: str | None = None
     # render worker processes for a missing dataset (data_prep.build --workers); None: its default
     data_workers: int | None = None
+    # further data_prep.build arguments, e.g. ["--ray-address", "auto"]
+    data_build_args: list[str] = field(default_factory=list)
     # dry runs of a whole curriculum: stage k-1 has not run yet but will have when stage k starts
     assume_previous: bool = False
     extra_overrides: list[str] = field(default_factory=list)
@@ -97,6 +99,7 @@ class Settings:
             logger=logger,
             init_model=env.get("INIT_MODEL", "").strip() or None,
             data_workers=positive_int("DATA_WORKERS", None),
+            data_build_args=shlex.split(env.get("DATA_BUILD_ARGS", "")),
             assume_previous=env.get("DIG_ASSUME_PREVIOUS", "0").strip() not in ("", "0"),
             extra_overrides=list(extra_overrides),
             python=env.get("DIG_PYTHON") or sys.executable,
@@ -526,6 +529,7 @@ def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: 
                "--stage", str(stage)]  # fmt: skip
     if settings.data_workers:
         command += ["--workers", str(settings.data_workers)]
+    command += settings.data_build_args
     lines.append(
         f"data: missing {', '.join(str(p) for p in missing.values())}; the run builds them first with "
         f"`{shlex.join(command)}`: {pairs} pairs x {RENDER_SEC_PER_PAIR} s/pair (measured at 480x320, 16 spp on "
