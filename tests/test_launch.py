@@ -161,6 +161,13 @@ def test_training_entry_point_composes_the_dry_run_config(tmp_path):
     assert composed_by_main["trainer"]["save_freq"] == 10
 
 
+def test_base_model_override_selects_the_model(launch_env):
+    settings = launch.Settings.from_env(1, ["base_model=qwen2_5_vl_7b", "trainer.save_freq=5"])
+    assert settings.model == "qwen2_5_vl_7b" and settings.extra_overrides == ["trainer.save_freq=5"]
+    settings.gpus_per_node = 8
+    assert launch.plan_stage(settings).cfg.dig.model_name == "qwen2_5_vl_7b"
+
+
 def test_model_file_given_by_path(launch_env, monkeypatch):
     """Adding a model is one YAML: here one outside the repo, selected by path."""
     source = yaml.safe_load((BASE_MODEL_DIR / "qwen2_5_vl_3b.yaml").read_text())
@@ -208,7 +215,8 @@ BAD_INPUTS = {
     "missing_previous_stage3": ({}, ["--stage", "3"], ["stage 2 checkpoint missing", "launch/grpo_stage2.sh"]),
     "legacy_reward_key": ({}, ["--stage", "1", "custom_reward_function.path=/x.py"],
                           ["custom_reward_function.path=/x.py", "reward.custom_reward_function"]),
-    "stage_override": ({}, ["--stage", "1", "stage=stage2"], ["choose the model with MODEL"]),
+    "stage_override": ({}, ["--stage", "1", "stage=stage2"], ["the stage is chosen by the script"]),
+    "model_twice": ({"MODEL": "qwen2_5_vl_3b"}, ["--stage", "1", "base_model=qwen2_5_vl_7b"], ["disagree"]),
     "verl_validate_config": ({}, ["--stage", "1", "actor_rollout_ref.actor.use_dynamic_bsz=false"],
                              ["verl validate_config rejected", "ppo_micro_batch_size"]),
     "reward_kwargs_off_model": ({}, ["--stage", "1", "reward.custom_reward_function.reward_kwargs.coord_mode=abs"],

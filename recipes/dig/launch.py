@@ -83,6 +83,13 @@ class Settings:
             return int(raw)
 
         model = env.get("MODEL", "").strip() or DEFAULT_MODEL
+        # `base_model=NAME` on the command line is the Hydra spelling of MODEL=NAME
+        chosen = [o.split("=", 1)[1] for o in extra_overrides if o.split("=", 1)[0].lstrip("+") == "base_model"]
+        if chosen:
+            if env.get("MODEL", "").strip() and env["MODEL"].strip() != chosen[-1]:
+                raise LaunchError(f"MODEL={env['MODEL']} and override base_model={chosen[-1]} disagree; give one")
+            model = chosen[-1]
+            extra_overrides = [o for o in extra_overrides if o.split("=", 1)[0].lstrip("+") != "base_model"]
         nnodes = positive_int("NNODES", None) or positive_int("SLURM_NNODES", 1)
         gpus = positive_int("GPUS_PER_NODE", None)
         data_dir = env.get("DATA_DIR", "").strip()
@@ -184,8 +191,8 @@ def check_override_syntax(overrides: list[str]) -> None:
                 f"override {item!r}: verl 0.9 ignores the legacy top-level reward keys (main_ppo no longer migrates "
                 f"them); use reward.custom_reward_function.* / reward.reward_manager.* instead"
             )
-        if key in ("base_model", "stage"):
-            raise LaunchError(f"override {item!r}: choose the model with MODEL=... and the stage with the script")
+        if key == "stage":
+            raise LaunchError(f"override {item!r}: the stage is chosen by the script (launch/grpo_stage<k>.sh)")
 
 
 def compose(overrides: list[str]):
