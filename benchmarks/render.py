@@ -60,7 +60,12 @@ def throughput(pairs: int, workers: int, threads: int, tmp: Path) -> None:
         candidates=stats["candidates"],
         rejected=stats["rejected"],
         peak_rss_mb_per_worker=stats.get("peak_rss_mb_per_worker"),
-        setting="480x320, 16 spp, OIDN fast (colour pass), bounces 2/1/1, K uniform 1-4",
+        # What the machine's cores would give if nothing else ran on them (CPU-seconds are contention-proof).
+        cpu_bound_estimate_pairs_per_hour_all_cores=round(
+            (os.cpu_count() or 1) * 3600 / (stats["render_cpu_s"] / pairs), 1
+        ),
+        load_avg_1m_at_end=round(os.getloadavg()[0], 2),
+        setting="480x320, 16 spp, OIDN balanced (colour pass), bounces 2/1/1, mask pre-pass, K uniform 1-4",
     )
 
 

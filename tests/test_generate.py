@@ -31,7 +31,10 @@ def _have_render_venv() -> bool:
     return True
 
 
-needs_render = pytest.mark.skipif(not _have_render_venv(), reason="render venv missing: bash scripts/setup_env.sh")
+def needs_render(test):
+    """Marks a test `render` and skips it when the Blender venv is missing."""
+    skip = pytest.mark.skipif(not _have_render_venv(), reason="render venv missing: bash scripts/setup_env.sh")
+    return pytest.mark.render(skip(test))
 
 
 def _manifest(out: Path) -> list[dict]:
