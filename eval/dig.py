@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from data_prep.fileio import atomic_write_text
 from eval.scoring import ScoredAnswer, reward_knobs, score_response
 from recipes.dig.models import load_model_spec
 
@@ -257,13 +257,6 @@ def score_rows(
     return samples
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def sibling(out: Path, suffix: str) -> Path:
     """results.json -> results.<suffix> (results.md, results.samples.jsonl, ...)."""
     return out.with_name(out.stem + suffix)
@@ -337,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = markdown(results)
     results["markdown"] = table
-    _write_atomic(out, json.dumps(results, indent=2))
-    _write_atomic(sibling(out, ".md"), table)
-    _write_atomic(sibling(out, ".samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
+    atomic_write_text(out, json.dumps(results, indent=2))
+    atomic_write_text(sibling(out, ".md"), table)
+    atomic_write_text(sibling(out, ".samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
     print(table)
     print(f"eval.dig: wrote {out}, {sibling(out, '.md')}, {sibling(out, '.samples.jsonl')}", file=sys.stderr)
     return 0

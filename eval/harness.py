@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from data_prep.fileio import atomic_write_text
 from recipes.dig.models import ModelSpec, load_model_spec
 
 BENCHMARKS_FILE = Path(__file__).resolve().parent / "benchmarks.yaml"
@@ -278,13 +279,6 @@ def markdown_table(table: dict[str, dict], title: str = "this recipe") -> str:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -331,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--vlmevalkit-dir (or $VLMEVALKIT_DIR) must be a VLMEvalKit checkout holding run.py")
             config_path = out_dir / "vlmevalkit_config.json"
             config = vlmevalkit_config(benchmarks, args.model_path, spec, args.model_label)
-            _write_atomic(config_path, json.dumps(config, indent=2))
+            atomic_write_text(config_path, json.dumps(config, indent=2))
             cmd = vlmevalkit_command(config_path.resolve(), out_dir.resolve(), args.vlmevalkit_dir, args.num_processes)
         print(shlex.join(cmd), flush=True)
         if args.dry_run:
@@ -345,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         table = collect_vlmevalkit(benchmarks, out_dir, args.model_label)
     out = Path(args.out) if args.out else out_dir / "perception.json"
-    _write_atomic(out, json.dumps({"harness": args.harness, "benchmarks": table}, indent=2))
+    atomic_write_text(out, json.dumps({"harness": args.harness, "benchmarks": table}, indent=2))
     md = markdown_table(table)
-    _write_atomic(out.with_suffix(".md"), md + "\n")
+    atomic_write_text(out.with_suffix(".md"), md + "\n")
     print(md)
     return 0
 

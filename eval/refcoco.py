@@ -25,7 +25,6 @@ import argparse
 import glob
 import io
 import json
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data_prep.fileio import atomic_write_text
 from data_prep.prompts import PROMPT_DIR
 from eval.scoring import reward_knobs
 from recipes.dig.models import ModelSpec, load_model_spec
@@ -186,13 +186,6 @@ def read_predictions(path) -> dict[str, str]:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.refcoco", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="folder holding RefCOCO/, RefCOCOplus/, RefCOCOg/ snapshots")
@@ -253,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                "splits": {name: summarize(scores) for name, scores in per_split.items()}}  # fmt: skip
     table = markdown(results["splits"])
     results["markdown"] = table
-    _write_atomic(out, json.dumps(results, indent=2))
-    _write_atomic(out.with_name(out.stem + ".md"), table)
-    _write_atomic(out.with_name(out.stem + ".samples.jsonl"), "".join(json.dumps(d) + "\n" for d in details))
+    atomic_write_text(out, json.dumps(results, indent=2))
+    atomic_write_text(out.with_name(out.stem + ".md"), table)
+    atomic_write_text(out.with_name(out.stem + ".samples.jsonl"), "".join(json.dumps(d) + "\n" for d in details))
     print(table)
     print(f"eval.refcoco: wrote {out}", file=sys.stderr)
     return 0
