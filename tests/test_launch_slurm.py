@@ -1,9 +1,11 @@
 """launch/slurm/dig_grpo.sbatch submitted for real to a single-node SLURM on localhost, in dry-run mode.
 
 The test starts munged (unless one already answers), slurmctld and slurmd with a private slurm.conf (own ports,
-state in tmp), submits the sbatch script with `sbatch --wait`, and stops the daemons it started (by pid). The
-job starts a real Ray head through srun, waits for it to join, runs the curriculum dry run on the head node
-with trainer.nnodes from SLURM, and stops Ray. Needs root and Debian's slurm-wlm + munge
+state in tmp), submits the sbatch script, and stops the daemons it started (by pid). The job starts a real Ray
+head through srun and waits for it to join; the test then sends the time-limit signal (USR1), the job requeues
+itself and stops Ray; the requeued run does the curriculum dry run on the head node with trainer.nnodes from
+SLURM and stops Ray. (One node only: Debian's slurmd cannot run several nodes on one host, so the worker loop
+runs zero times here.) Needs root and Debian's slurm-wlm + munge
 (`bash scripts/setup_slurm.sh` installs them).
 """
 
@@ -108,7 +110,23 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             stop_pid_file(munge_pid_file)
 
 
-def test_sbatch_curriculum_dry_run_on_local_slurm(local_slurm, tmp_path):
+def job_field(job_id: str, field: str, env: dict) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}=")), "")
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            text = log.read_text()[-6000:] if log.exists() else "(no log)"
+            pytest.fail(f"timed out waiting for {what}\n--- job log ---\n{text}")
+        time.sleep(1)
+
+
+def test_sbatch_curriculum_dry_run_with_requeue(local_slurm, tmp_path):
+    """Submit, let Ray come up, send the time-limit signal (USR1): the job requeues itself, restarts, and the
+    second run goes through the whole curriculum dry run and stops Ray."""
     env, root = local_slurm
     env = {k: v for k, v in env.items() if k not in ("MODEL", "INIT_MODEL", "GPUS_PER_NODE", "NNODES", "LOGGER")}
     env.update(
@@ -121,18 +139,34 @@ def test_sbatch_curriculum_dry_run_on_local_slurm(local_slurm, tmp_path):
         RAY_HEAD_ARGS="--include-dashboard=false",
         RAY_JOIN_TIMEOUT="120",
     )
-    out_file = tmp_path / "job.out"
-    result = subprocess.run(
-        ["sbatch", "--wait", f"--output={out_file}", f"--chdir={REPO}", "launch/slurm/dig_grpo.sbatch",
+    log = tmp_path / "job.out"
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log}", f"--chdir={REPO}", "launch/slurm/dig_grpo.sbatch",
          "trainer.total_epochs=2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    log = out_file.read_text() if out_file.exists() else ""
-    assert result.returncode == 0, f"{result.stdout}{result.stderr}\n--- job log ---\n{log[-6000:]}"
-    assert "1 node(s)" in log and "Ray nodes alive: 1/1" in log
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        wait_for(lambda: log.exists() and "Ray nodes alive: 1/1" in log.read_text(), 180, "the Ray head", log)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+        wait_for(lambda: job_field(job, "Restarts", env) == "1", 120, "the requeue", log)
+        # SLURM holds a requeued job back for a while; start it now
+        wait_for(lambda: job_field(job, "JobState", env) == "PENDING", 120, "the requeued job to pend", log)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+        wait_for(lambda: job_field(job, "JobState", env) in ("COMPLETED", "FAILED", ""), 300, "the job end", log)
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)
+    text = log.read_text()
+    assert job_field(job, "JobState", env) in ("COMPLETED", ""), text[-6000:]
+    first, _, second = text.partition("requeueing job")
+    assert second, text[-6000:]
+    assert "Ray nodes alive: 1/1" in first and "curriculum: done" not in first
+    assert text.count("slurm job") == 2 and "1 node(s)" in second and "Ray nodes alive: 1/1" in second
     for stage in (1, 2, 3):
-        assert f"DRY_RUN: stage {stage} OK" in log
-    commands = [line for line in log.splitlines() if line.startswith("[dig] command: ")]
+        assert f"DRY_RUN: stage {stage} OK" in second
+    commands = [line for line in second.splitlines() if line.startswith("[dig] command: ")]
     assert len(commands) == 3
     assert all("trainer.nnodes=1" in c and "trainer.total_epochs=2" in c for c in commands)
-    assert "curriculum: done" in log and "finished with rc=0" in log and "stopping Ray" in log
+    assert "curriculum: done" in second and "finished with rc=0" in second
+    assert text.count("[dig] stopping Ray") == 2  # both runs stop their Ray cluster
