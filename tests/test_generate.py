@@ -145,8 +145,14 @@ def test_sigkill_mid_run_then_resume(tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"generator ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    assert children  # the render workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{c}").exists() for c in children), "render workers outlived the generator"
     done_before = len(_manifest(out))
     assert 4 <= done_before < num
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=300)
