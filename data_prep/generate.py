@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from data_prep import scene as S
+from data_prep.fileio import TMP_MARK, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_SCRIPT = Path(__file__).resolve().with_name("render_worker.py")
 MANIFEST = "manifest.jsonl"
 STATS = "stats.json"
 CONFIG = "config.json"
-TMP_MARK = ".tmp-"
 
 # Measured on the 2-core machine (docs/render.md, docs/generation.md): 16 spp + OIDN on the colour pass only
 # (albedo/normal passes left noisy speckle on metals at 16 spp; BALANCED: +0.5 dB PSNR over FAST at the
@@ -222,12 +222,6 @@ class RenderWorker:
 # ------------------------------------------------------------------------------------------- pair making
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plan_k(cfg: GenerateConfig, index: int) -> int:
     """Number of differences of pair `index`: fixed per index so that rejections never change K."""
     rng = random.Random(S.derive_seed("k", cfg.seed, index))
@@ -313,7 +307,7 @@ class PairMaker:
             }
             os.replace(tmp_a, final_a)
             os.replace(tmp_b, final_b)
-            _atomic_write_text(self.shard_dir / f"{pid}.json", json.dumps(record, indent=1))
+            atomic_write_text(self.shard_dir / f"{pid}.json", json.dumps(record, indent=1))
             manifest = {
                 "pair_id": pid,
                 "json": f"{self.shard_dir.name}/{pid}.json",
@@ -370,7 +364,7 @@ class RunState:
                     "use a new --out or the same settings to resume"
                 )
         else:
-            _atomic_write_text(path, json.dumps(want, indent=1))
+            atomic_write_text(path, json.dumps(want, indent=1))
 
     def _read_manifest(self) -> set[str]:
         path = self.out / MANIFEST
@@ -431,7 +425,7 @@ class RunState:
             rejected=dict(self.stats["rejected"]),
             differences_by_type=dict(self.stats["differences_by_type"]),
         )
-        _atomic_write_text(self.shard_dir / STATS, json.dumps(st, indent=1))
+        atomic_write_text(self.shard_dir / STATS, json.dumps(st, indent=1))
         # Top-level stats: the sum over every shard folder of this output directory.
         total = {"accepted": 0, "candidates": 0, "rejected": collections.Counter(), "render_cpu_s": 0.0,
                  "differences_by_type": collections.Counter(), "shards": []}  # fmt: skip
@@ -451,7 +445,7 @@ class RunState:
         total["renderer_settings"] = self.stats["renderer_settings"]
         total["render_cpu_s"] = round(total["render_cpu_s"], 3)
         total["rejected"], total["differences_by_type"] = dict(total["rejected"]), dict(total["differences_by_type"])
-        _atomic_write_text(self.out / STATS, json.dumps(total, indent=1))
+        atomic_write_text(self.out / STATS, json.dumps(total, indent=1))
 
     def summary(self) -> dict:
         with self.lock:
