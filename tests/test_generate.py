@@ -208,7 +208,6 @@ def test_missing_render_venv_is_a_clear_error(tmp_path, monkeypatch):
 
 @needs_render
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("DIG_TEST_RAY") != "1", reason="starts a local Ray instance (~25 s): DIG_TEST_RAY=1")
 def test_ray_local_matches_local_run(run, tmp_path):
     out, cfg, _ = run
     ray_out = tmp_path / "ray"
