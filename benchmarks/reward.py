@@ -27,19 +27,23 @@ FRAMES = {
 }
 
 
-def realistic_batch(rng: random.Random, n: int, frame: dict) -> list[tuple[str, str]]:
-    """(response, ground_truth) pairs: noisy, partly wrong, sometimes malformed, like a real rollout."""
+def realistic_batch(rng: random.Random, n: int, frame: dict, group: int = 1) -> list[tuple[str, str]]:
+    """(response, ground_truth) pairs: noisy, partly wrong, sometimes malformed, like a real rollout.
+    ``group`` responses share one ground truth, as the n rollouts of a GRPO group do."""
     batch = []
-    for _ in range(n):
-        k = rng.randint(1, 4)
-        gt = []
-        for _ in range(k):
-            x0, y0 = rng.uniform(0, W - 60), rng.uniform(0, H - 60)
-            gt.append([x0, y0, x0 + rng.uniform(20, 60), y0 + rng.uniform(20, 60)])
+    for i in range(n):
+        if i % group == 0:
+            k = rng.randint(1, 4)
+            gt = []
+            for _ in range(k):
+                x0, y0 = rng.uniform(0, W - 60), rng.uniform(0, H - 60)
+                gt.append([x0, y0, x0 + rng.uniform(20, 60), y0 + rng.uniform(20, 60)])
+            gt_json = json.dumps({"boxes": gt, "width": W, "height": H})
+        k = len(gt)
         n_pred = min(8, max(0, k + rng.randint(-1, 3)))
         pred = []
-        for i in range(n_pred):
-            base = gt[i % k]
+        for j in range(n_pred):
+            base = gt[j % k]
             pred.append([v + rng.gauss(0, 6) for v in base])
         pred_frame = from_pixels(
             pred,
@@ -56,7 +60,7 @@ def realistic_batch(rng: random.Random, n: int, frame: dict) -> list[tuple[str, 
         ]
         thinking = "Compare the objects one by one. " * rng.randint(10, 60)
         answer = f"```json\n{json.dumps(items)}\n```" if rng.random() > 0.05 else "I cannot find [any]"
-        batch.append((f"<think>{thinking}</think>{answer}", json.dumps({"boxes": gt, "width": W, "height": H})))
+        batch.append((f"<think>{thinking}</think>{answer}", gt_json))
     return batch
 
 
@@ -94,20 +98,19 @@ def main() -> None:
     rng = random.Random(0)
     gt = json.dumps({"boxes": [[10, 10, 50, 50]], "width": W, "height": H})
     for name, frame in FRAMES.items():
-        batch = realistic_batch(rng, args.n, frame)
-        compute_score("dig", *batch[0], **frame)  # warm-up: imports, smart_resize cache
-        rate = throughput(batch, frame, args.repeats)
-        print(
-            json.dumps(
-                {
-                    "benchmark": "reward_throughput",
-                    "coord_mode": name,
-                    "responses_per_s_per_core": round(rate),
-                    "n": args.n,
-                    "repeats": args.repeats,
-                }
-            )
-        )
+        for group in (1, 8):  # each response with its own GT; GRPO groups of 8 rollouts sharing one GT
+            batch = realistic_batch(rng, args.n, frame, group)
+            compute_score("dig", *batch[0], **frame)  # warm-up: imports, smart_resize cache
+            rate = throughput(batch, frame, args.repeats)
+            record = {
+                "benchmark": "reward_throughput",
+                "coord_mode": name,
+                "responses_per_gt": group,
+                "responses_per_s_per_core": round(rate),
+                "n": args.n,
+                "repeats": args.repeats,
+            }
+            print(json.dumps(record), flush=True)
     for name, text in adversarial_inputs().items():
         times = []
         for _ in range(args.repeats):

@@ -111,12 +111,18 @@ def predicted_pixel_boxes(
     raw = parse_boxes(solution_str, require_think=require_think, max_boxes=max_boxes, max_answer_chars=max_answer_chars)
     try:
         pixels = geometry.to_pixels(
-            raw, coord_mode, width, height, factor=resize_factor, min_pixels=min_pixels, max_pixels=max_pixels
+            raw,
+            coord_mode,
+            width,
+            height,
+            clip=True,
+            factor=resize_factor,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
         )
     except (ValueError, AssertionError) as err:  # smart_resize refuses extreme aspect ratios
         raise ParseError(f"cannot convert from {coord_mode}: {err}") from err
-    pixels = geometry.clip_boxes(pixels, width, height)
-    if len(pixels) and not ((pixels[:, 2] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 1])).all():
+    if len(pixels) and not (pixels[:, 2:] > pixels[:, :2]).all():
         raise ParseError("a box is empty after clipping to the image (inverted, degenerate or outside)")
     return pixels
 
@@ -147,7 +153,7 @@ def metrics(
     recall = n / num_gt if num_gt else (1.0 if num_pred == 0 else 0.0)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     if len(result.iou):
-        miou = float(result.iou.mean())
+        miou = float(result.iou.sum()) / len(result.iou)
     else:
         miou = 1.0 if num_pred == num_gt == 0 else 0.0
     acc = w_f1 * f1 + w_iou * miou

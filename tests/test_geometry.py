@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from qwen_vl_utils import smart_resize
 
 from recipes.dig.models import load_model_spec, model_names
@@ -155,3 +157,19 @@ def test_rel1000_is_not_abs_resized():
         "dig", json.dumps(answer.tolist()), json.dumps({"boxes": gt, "width": 480, "height": 320}), coord_mode="rel1000"
     )
     assert result["f1"] < 1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(*[st.floats(-50, 550, allow_nan=False)] * 4), min_size=1, max_size=9),
+    st.lists(st.tuples(*[st.floats(-50, 550, allow_nan=False)] * 4), min_size=1, max_size=5),
+)
+def test_small_and_vectorised_cost_builders_agree(pred, gt):
+    """match_boxes builds its cost in plain Python for few boxes and with numpy otherwise: same numbers,
+    degenerate and inverted boxes included."""
+    pred, gt = geometry.as_boxes(pred), geometry.as_boxes(gt)
+    small = geometry._cost_small(pred.tolist(), gt.tolist(), 480, 320, 5.0, 2.0)
+    vectorised = geometry._cost_vectorised(pred, gt, 480, 320, 5.0, 2.0)
+    for a, b in zip(small, vectorised, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(small[1], geometry.pairwise_iou(pred, gt), rtol=1e-9, atol=1e-12)
