@@ -41,7 +41,6 @@ from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
 
 dist.init_process_group("gloo", rank=0, world_size=1)
 model = build_tiny_model(family)
-model.config.architectures = [type(model).__name__]  # as in every config loaded from a hub checkpoint
 fully_shard(model, mesh=init_device_mesh("cpu", (1,), mesh_dim_names=("fsdp",)))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 contents = ["model", "optimizer", "extra"]

@@ -606,7 +606,10 @@ def tiny_model_config(family: str, variant: str | None = None):
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": _MROPE_SECTION, "rope_theta": 1e6}
         # window_size must be a multiple of patch * merge; one full-attention block (index 0) as in the real tower.
         vision.update(window_size=112, fullatt_block_indexes=[0], tokens_per_second=2)
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        # `architectures` as in every hub config: verl's model merger picks the class from it
+        return Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, architectures=["Qwen2_5_VLForConditionalGeneration"], **ids
+        )
     config_class, _, _, _ = _require_qwen3_vl()
     text["rope_parameters"] = {
         "rope_type": "default",
@@ -615,7 +618,9 @@ def tiny_model_config(family: str, variant: str | None = None):
         "rope_theta": 5e6,
     }
     vision.update(hidden_act="gelu_pytorch_tanh", num_position_embeddings=256, deepstack_visual_indexes=[0])
-    return config_class(text_config=text, vision_config=vision, **ids)
+    return config_class(
+        text_config=text, vision_config=vision, architectures=["Qwen3VLForConditionalGeneration"], **ids
+    )
 
 
 def build_tiny_model(

@@ -298,7 +298,13 @@ def check_reward_kwargs(cfg, spec: ModelSpec) -> None:
     """The reward must see the same frame and pixel bounds the parquet was written with (DESIGN §4)."""
     from omegaconf import OmegaConf
 
+    from reward_fns.dig_reward import check_reward_kwargs as validate_knobs
+
     kwargs = OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs, resolve=True)
+    try:  # compute_score never raises, so a typo'd knob would be silently ignored for a whole run
+        validate_knobs(**kwargs)
+    except ValueError as err:
+        raise LaunchError(f"reward.custom_reward_function.reward_kwargs: {err}") from err
     for key, want in spec.reward_kwargs().items():
         if kwargs.get(key) != want:
             raise LaunchError(
@@ -453,11 +459,9 @@ def data_files(cfg) -> dict[str, Path]:
 
 def prompt_token_bound(width: int, height: int, spec: ModelSpec) -> int:
     """Upper bound of a two-image prompt in tokens: image tokens after smart_resize + text."""
-    from qwen_vl_utils import smart_resize
+    from reward_fns.geometry import resized_size
 
-    h, w = smart_resize(
-        height, width, factor=spec.resize_factor, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels
-    )
+    h, w = resized_size(height, width, spec.resize_factor, spec.min_pixels, spec.max_pixels)
     return 2 * (h * w) // (spec.resize_factor**2) + PROMPT_TEXT_TOKENS
 
 
