@@ -27,6 +27,10 @@ dig_check_env() {
   local py=$1
   # find_spec: locate without importing (importing verl costs seconds; the launcher imports it anyway)
   local probe='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("verl", "hydra", "recipes.dig.launch", "reward_fns")))'
+  # Blender renders the data in its own venv (bpy pins numpy<2): build it on request when it is missing
+  if [ "${SETUP_ENV:-0}" = 1 ] && [ -z "${DIG_RENDER_PYTHON:-}" ] && [ ! -x "$DIG_REPO/.venv-render/bin/python" ]; then
+    bash "$DIG_REPO/scripts/setup_env.sh" render || return 1
+  fi
   if "$py" -c "$probe" 2>/dev/null; then
     return 0
   fi

@@ -5,8 +5,12 @@
 #                 PyPI's torchvision next to a CPU torch fails to import, and qwen_vl_utils then makes verl's
 #                 length filter drop every row), verl[verl-core]==0.9.1, this package (editable) + dev tools.
 #   .venv-render  Python 3.11: bpy==5.0.1 (Blender 5.0; pins numpy<2, hence its own venv) + this package.
-# GPU training nodes use requirements.txt instead (vllm, flash-attn); see README.
+# GPU training nodes use requirements.txt instead (vllm, flash-attn) plus the render venv:
+#   bash scripts/setup_env.sh render      (what SETUP_ENV=1 bash launch/... runs when data must be rendered)
+# Usage: bash scripts/setup_env.sh [all|test|render]   (default all)
 set -euo pipefail
+target=${1:-all}
+case "$target" in all|test|render) ;; *) echo "setup_env: unknown target '$target' (all|test|render)" >&2; exit 2;; esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PY=${DIG_PYTHON:-}
@@ -22,7 +26,7 @@ fi
 stamp() { cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16; }
 want=$(stamp)
 
-if [ "$(cat .venv/.dig-stamp 2>/dev/null)" != "$want" ]; then
+if [ "$target" != render ] && [ "$(cat .venv/.dig-stamp 2>/dev/null)" != "$want" ]; then
   echo "setup_env: building .venv (first time: several minutes; torch+torchvision are ~5.5 GB)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
@@ -33,7 +37,7 @@ if [ "$(cat .venv/.dig-stamp 2>/dev/null)" != "$want" ]; then
   echo "$want" > .venv/.dig-stamp
 fi
 
-if [ "$(cat .venv-render/.dig-stamp 2>/dev/null)" != "$want" ]; then
+if [ "$target" != test ] && [ "$(cat .venv-render/.dig-stamp 2>/dev/null)" != "$want" ]; then
   echo "setup_env: building .venv-render (Blender bpy==5.0.1)"
   [ -x .venv-render/bin/python ] || "$PY" -m venv .venv-render
   .venv-render/bin/pip install -q --upgrade pip
@@ -42,4 +46,4 @@ if [ "$(cat .venv-render/.dig-stamp 2>/dev/null)" != "$want" ]; then
     || { echo "setup_env: .venv-render imports failed" >&2; exit 1; }
   echo "$want" > .venv-render/.dig-stamp
 fi
-echo "setup_env: ready (.venv, .venv-render)"
+echo "setup_env: ready ($target)"

@@ -13,6 +13,7 @@ import yaml
 from data_prep import build as B
 from data_prep import synthetic
 from data_prep.stages import STAGES_FILE, load_curriculum
+from recipes.dig.models import load_model_spec
 
 MODEL = "qwen3_vl_8b_thinking"
 SMALL = B.BuildOptions(width=48, height=32, progress=False)
@@ -152,7 +153,9 @@ def test_switching_model_reconverts_without_regenerating(tmp_path):
     events = B.build(tmp_path, "qwen2_5_vl_7b", ["1"], small(), SMALL, generator, log=lambda e: None)
     assert generator.calls == [] and [e["event"] for e in events] == ["convert", "convert"]
     image = rows(tmp_path / "stage1" / "val.parquet")[0]["images"][0]
-    assert (image["min_pixels"], image["max_pixels"]) == (3136, 1003520)
+    qwen25 = load_model_spec("qwen2_5_vl_7b")
+    assert (image["min_pixels"], image["max_pixels"]) == (qwen25.min_pixels, qwen25.max_pixels)
+    assert qwen25.max_pixels != load_model_spec(MODEL).max_pixels  # the switch is visible in the rows
 
 
 def test_test_seeds_overlapping_training_are_rejected_before_conversion(tmp_path):

@@ -130,22 +130,23 @@ def test_budget_at_max_pixels_fails_with_numbers_and_knobs(model):
     from tiny_qwen import build_tiny_processor
 
     spec = load_model_spec(model)
+    LIMIT = 1200  # below two images at max_pixels (2 x 512 tokens) + the instruction
     processor = build_tiny_processor(spec.family, spec.prompt_variant)
-    result = budget_mod.check_prompt_budget(processor, model, max_prompt_length=2000)
+    result = budget_mod.check_prompt_budget(processor, model, max_prompt_length=LIMIT)
     max_tokens = spec.max_pixels // spec.resize_factor**2
     assert result.image_tokens == max_tokens  # two images at max_pixels
     assert result.prompt_tokens == 2 * max_tokens + result.text_tokens and result.text_tokens > 0
     assert not result.fits
     advice = result.advice(spec)
-    assert f"needs {result.prompt_tokens} tokens" in advice and "data.max_prompt_length=2000" in advice
+    assert f"needs {result.prompt_tokens} tokens" in advice and f"data.max_prompt_length={LIMIT}" in advice
     assert f"raise data.max_prompt_length to >= {result.prompt_tokens}" in advice
-    per_image = (2000 - result.text_tokens) // 2
+    per_image = (LIMIT - result.text_tokens) // 2
     assert "lower dig.max_pixels in " in advice and f"<= {per_image * spec.resize_factor**2}" in advice
     # Following the advice makes it fit.
     assert budget_mod.check_prompt_budget(processor, model, max_prompt_length=result.prompt_tokens).fits
     smaller = dataclasses.replace(spec, max_pixels=per_image * spec.resize_factor**2)
     size = budget_mod.largest_image_size(smaller)
-    assert budget_mod.check_prompt_budget(processor, model, max_prompt_length=2000, image_size=size).fits
+    assert budget_mod.check_prompt_budget(processor, model, max_prompt_length=LIMIT, image_size=size).fits
 
 
 def test_budget_cli_exit_codes(tmp_path, capsys):
