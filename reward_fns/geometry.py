@@ -202,4 +202,3 @@ def from_pixels(boxes, coord_mode: str, width: float, height: float, **frame) ->
     """Original pixels -> model frame (prompts, tests, eval fixtures): the inverse of ``to_pixels``."""
     sx, sy = frame_scale(coord_mode, width, height, **frame)
     return as_boxes(boxes) / np.array([sx, sy, sx, sy])
-
