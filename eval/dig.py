@@ -81,8 +81,9 @@ def difference_types(row: dict) -> list[str] | None:
     return [str(t) for t in types]
 
 
-def read_predictions(path: str | Path) -> dict[str, str]:
-    """``{pair_id: response}`` from a JSON-lines file; duplicate ids or malformed lines are errors."""
+def read_predictions(path: str | Path, id_key: str = "pair_id") -> dict[str, str]:
+    """``{id: response}`` from a JSON-lines file of ``{id_key, "response"}``; duplicate ids or malformed lines
+    are errors. Shared by eval.dig (``pair_id``) and eval.refcoco (``id``)."""
     out: dict[str, str] = {}
     with open(path) as handle:
         for number, line in enumerate(handle, 1):
@@ -90,13 +91,13 @@ def read_predictions(path: str | Path) -> dict[str, str]:
                 continue
             try:
                 record = json.loads(line)
-                pid, response = str(record["pair_id"]), record["response"]
+                pid, response = str(record[id_key]), record["response"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(
-                    f'{path}:{number}: expected {{"pair_id", "response"}}, got {line[:80]!r} ({err})'
+                    f'{path}:{number}: expected {{"{id_key}", "response"}}, got {line[:80]!r} ({err})'
                 ) from err
             if pid in out:
-                raise ValueError(f"{path}:{number}: pair_id {pid!r} appears twice")
+                raise ValueError(f"{path}:{number}: {id_key} {pid!r} appears twice")
             if not isinstance(response, str):
                 raise ValueError(f"{path}:{number}: response of {pid!r} is not a string")
             out[pid] = response

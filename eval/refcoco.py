@@ -37,6 +37,7 @@ from PIL import Image
 
 from data_prep.fileio import atomic_write_text
 from data_prep.prompts import PROMPT_DIR
+from eval.dig import read_predictions
 from eval.scoring import reward_knobs
 from recipes.dig.models import ModelSpec, load_model_spec
 from reward_fns import geometry
@@ -172,20 +173,6 @@ def markdown(splits: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_predictions(path) -> dict[str, str]:
-    out = {}
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                out[str(record["id"])] = str(record["response"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f'{path}:{number}: expected {{"id", "response"}} ({err})') from err
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.refcoco", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="folder holding RefCOCO/, RefCOCOplus/, RefCOCOg/ snapshots")
@@ -229,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 yield batch
 
         generate_to_file(backend, batches(), pred_path, "id")
-    predictions = read_predictions(pred_path)
+    predictions = read_predictions(pred_path, id_key="id")
 
     per_split: dict[str, list[dict]] = {}
     details = []
