@@ -528,24 +528,29 @@ def _run_ray(cfg: GenerateConfig, vocab: S.Vocabulary, state: RunState, todo: li
 
     python = str(render_python())
     threads = cfg.threads_per_worker
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()  # then we own the connection (and a "local" cluster): shut it down
+    if started_here:
         if cfg.ray_address == "local":
             ray.init(address="local", num_cpus=cfg.workers * threads, include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=cfg.ray_address, log_to_driver=False)
-    task = ray.remote(num_cpus=threads, max_retries=2)(_ray_chunk)
-    cfg_dict = dataclasses.asdict(cfg)
-    cfg_dict.update(out=str(cfg.out), vocab=str(cfg.vocab) if cfg.vocab else None, progress=False)
-    chunk = 4  # small chunks: a killed driver loses little work; start-up (~1 s) is paid per chunk
-    pending = [task.remote(cfg_dict, todo[i : i + chunk], python) for i in range(0, len(todo), chunk)]
-    with _progress(cfg, len(todo)) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for record, delta in ray.get(ready[0]):
-                delta["rejected"] = collections.Counter(delta["rejected"])
-                state.commit(record, delta)
-                if bar is not None:
-                    bar.update(1)
+    try:
+        task = ray.remote(num_cpus=threads, max_retries=2)(_ray_chunk)
+        cfg_dict = dataclasses.asdict(cfg)
+        cfg_dict.update(out=str(cfg.out), vocab=str(cfg.vocab) if cfg.vocab else None, progress=False)
+        chunk = 4  # small chunks: a killed driver loses little work; start-up (~1 s) is paid per chunk
+        pending = [task.remote(cfg_dict, todo[i : i + chunk], python) for i in range(0, len(todo), chunk)]
+        with _progress(cfg, len(todo)) as bar:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for record, delta in ray.get(ready[0]):
+                    delta["rejected"] = collections.Counter(delta["rejected"])
+                    state.commit(record, delta)
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def generate(cfg: GenerateConfig) -> dict:
