@@ -82,6 +82,8 @@ def adversarial_inputs() -> dict[str, str]:
         "10000_boxes": "[" + ", ".join([box] * 10_000) + "]",
         "deeply_nested_json_10k": "[" * 10_000 + "]" * 10_000,
         "100k_open_brackets": "[" * 100_000,
+        "32k_open_brackets_under_the_cap": "[" * 32_000,  # the bracket scanner's worst case within max_answer_chars
+        "16k_bracket_pairs_under_the_cap": "[] " * 10_900,
         "100k_bracket_pairs": "[]" * 50_000,
         "100k_quotes_in_list": "[" + '"' * 100_000 + "]",
         "nan_and_huge_numbers": "[[NaN, 1e999, 10" + "0" * 5000 + ", 4]]",
