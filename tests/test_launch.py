@@ -187,9 +187,13 @@ def test_existing_data_is_checked_and_reported(launch_env):
     spec = load_model_spec("qwen2_5_vl_3b")
     for split in ("train", "val"):
         write_stage_parquet(launch_env / "data" / "stage1" / f"{split}.parquet", spec.min_pixels, spec.max_pixels)
-    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b"))
+    small_batch = ["data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2"]
+    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b", extra_overrides=small_batch))
     assert plan.data.ready and plan.data.build_command is None
     assert any("train.parquet (2 rows" in line for line in plan.data.lines)
+    # the default batch of 64 prompts would never fill from 2 rows: refused, with the knob to change
+    with pytest.raises(launch.LaunchError, match=r"2 rows < data.train_batch_size=64"):
+        launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -517,6 +517,15 @@ def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: 
     files = data_files(cfg)
     missing = {split: p for split, p in files.items() if not p.is_file()}
     lines = [f"data {split}: {inspect_parquet(p, cfg, spec)}" for split, p in files.items() if split not in missing]
+    if "train" not in missing:
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(files["train"]).metadata.num_rows
+        if rows < cfg.data.train_batch_size:  # verl's train loader drops the last partial batch
+            raise LaunchError(
+                f"data file {files['train']}: {rows} rows < data.train_batch_size={cfg.data.train_batch_size}, so "
+                "no training step would run; build more pairs or lower data.train_batch_size"
+            )
     if not missing:
         return DataReport(True, lines)
     data_dir = Path(cfg.curriculum.data_dir)
