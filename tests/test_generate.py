@@ -17,24 +17,10 @@ from PIL import Image
 
 from data_prep import scene as S
 from data_prep.gallery import draw_pair, make_sheet, pair_boxes
-from data_prep.generate import GenerateConfig, RenderEnvError, generate, main, pair_id, render_python, sample_candidate
+from data_prep.generate import GenerateConfig, RenderEnvError, generate, main, pair_id, sample_candidate
 
 SMALL = {"width": 64, "height": 64, "samples": 1, "denoise": False, "progress": False, "threads": 1}
 DIFF_KEYS = {"type", "object_id", "box", "visible_px_a", "visible_px_b", "changed_px"}
-
-
-def _have_render_venv() -> bool:
-    try:
-        render_python()
-    except RuntimeError:
-        return False
-    return True
-
-
-def needs_render(test):
-    """Marks a test `render` and skips it when the Blender venv is missing."""
-    skip = pytest.mark.skipif(not _have_render_venv(), reason="render venv missing: bash scripts/setup_env.sh")
-    return pytest.mark.render(skip(test))
 
 
 def _manifest(out: Path) -> list[dict]:
@@ -58,7 +44,7 @@ def run(tmp_path_factory):
     return out, cfg, stats
 
 
-@needs_render
+@pytest.mark.render
 def test_output_contract(run):
     out, cfg, stats = run
     recs = _manifest(out)
@@ -89,7 +75,7 @@ def test_output_contract(run):
     assert sum(on_disk["differences_by_type"].values()) == sum(r["num_differences"] for r in recs)
 
 
-@needs_render
+@pytest.mark.render
 def test_rerun_resumes_without_new_work(run):
     out, cfg, _ = run
     before = (out / "manifest.jsonl").read_text()
@@ -100,7 +86,7 @@ def test_rerun_resumes_without_new_work(run):
         generate(GenerateConfig(**{**cfg.__dict__, "out": out, "width": 80}))
 
 
-@needs_render
+@pytest.mark.render
 def test_gallery_sheet(run, tmp_path):
     out, _, _ = run
     sheet = make_sheet(out, limit=4, scale=2.0)
@@ -112,7 +98,7 @@ def test_gallery_sheet(run, tmp_path):
     assert img.max() > 0  # boxes drawn on black
 
 
-@needs_render
+@pytest.mark.render
 def test_shards_and_no_diff_fraction(tmp_path):
     out = tmp_path / "sharded"
     for i in range(2):
@@ -130,7 +116,7 @@ def test_shards_and_no_diff_fraction(tmp_path):
     assert json.loads((out / "stats.json").read_text())["accepted"] == 4
 
 
-@needs_render
+@pytest.mark.render
 def test_sigkill_mid_run_then_resume(tmp_path):
     out = tmp_path / "killed"
     num = 24
@@ -206,7 +192,7 @@ def test_missing_render_venv_is_a_clear_error(tmp_path, monkeypatch):
         generate(GenerateConfig(out=tmp_path / "o", num=1, **SMALL))
 
 
-@needs_render
+@pytest.mark.render
 @pytest.mark.slow
 def test_ray_local_matches_local_run(run, tmp_path):
     out, cfg, _ = run

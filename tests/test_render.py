@@ -10,23 +10,11 @@ import pytest
 from PIL import Image
 
 from data_prep import scene as S
-from data_prep.generate import GenerateConfig, RenderWorker, render_python, sample_candidate
+from data_prep.generate import GenerateConfig, RenderWorker, sample_candidate
 
 pytestmark = pytest.mark.render
 
 W = H = 64
-
-
-def _have_render_venv() -> bool:
-    try:
-        render_python()
-    except RuntimeError:
-        return False
-    return True
-
-
-if not _have_render_venv():
-    pytest.skip("render venv missing: run `bash scripts/setup_env.sh`", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
