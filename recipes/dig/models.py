@@ -15,6 +15,24 @@ import yaml
 BASE_MODEL_DIR = Path(__file__).resolve().parent / "config" / "base_model"
 DEFAULT_MODEL = "qwen3_vl_8b_thinking"
 COORD_MODES = ("rel1000", "abs_resized", "abs", "rel1")
+ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Validation and eval sampling of a model (``dig.decoding``): what its model card recommends."""
+
+    temperature: float  # 0 = greedy
+    top_p: float
+    top_k: int  # -1 = off
+    presence_penalty: float
+    n: int  # samples per prompt in validation and eval
+    seed: int
+    max_new_tokens: int  # eval token budget
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
 @dataclass(frozen=True)
@@ -29,6 +47,9 @@ class ModelSpec:
     max_pixels: int
     require_think: bool
     prompt_variant: str
+    attn_implementation: str  # preferred backend; the launcher falls back to sdpa without flash-attn
+    use_remove_padding: bool
+    decoding: Decoding
 
     def reward_kwargs(self) -> dict:
         """The reward knobs that depend on the model (DESIGN §4: same bounds as the parquet)."""
@@ -73,7 +94,15 @@ def load_model_spec(name_or_path: str | Path = DEFAULT_MODEL) -> ModelSpec:
     missing = [n for n in names if n not in block]
     if missing:
         raise ValueError(f"{path}: 'dig:' block lacks {', '.join(missing)}")
-    spec = ModelSpec(**{n: block[n] for n in names})
+    values = {n: block[n] for n in names}
+    values["decoding"] = _load_decoding(path, values["decoding"])
+    spec = ModelSpec(**values)
+    if spec.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"{path}: dig.attn_implementation={spec.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if not isinstance(spec.use_remove_padding, bool):
+        raise ValueError(f"{path}: dig.use_remove_padding must be true or false, got {spec.use_remove_padding!r}")
     if spec.coord_mode not in COORD_MODES:
         raise ValueError(f"{path}: dig.coord_mode={spec.coord_mode!r} is not one of {', '.join(COORD_MODES)}")
     if spec.resize_factor != 2 * spec.patch_size:
@@ -81,3 +110,27 @@ def load_model_spec(name_or_path: str | Path = DEFAULT_MODEL) -> ModelSpec:
     if not 0 < spec.min_pixels <= spec.max_pixels:
         raise ValueError(f"{path}: need 0 < min_pixels <= max_pixels, got {spec.min_pixels}, {spec.max_pixels}")
     return spec
+
+
+def _load_decoding(path: Path, block: object) -> Decoding:
+    if not isinstance(block, dict):
+        raise ValueError(f"{path}: dig.decoding must be a mapping of {', '.join(f.name for f in fields(Decoding))}")
+    names = [f.name for f in fields(Decoding)]
+    missing = [n for n in names if n not in block]
+    unknown = sorted(set(block) - set(names))
+    if missing or unknown:
+        raise ValueError(f"{path}: dig.decoding lacks {missing or 'nothing'}, has unknown keys {unknown or 'none'}")
+    dec = Decoding(
+        temperature=float(block["temperature"]),
+        top_p=float(block["top_p"]),
+        top_k=int(block["top_k"]),
+        presence_penalty=float(block["presence_penalty"]),
+        n=int(block["n"]),
+        seed=int(block["seed"]),
+        max_new_tokens=int(block["max_new_tokens"]),
+    )
+    if dec.temperature < 0 or not 0 < dec.top_p <= 1 or dec.n < 1 or dec.max_new_tokens < 1:
+        raise ValueError(f"{path}: dig.decoding out of range: {dec}")
+    if dec.greedy and dec.n != 1:
+        raise ValueError(f"{path}: dig.decoding is greedy (temperature 0) but n={dec.n}: greedy samples are identical")
+    return dec
