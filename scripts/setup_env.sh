@@ -3,8 +3,8 @@
 # records what was installed, so a rerun with unchanged inputs takes a second.
 #   .venv         Python 3.11: torch 2.14.1 + torchvision 0.29.1 (the pair that imports together on CPU here:
 #                 PyPI's torchvision next to a CPU torch fails to import, and qwen_vl_utils then makes verl's
-#                 length filter drop every row), verl[verl-core]==0.9.1, this package (editable) + dev tools, lmms-eval 0.7.3 (--no-deps,
-#                 read by tests/test_eval_harness.py).
+#                 length filter drop every row), verl[verl-core]==0.9.1, this package (editable) + dev tools,
+#                 lmms-eval 0.7.3 without its dependencies (read by tests/test_eval_harness.py).
 #   .venv-render  Python 3.11: bpy==5.0.1 (Blender 5.0; pins numpy<2, hence its own venv) + this package.
 # GPU training nodes use requirements.txt instead (vllm, flash-attn) plus the render venv:
 #   bash scripts/setup_env.sh render      (what SETUP_ENV=1 bash launch/... runs when data must be rendered)
