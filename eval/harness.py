@@ -378,7 +378,49 @@ def find_lmms_eval_results(output_path: str | Path) -> list[Path]:
     return sorted(files, key=lambda p: (p.stat().st_mtime, str(p)))
 
 
-def collect_lmms_eval(plan: dict[str, Entry], benchmarks: list[Benchmark], output_path: str | Path) -> dict:
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [s for v in value for s in _strings(v)] if isinstance(value, list) else []
+
+
+def unfinished_rate(samples_file: Path, results_file: Path | None) -> tuple[int, float | None]:
+    """(answers, share a thinking model never finished) in an lmms-eval ``<date>_samples_<task>.jsonl``.
+
+    With ``enable_thinking=True`` (HF simple wrapper) the answer is the text after ``</think>``, empty when the
+    thought was cut; otherwise (vLLM) the raw answer is logged and a cut thought has no ``</think>``."""
+    model_args = ""
+    if results_file is not None and results_file.is_file():
+        model_args = str((json.loads(results_file.read_text()).get("config") or {}).get("model_args", ""))
+    stripped = "enable_thinking=True" in model_args
+    texts = []
+    for line in samples_file.read_text().splitlines():
+        if line.strip():
+            texts += _strings(json.loads(line).get("resps", []))
+    if not texts:
+        return 0, None
+    cut = [(not t.strip()) if stripped else ("</think>" not in t) for t in texts]
+    return len(texts), sum(cut) / len(cut)
+
+
+def _lmms_eval_unfinished(output_path: Path, tasks: tuple[str, ...]) -> dict:
+    out = {}
+    for task in tasks:
+        files = sorted(
+            (p for p in Path(output_path).glob(f"*/*_samples_{task}.jsonl") if p.parent.name != "submissions"),
+            key=lambda p: (p.stat().st_mtime, str(p)),
+        )
+        if files:
+            results = files[-1].with_name(files[-1].name.split("_samples_")[0] + "_results.json")
+            out[task] = unfinished_rate(files[-1], results)[1]
+    return out
+
+
+def collect_lmms_eval(
+    plan: dict[str, Entry], benchmarks: list[Benchmark], output_path: str | Path, thinking: bool = False
+) -> dict:
+    """The table from lmms-eval's results files; for a thinking model (``thinking``) also the share of answers
+    whose thought never finished, from the ``--log_samples`` files (``unfinished``; a budget check)."""
     merged: dict[str, dict[str, float]] = {}
     for path in find_lmms_eval_results(output_path):
         merged.update(parse_lmms_eval_results(path))
@@ -393,6 +435,8 @@ def collect_lmms_eval(plan: dict[str, Entry], benchmarks: list[Benchmark], outpu
             else:
                 missing.append(task)
         table[b.key] = _row(b, entry, values, missing, {t: merged.get(t, {}) for t in entry.names})
+        if thinking:
+            table[b.key]["unfinished"] = _lmms_eval_unfinished(Path(output_path), entry.names)
     return table
 
 
@@ -487,6 +531,10 @@ def markdown_table(table: dict[str, dict], title: str = "this recipe", harness: 
         # the two harnesses measure different things (MMBench v1.0 vs v1.1, CV-Bench pooled vs per source)
         lines += ["", f"Measured with {harness}:"]
         lines += [f"- {row['benchmark']}: {row['measures']} ({row['checked']})" for row in table.values()]
+    cut = {row["benchmark"]: r for row in table.values() for r in (row.get("unfinished") or {}).values() if r}
+    if cut:
+        shares = ", ".join(f"{name} {100 * r:.1f} %" for name, r in cut.items())
+        lines += ["", f"WARNING: thoughts cut at the token limit ({shares}): raise dig.decoding.max_new_tokens."]
     return "\n".join(lines)
 
 
@@ -568,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         plan = {b.key: b.entry(args.harness, args.judge_free) for b in benchmarks}
     if args.harness == "lmms_eval":
-        table = collect_lmms_eval(plan, benchmarks, out_dir)
+        table = collect_lmms_eval(plan, benchmarks, out_dir, thinking=spec.require_think)
     else:
         table = collect_vlmevalkit(plan, benchmarks, out_dir, args.model_label)
     out = Path(args.out) if args.out else out_dir / "perception.json"

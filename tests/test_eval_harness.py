@@ -327,7 +327,9 @@ def test_vlmevalkit_config_and_command(tmp_path):
 # ----------------------------------------------------------------------------------------------- lmms-eval layout
 
 
-def write_lmms_eval_run(out: Path, model_dir: str, date: str, results: dict) -> Path:
+def write_lmms_eval_run(
+    out: Path, model_dir: str, date: str, results: dict, model_args: str = "model=/ckpt/stage3_hf", resps=("A",)
+) -> Path:
     """One lmms-eval run as 0.7.3 writes it (loggers/evaluation_tracker.py, tasks/_task_utils/file_utils.py)."""
     folder = out / model_dir
     folder.mkdir(parents=True, exist_ok=True)
@@ -336,12 +338,13 @@ def write_lmms_eval_run(out: Path, model_dir: str, date: str, results: dict) -> 
         "results": results, "group_subtasks": {t: [] for t in results}, "configs": {t: {} for t in results},
         "versions": {t: 0.0 for t in results}, "n-shot": {t: 0 for t in results},
         "higher_is_better": {t: {} for t in results}, "n-samples": {t: {"original": 10, "effective": 10} for t in results},
-        "config": {"model": "vllm", "model_args": "model=/ckpt/stage3_hf", "batch_size": "1", "limit": None},
+        "config": {"model": "vllm", "model_args": model_args, "batch_size": "1", "limit": None},
         "git_hash": None, "date": date, "task_hashes": {}, "model_source": "vllm", "model_name": "/ckpt/stage3_hf",
         "model_name_sanitized": model_dir, "total_evaluation_time_seconds": "12.5",
     }))  # fmt: skip
     for task in results:
-        (folder / f"{date}_samples_{task}.jsonl").write_text(json.dumps({"doc_id": 0, "resps": [["A"]]}) + "\n")
+        lines = [{"doc_id": i, "target": "A", "resps": [r], "filtered_resps": r} for i, r in enumerate(resps)]
+        (folder / f"{date}_samples_{task}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 
 
@@ -383,6 +386,24 @@ def test_collect_lmms_eval_real_layout(tmp_path):
     assert md.splitlines()[0] == "| model | MMStar | POPE | AI2D | V* | MMVP | MMBench | CV-Bench |"
     assert md.splitlines()[2] == "| this recipe | 65.0 | 88.5 | 82.0 | 79.1 | — | 84.5 | 75.0 |"
     assert "- MMBench: MMBench v1.0 EN dev, circular, rule-extracted options (lmms-eval 0.7.3)" in md
+
+
+@pytest.mark.parametrize(
+    "model_args, resps",
+    [
+        ("model=/ckpt,max_new_tokens=4096", ["a long thought</think>B", "a thought cut at the lim"]),  # vLLM: raw
+        ("pretrained=/ckpt,min_pixels=65536,enable_thinking=True", ["B", ""]),  # HF simple: after </think>
+    ],
+)
+def test_collect_lmms_eval_reports_thoughts_cut_at_the_limit(tmp_path, model_args, resps):
+    out = tmp_path / "lmms"
+    write_lmms_eval_run(out, "ckpt", "2026-12-01T10-00-00", {"mmvp": {"mmvp_accuracy,none": 0.5}}, model_args, resps)
+    benchmarks = harness.select_benchmarks(harness.load_benchmarks(), "mmvp")
+    plan = {"mmvp": benchmarks[0].entry("lmms_eval")}
+    table = harness.collect_lmms_eval(plan, benchmarks, out, thinking=True)
+    assert table["mmvp"]["unfinished"] == {"mmvp": 0.5}
+    assert "WARNING: thoughts cut at the token limit (MMVP 50.0 %)" in harness.markdown_table(table)
+    assert "unfinished" not in harness.collect_lmms_eval(plan, benchmarks, out)["mmvp"]
 
 
 def test_parse_lmms_eval_rejects_other_files(tmp_path):
