@@ -216,9 +216,12 @@ def lmms_eval_gen_kwargs(decoding: Decoding, backend: str) -> dict:
     out["top_p"] = decoding.top_p
     if decoding.top_k > 0:
         out["top_k"] = decoding.top_k
-    # only lmms-eval's vLLM wrapper passes presence_penalty on (models/simple/vllm.py); HF generate has none
-    if backend == "vllm" and decoding.presence_penalty:
-        out["presence_penalty"] = decoding.presence_penalty
+    if backend == "vllm":
+        # lmms-eval's vLLM wrapper passes these to SamplingParams (models/simple/vllm.py); HF generate has no
+        # presence penalty, and its seed is --seed
+        out["seed"] = decoding.seed
+        if decoding.presence_penalty:
+            out["presence_penalty"] = decoding.presence_penalty
     return out
 
 

@@ -208,6 +208,9 @@ def test_lmms_eval_command_parses_with_lmms_eval_s_own_parser(model, backend):
         }  # fmt: skip
         assert model_args["max_new_tokens"] == dec.max_new_tokens
         assert gen_kwargs.get("presence_penalty", 0.0) == dec.presence_penalty
+        assert gen_kwargs.get("seed", dec.seed) == dec.seed and (dec.greedy or "seed" in gen_kwargs)
+        sampling_keys = ("max_new_tokens", "temperature", "top_p", "seed", "top_k", "presence_penalty", "do_sample")
+        assert set(gen_kwargs) <= set(sampling_keys)
         assert "n" not in gen_kwargs  # lmms-eval's vLLM wrapper accepts only n=1
 
 
