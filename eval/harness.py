@@ -174,8 +174,8 @@ def plan_judges(
     for b in benchmarks:
         entry = b.entry(harness, judge_free)
         plan[b.key] = entry
-        if entry.judge == "none" or have_key:
-            continue
+        if entry.judge == "none" or have_key or (judge_free and entry.judge == "optional"):
+            continue  # --judge-free turns optional judges off (VLMEvalKit: --judge exact_matching)
         names = ",".join(entry.names)
         if entry.judge == "optional":
             warnings.append(

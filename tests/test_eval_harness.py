@@ -23,18 +23,18 @@ from recipes.dig.models import load_model_spec
 PAPER_LIST = {"hallusionbench", "vstar", "mmvp", "cv_bench", "mmstar", "mmbench", "ai2d", "pope"}
 LMMS_EVAL_VERSION = "0.7.3"
 # VLMEvalKit is not on PyPI: its names were read at this commit (2026-08-18) of open-compass/VLMEvalKit.
-# dataset -> (class holding its DATASET_URL, score file suffix, metric column), from vlmeval/dataset/*.py.
+# dataset -> (class holding its DATASET_URL, metric column of its score file), from vlmeval/dataset/*.py.
 VLMEVALKIT_COMMIT = "e8e78f05f3080fe28154f2130321f17951c3be94"
 VLMEVALKIT_FACTS = {
-    "HallusionBench": ("ImageYORNDataset", "score", "aAcc"),
-    "VStarBench": ("ImageMCQDataset", "acc", "Overall"),
-    "MMVP": ("ImageMCQDataset", "acc", "Average"),  # report_acc_MMVP: Average per question, Overall per pair
-    "CV-Bench-2D": ("CVBench", "acc", "Overall"),
-    "CV-Bench-3D": ("CVBench", "acc", "Overall"),
-    "MMStar": ("ImageMCQDataset", "acc", "Overall"),
-    "MMBench_DEV_EN_V11": ("ImageMCQDataset", "acc", "Overall"),
-    "AI2D_TEST": ("ImageMCQDataset", "acc", "Overall"),
-    "POPE": ("ImageYORNDataset", "score", "Overall"),
+    "HallusionBench": ("ImageYORNDataset", "aAcc"),
+    "VStarBench": ("ImageMCQDataset", "Overall"),
+    "MMVP": ("ImageMCQDataset", "Average"),  # report_acc_MMVP: Average per question, Overall per pair
+    "CV-Bench-2D": ("CVBench", "Overall"),
+    "CV-Bench-3D": ("CVBench", "Overall"),
+    "MMStar": ("ImageMCQDataset", "Overall"),
+    "MMBench_DEV_EN_V11": ("ImageMCQDataset", "Overall"),
+    "AI2D_TEST": ("ImageMCQDataset", "Overall"),
+    "POPE": ("ImageYORNDataset", "Overall"),
 }
 NO_KEY: dict[str, str] = {}
 WITH_KEY = {"OPENAI_API_KEY": "sk-test"}
@@ -239,7 +239,7 @@ def test_vlmevalkit_names_are_the_pinned_commit_s():
     for b in harness.load_benchmarks().values():
         entry = b.entries["vlmevalkit"]
         for ds in entry.names:
-            cls, _, metric = VLMEVALKIT_FACTS[ds]
+            cls, metric = VLMEVALKIT_FACTS[ds]
             assert (entry.dataset_class, entry.metrics[0]) == (cls, metric), ds
 
 
@@ -282,6 +282,7 @@ def test_judged_benchmarks_are_refused_without_a_key_by_name():
     # VLMEvalKit's judges only extract answers: a warning per benchmark, no refusal
     plan, warnings = harness.plan_judges(benchmarks, "vlmevalkit", env=NO_KEY)
     assert len(warnings) == 3 and "HallusionBench (HallusionBench): no OPENAI_API_KEY" in warnings[0]
+    assert harness.plan_judges(benchmarks, "vlmevalkit", judge_free=True, env=NO_KEY)[1] == []
 
 
 def test_cli_refuses_a_judged_benchmark_and_runs_its_judge_free_variant(tmp_path, capsys, monkeypatch):
