@@ -260,6 +260,8 @@ def lmms_eval_command(
     """One lmms-eval invocation for all benchmarks; resolution and decoding come from the model's file."""
     if backend not in ("hf", "vllm"):
         raise ValueError(f"--backend must be hf or vllm, got {backend!r}")
+    if "," in str(model_path):
+        raise ValueError(f"--model-path {model_path!r}: lmms-eval splits --model_args at commas; rename the folder")
     tasks = ",".join(t for e in entries for t in e.names)
     model_args = _kwargs_string(lmms_eval_model_args(model_path, spec, backend, tensor_parallel_size))
     if backend == "vllm":

@@ -214,6 +214,12 @@ def test_lmms_eval_command_parses_with_lmms_eval_s_own_parser(model, backend):
         assert "n" not in gen_kwargs  # lmms-eval's vLLM wrapper accepts only n=1
 
 
+def test_lmms_eval_command_refuses_a_path_it_would_split():
+    spec = load_model_spec("qwen3_vl_8b_thinking")
+    with pytest.raises(ValueError, match="splits --model_args at commas"):
+        harness.lmms_eval_command([], "/ckpt/a,b", spec, "/out")
+
+
 def test_lmms_eval_gen_kwargs_are_read_by_the_hf_wrapper():
     """Every key we send is one Qwen3_VL._build_generate_kwargs passes to generate()."""
     source = (lmms_eval_dir() / "models/simple/qwen3_vl.py").read_text()
