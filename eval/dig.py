@@ -271,9 +271,9 @@ def sampling_summary(samples: list[dict]) -> dict:
     for s in samples:
         by_index[s.get("sample", 0)].append(s)
     per_sample = [summarize(by_index[i]) for i in sorted(by_index)]
-    keys = (*METRIC_KEYS, "format_rate", "score")
-    mean = {k: _mean([p[k] for p in per_sample if p[k] is not None]) for k in keys}
-    std = {k: float(np.std([p[k] for p in per_sample if p[k] is not None])) if per_sample else None for k in keys}
+    values = {k: [p[k] for p in per_sample if p[k] is not None] for k in (*METRIC_KEYS, "format_rate", "score")}
+    mean = {k: _mean(v) for k, v in values.items()}
+    std = {k: float(np.std(v)) if v else None for k, v in values.items()}
     return {"n": len(per_sample), "mean": mean, "std": std, "per_sample": per_sample}
 
 
