@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -162,3 +163,17 @@ def test_generate_to_file_appends_and_resumes(tmp_path):
     # a rerun over the same ids plus one new one answers only the new one
     assert backends.generate_to_file(backend, [[("a", request), ("d", request)]], path, "id") == 1
     assert len(path.read_text().splitlines()) == 4 and backend.calls == 3
+
+
+def test_docs_decoding_table_matches_the_model_files():
+    """docs/eval.md lists each model file's eval decoding; a changed file must change the table."""
+    from recipes.dig.models import model_names
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "eval.md").read_text()
+    for name in model_names():
+        dec = load_model_spec(name).decoding
+        row = next(line for line in docs.splitlines() if line.startswith("| `") and f"`{name}`" in line)
+        assert row.endswith(f"| {dec.n} | {dec.max_new_tokens} |"), name
+        assert ("greedy" in row) == dec.greedy, name
+        if not dec.greedy:
+            assert f"temperature {dec.temperature}, top_p {dec.top_p}, top_k {dec.top_k}" in row, name
