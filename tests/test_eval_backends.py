@@ -174,6 +174,6 @@ def test_docs_decoding_table_matches_the_model_files():
         dec = load_model_spec(name).decoding
         row = next(line for line in docs.splitlines() if line.startswith("| `") and f"`{name}`" in line)
         assert row.endswith(f"| {dec.n} | {dec.max_new_tokens} |"), name
-        assert ("greedy" in row) == dec.greedy, name
+        assert ("| greedy" in row) == dec.greedy, name
         if not dec.greedy:
             assert f"temperature {dec.temperature}, top_p {dec.top_p}, top_k {dec.top_k}" in row, name
