@@ -5,23 +5,35 @@ A request is a list of chat messages in the content-list form verl builds from a
 Both backends prepare it the way verl's agent loop does for rollouts: ``qwen_vl_utils.process_vision_info``
 with the model's patch size (the same smart_resize the reward assumes for ``abs_resized``), then the
 processor's chat template; answers are decoded with ``skip_special_tokens=True`` like verl's reward input.
+
+Decoding comes from the base-model file's ``dig.decoding`` (``recipes.dig.models.Decoding``): greedy for
+Qwen2.5-VL, the model card's sampling with a fixed seed for Qwen3-VL, its ``max_new_tokens`` as the budget.
+``generate_n`` returns ``n`` samples per request and which of them stopped at the token limit.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-import yaml
 from PIL import Image
 
-from recipes.dig.models import ModelSpec, model_file
+from recipes.dig.models import Decoding, ModelSpec
 
 IMAGE_SPLIT = re.compile(r"(<image>)")
-DEFAULT_MAX_NEW_TOKENS = 1024
 PROMPT_TOKEN_BUDGET = 8192  # two images at the configs' max_pixels plus the instruction fit well inside
+
+
+@dataclass
+class Generation:
+    """The samples answered for one request; ``truncated[i]``: sample i stopped at the token limit."""
+
+    texts: list[str]
+    truncated: list[bool]
 
 
 class Backend(Protocol):
@@ -29,9 +41,26 @@ class Backend(Protocol):
 
 
 def default_max_new_tokens(spec: ModelSpec) -> int:
-    """The training response budget of the model config (``data.max_response_length``)."""
-    config = yaml.safe_load(model_file(spec.model_name).read_text()) or {}
-    return int((config.get("data") or {}).get("max_response_length") or DEFAULT_MAX_NEW_TOKENS)
+    """The eval token budget of the model file (``dig.decoding.max_new_tokens``)."""
+    return spec.decoding.max_new_tokens
+
+
+def eval_decoding(
+    spec: ModelSpec,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    n: int | None = 1,
+) -> Decoding:
+    """The model file's decoding with the command line's overrides (None: keep the file's value). ``n`` defaults
+    to one sample: callers that report a spread over samples (eval.dig) ask for the file's ``n`` explicitly."""
+    dec = spec.decoding
+    changes = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    dec = replace(dec, **{k: v for k, v in changes.items() if v is not None})
+    dec = replace(dec, n=(1 if dec.greedy else dec.n) if n is None else n)
+    if dec.greedy and dec.n != 1:
+        raise ValueError(f"greedy decoding (temperature 0) with n={dec.n}: the samples would be identical")
+    return dec
 
 
 def _image_item(entry) -> dict:
@@ -84,18 +113,24 @@ def prepare(processor, messages: list[dict], patch_size: int) -> tuple[str, list
 
 
 class HFBackend:
-    """transformers ``generate``; greedy at temperature 0. Works on CPU (slowly) for small models and tests."""
+    """transformers ``generate`` with the model file's decoding. Works on CPU (slowly) for small models and tests.
 
-    def __init__(self, model_path, spec: ModelSpec, max_new_tokens: int | None = None, temperature: float = 0.0,
-                 batch_size: int = 4, seed: int = 0, model=None, processor=None, device: str | None = None):  # fmt: skip
+    HF ``generate`` has no presence penalty (Qwen3-VL Instruct's card asks for 1.5): it is left out, with a
+    warning; the vLLM backend applies it."""
+
+    def __init__(self, model_path, spec: ModelSpec, max_new_tokens: int | None = None,
+                 temperature: float | None = None, batch_size: int = 4, seed: int | None = None, model=None,
+                 processor=None, device: str | None = None, n: int | None = 1):  # fmt: skip
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.spec = spec
-        self.max_new_tokens = max_new_tokens or default_max_new_tokens(spec)
-        self.temperature = temperature
+        self.decoding = eval_decoding(spec, max_new_tokens, temperature, seed, n)
+        self.max_new_tokens = self.decoding.max_new_tokens
         self.batch_size = batch_size
-        self.seed = seed
+        if self.decoding.presence_penalty and not self.decoding.greedy:
+            print(f"eval.backends: HF generate has no presence_penalty; {self.decoding.presence_penalty} is "
+                  "not applied (use --backend vllm for the model card's sampling)", file=sys.stderr)  # fmt: skip
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = processor or AutoProcessor.from_pretrained(model_path)
         if model is None:
@@ -103,12 +138,29 @@ class HFBackend:
             model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
         self.model = model.to(self.device).eval()
 
+    def sampling_kwargs(self) -> dict:
+        dec = self.decoding
+        if dec.greedy:
+            return {"do_sample": False}
+        return {
+            "do_sample": True,
+            "temperature": dec.temperature,
+            "top_p": dec.top_p,
+            "top_k": max(dec.top_k, 0),  # -1 (off) is 0 for transformers
+            "num_return_sequences": dec.n,
+        }
+
     def generate(self, requests: list[list[dict]]) -> list[str]:
+        return [g.texts[0] for g in self.generate_n(requests)]
+
+    def generate_n(self, requests: list[list[dict]]) -> list[Generation]:
         import torch
 
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"  # batched decoder-only generation
-        out: list[str] = []
+        stop_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
+        n = self.decoding.n
+        out: list[Generation] = []
         for start in range(0, len(requests), self.batch_size):
             batch = [
                 prepare(self.processor, m, self.spec.patch_size) for m in requests[start : start + self.batch_size]
@@ -117,23 +169,32 @@ class HFBackend:
             images = [img for _, imgs in batch for img in imgs]
             inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
             inputs = inputs.to(self.device)
-            sampling = (
-                {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
-            )
-            torch.manual_seed(self.seed + start)
+            torch.manual_seed(self.decoding.seed + start)
             with torch.no_grad():
-                generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
+                generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **self.sampling_kwargs())
             new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-            out += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            # cut at the limit: every one of the budget's tokens was used and none of them stopped generation
+            cut = [len(row) == self.max_new_tokens and not (set(row.tolist()) & stop_ids) for row in new_tokens]
+            for i in range(len(batch)):  # generate() returns the n samples of a request next to each other
+                out.append(Generation(decoded[i * n : (i + 1) * n], cut[i * n : (i + 1) * n]))
         return out
 
 
-class VLLMBackend:
-    """vLLM offline engine: batched, two images per prompt (``limit_mm_per_prompt``). GPU only."""
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
-    def __init__(self, model_path, spec: ModelSpec, max_new_tokens: int | None = None, temperature: float = 0.0,
-                 tensor_parallel_size: int = 1, seed: int = 0, gpu_memory_utilization: float = 0.85,
-                 max_images: int = 2, max_model_len: int | None = None):  # fmt: skip
+
+class VLLMBackend:
+    """vLLM offline engine: batched, two images per prompt (``limit_mm_per_prompt``), the model file's
+    sampling (presence penalty included), n samples per prompt. GPU only."""
+
+    def __init__(self, model_path, spec: ModelSpec, max_new_tokens: int | None = None,
+                 temperature: float | None = None, tensor_parallel_size: int = 1, seed: int | None = None,
+                 gpu_memory_utilization: float = 0.85, max_images: int = 2, max_model_len: int | None = None,
+                 n: int | None = 1):  # fmt: skip
         try:
             from vllm import LLM, SamplingParams
         except ImportError as err:
@@ -144,36 +205,58 @@ class VLLMBackend:
         from transformers import AutoProcessor
 
         self.spec = spec
+        self.decoding = dec = eval_decoding(spec, max_new_tokens, temperature, seed, n)
         self.processor = AutoProcessor.from_pretrained(model_path)
-        max_new_tokens = max_new_tokens or default_max_new_tokens(spec)
         self.llm = LLM(
             model=str(model_path),
             tensor_parallel_size=tensor_parallel_size,
             limit_mm_per_prompt={"image": max_images},
             gpu_memory_utilization=gpu_memory_utilization,
             # bounded context: the checkpoints' native 256k would reserve KV cache eval never uses
-            max_model_len=max_model_len or max_new_tokens + PROMPT_TOKEN_BUDGET,
-            seed=seed,
+            max_model_len=max_model_len or dec.max_new_tokens + PROMPT_TOKEN_BUDGET,
+            seed=dec.seed,
         )
-        self.sampling = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+        self.sampling = SamplingParams(**vllm_sampling_kwargs(dec))
 
     def generate(self, requests: list[list[dict]]) -> list[str]:
+        return [g.texts[0] for g in self.generate_n(requests)]
+
+    def generate_n(self, requests: list[list[dict]]) -> list[Generation]:
         prompts = []
         for messages in requests:
             text, images = prepare(self.processor, messages, self.spec.patch_size)
             prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
         outputs = self.llm.generate(prompts, self.sampling)
-        return [o.outputs[0].text for o in outputs]
+        return [
+            Generation([c.text for c in o.outputs], [c.finish_reason == "length" for c in o.outputs]) for o in outputs
+        ]
+
+
+def vllm_sampling_kwargs(dec: Decoding) -> dict:
+    """``vllm.SamplingParams`` arguments for a decoding block (greedy: temperature 0, one sample)."""
+    if dec.greedy:
+        return {"temperature": 0.0, "max_tokens": dec.max_new_tokens, "n": 1, "seed": dec.seed}
+    return {
+        "temperature": dec.temperature,
+        "top_p": dec.top_p,
+        "top_k": dec.top_k,  # -1 = off, as vLLM spells it
+        "presence_penalty": dec.presence_penalty,
+        "max_tokens": dec.max_new_tokens,
+        "n": dec.n,
+        "seed": dec.seed,
+    }
 
 
 def build_backend(name: str, model_path, spec: ModelSpec, *, max_new_tokens: int | None = None,
-                  temperature: float = 0.0, tensor_parallel_size: int = 1, seed: int = 0) -> Backend:  # fmt: skip
+                  temperature: float | None = None, tensor_parallel_size: int = 1, seed: int | None = None,
+                  n: int | None = 1) -> Backend:  # fmt: skip
+    """A backend decoding as the model file says; arguments left None keep the file's values."""
     if not Path(model_path).is_dir():
         raise FileNotFoundError(f"--model-path: not a folder: {model_path}")
     if name == "vllm":
-        return VLLMBackend(model_path, spec, max_new_tokens, temperature, tensor_parallel_size, seed)
+        return VLLMBackend(model_path, spec, max_new_tokens, temperature, tensor_parallel_size, seed, n=n)
     if name == "hf":
-        return HFBackend(model_path, spec, max_new_tokens, temperature, seed=seed)
+        return HFBackend(model_path, spec, max_new_tokens, temperature, seed=seed, n=n)
     raise ValueError(f"--backend must be vllm or hf, got {name!r}")
 
 
@@ -189,7 +272,9 @@ def read_done(path: Path, key: str) -> set[str]:
 
 def generate_to_file(backend: Backend, batches, path: Path, key: str) -> int:
     """Answer ``batches`` (iterables of ``(id, request)``) and append ``{key: id, "response": text}`` lines to
-    ``path`` after each batch, skipping ids already there: an interrupted run resumes. Returns the count."""
+    ``path`` after each batch, skipping ids already there: an interrupted run resumes. A backend with
+    ``generate_n`` also writes ``"responses"`` (all its samples, ``response`` is the first) and
+    ``"truncated"`` (which stopped at the token limit). Returns the count."""
     import json
 
     done = read_done(path, key)
@@ -200,9 +285,16 @@ def generate_to_file(backend: Backend, batches, path: Path, key: str) -> int:
             todo = [(i, r) for i, r in batch if str(i) not in done]
             if not todo:
                 continue
-            responses = backend.generate([r for _, r in todo])
-            for (i, _), response in zip(todo, responses, strict=True):
-                handle.write(json.dumps({key: i, "response": response}) + "\n")
+            requests = [r for _, r in todo]
+            if hasattr(backend, "generate_n"):
+                records = [
+                    {"response": g.texts[0], "responses": g.texts, "truncated": g.truncated}
+                    for g in backend.generate_n(requests)
+                ]
+            else:
+                records = [{"response": text} for text in backend.generate(requests)]
+            for (i, _), record in zip(todo, records, strict=True):
+                handle.write(json.dumps({key: i, **record}) + "\n")
                 done.add(str(i))
             handle.flush()
             count += len(todo)

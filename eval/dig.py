@@ -21,12 +21,14 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from data_prep.fileio import atomic_write_text
+from eval.backends import eval_decoding
 from eval.scoring import ScoredAnswer, reward_knobs, score_response
 from recipes.dig.models import load_model_spec
 
@@ -224,6 +226,101 @@ def markdown(results: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# ----------------------------------------------------------------------------------------------- samples
+
+
+def read_sampled_predictions(path: str | Path, id_key: str = "pair_id") -> tuple[dict[str, list[str]], dict]:
+    """``({id: [response per sample]}, {id: [truncated per sample]})`` from a predictions file. Lines written
+    by eval.backends carry ``responses`` and ``truncated``; a plain ``{id, "response"}`` line is one sample
+    with an unknown token-limit flag (None). Validation (duplicates, malformed lines) is read_predictions'."""
+    first = read_predictions(path, id_key)
+    responses: dict[str, list[str]] = {pid: [text] for pid, text in first.items()}
+    truncated: dict[str, list] = {pid: [None] for pid in first}
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "responses" not in record:
+                continue
+            pid, texts = str(record[id_key]), record["responses"]
+            flags = record.get("truncated") or [None] * len(texts)
+            if not texts or texts[0] != record["response"] or len(flags) != len(texts):
+                raise ValueError(f"{path}:{number}: 'responses' must start with 'response' and match 'truncated'")
+            responses[pid], truncated[pid] = list(texts), list(flags)
+    counts = {len(v) for v in responses.values()}
+    if len(counts) > 1:
+        raise ValueError(f"{path}: ids have different numbers of samples ({sorted(counts)}); rerun into a new --out")
+    return responses, truncated
+
+
+def score_samples(rows: list[dict], responses: dict[str, list[str]], knobs: dict, allow_missing: bool) -> list[dict]:
+    """score_rows once per sample index; each scored pair records its ``sample``."""
+    n = max((len(v) for v in responses.values()), default=1)
+    out = []
+    for index in range(n):
+        predictions = {pid: texts[index] for pid, texts in responses.items()}
+        out += [{**s, "sample": index} for s in score_rows(rows, predictions, knobs, allow_missing=allow_missing)]
+    return out
+
+
+def sampling_summary(samples: list[dict]) -> dict:
+    """Over the n samples per pair: each sample's overall numbers, their mean and spread (population std;
+    0 for one sample). The main sections pool all samples, i.e. they are these means."""
+    by_index: dict[int, list[dict]] = defaultdict(list)
+    for s in samples:
+        by_index[s.get("sample", 0)].append(s)
+    per_sample = [summarize(by_index[i]) for i in sorted(by_index)]
+    values = {k: [p[k] for p in per_sample if p[k] is not None] for k in (*METRIC_KEYS, "format_rate", "score")}
+    mean = {k: _mean(v) for k, v in values.items()}
+    std = {k: float(np.std(v)) if v else None for k, v in values.items()}
+    return {"n": len(per_sample), "mean": mean, "std": std, "per_sample": per_sample}
+
+
+def truncation_summary(responses: dict[str, list[str]], truncated: dict[str, list], require_think: bool) -> dict:
+    """Share of answers that did not finish: cut at the token limit (where the backend knows) or, for a
+    thinking model, without a closed ``</think>`` (its thought never ended, so there is no answer)."""
+    texts = [(t, flag) for pid in responses for t, flag in zip(responses[pid], truncated[pid], strict=True)]
+    if not texts:
+        return {"n": 0, "rate": None, "hit_limit": None, "unclosed_think": None}
+    unclosed = [require_think and "</think>" not in t for t, _ in texts]
+    hit = [bool(flag) for _, flag in texts]
+    known = any(flag is not None for _, flag in texts)
+    return {
+        "n": len(texts),
+        "rate": _mean([float(a or b) for a, b in zip(unclosed, hit, strict=True)]),
+        "hit_limit": _mean([float(h) for h in hit]) if known else None,
+        "unclosed_think": _mean([float(u) for u in unclosed]) if require_think else None,
+    }
+
+
+def sampling_markdown(results: dict) -> str:
+    """Lines under the table: decoding used, mean +- spread over the samples, truncation rate."""
+    dec, spread, trunc = results["decoding"], results["sampling"], results["truncation"]
+    if dec is None:
+        mode = f"answers read from {results['predictions']}"
+    elif dec["temperature"] == 0:
+        mode = f"greedy, max_new_tokens={dec['max_new_tokens']}"
+    else:
+        mode = (
+            f"sampling T={dec['temperature']}, top_p={dec['top_p']}, top_k={dec['top_k']}, presence_penalty="
+            f"{dec['presence_penalty']}, seed={dec['seed']}, max_new_tokens={dec['max_new_tokens']}"
+        )
+    lines = [f"Decoding: {mode}; {spread['n']} sample(s) per pair."]
+    if spread["n"] > 1:
+        cells = [f"{name} {_pct(spread['mean'][k])} ± {_pct(spread['std'][k])}" for k, name in
+                 (("f1", "F1"), ("miou", "mIoU"), ("recall", "recall"), ("count_accuracy", "count acc"))]  # fmt: skip
+        lines.append(f"Mean ± std over the {spread['n']} samples: " + ", ".join(cells) + " %.")
+    if trunc["n"]:
+        parts = []
+        if trunc["hit_limit"] is not None:
+            parts.append(f"cut at the token limit {_pct(trunc['hit_limit'])} %")
+        if trunc["unclosed_think"] is not None:
+            parts.append(f"no closed </think> {_pct(trunc['unclosed_think'])} %")
+        lines.append(f"Truncated answers: {_pct(trunc['rate'])} %" + (f" ({'; '.join(parts)})" if parts else "") + ".")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------------- driver
 
 
@@ -275,7 +372,7 @@ def generate_predictions(args, spec, out: Path) -> Path:
         return pred_path
     backend = build_backend(args.backend, args.model_path, spec, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, tensor_parallel_size=args.tensor_parallel_size,
-                            seed=args.seed)  # fmt: skip
+                            seed=args.seed, n=args.samples)  # fmt: skip
     batches = (
         [(pair_id(r), dig_request(r)) for r in batch if pair_id(r) not in done]
         for batch in iter_row_batches(args.data, args.batch_size)
@@ -296,12 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reward-kwargs", default="{}", help="JSON object of reward knob overrides")
     parser.add_argument("--allow-missing", action="store_true", help="score pairs without a prediction as failures")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=None, help="default: data.max_response_length of the model config"
-    )
-    parser.add_argument("--temperature", type=float, default=0.0)
+    # decoding: the model file's dig.decoding unless given here (greedy Qwen2.5-VL, model-card sampling Qwen3-VL)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: dig.decoding.max_new_tokens")
+    parser.add_argument("--temperature", type=float, default=None, help="default: dig.decoding.temperature")
+    parser.add_argument("--seed", type=int, default=None, help="default: dig.decoding.seed")
+    parser.add_argument("--samples", type=int, default=None, help="answers per pair; default: dig.decoding.n")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     # Everything that can be wrong with the inputs fails here, before a model is loaded.
@@ -311,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as err:
         parser.error(f"--reward-kwargs is not JSON: {err}")
     knobs = reward_knobs(spec, **overrides)
+    try:
+        decoding = eval_decoding(spec, args.max_new_tokens, args.temperature, args.seed, args.samples)
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out)
     rows = read_rows(args.data, SCORE_COLUMNS)
     if args.predictions:
@@ -319,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.model_path).is_dir():
             parser.error(f"--model-path: not a folder: {args.model_path}")
         pred_path = generate_predictions(args, spec, out)
-    predictions = read_predictions(pred_path)
-    samples = score_rows(rows, predictions, knobs, allow_missing=args.allow_missing)
+    responses, truncated = read_sampled_predictions(pred_path)
+    samples = score_samples(rows, responses, knobs, args.allow_missing)
 
     results = {
         "data": str(args.data),
@@ -328,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         "model": spec.model_name,
         "reward_kwargs": knobs,
         **aggregate(samples),
+        "decoding": None if args.predictions else asdict(decoding),
+        "sampling": sampling_summary(samples),
+        "truncation": truncation_summary(responses, truncated, spec.require_think),
     }
-    table = markdown(results)
+    table = markdown(results) + sampling_markdown(results)
     results["markdown"] = table
     atomic_write_text(out, json.dumps(results, indent=2))
     atomic_write_text(sibling(out, ".md"), table)

@@ -3,7 +3,8 @@
 # records what was installed, so a rerun with unchanged inputs takes a second.
 #   .venv         Python 3.11: torch 2.14.1 + torchvision 0.29.1 (the pair that imports together on CPU here:
 #                 PyPI's torchvision next to a CPU torch fails to import, and qwen_vl_utils then makes verl's
-#                 length filter drop every row), verl[verl-core]==0.9.1, this package (editable) + dev tools.
+#                 length filter drop every row), verl[verl-core]==0.9.1, this package (editable) + dev tools,
+#                 lmms-eval 0.7.3 without its dependencies (read by tests/test_eval_harness.py).
 #   .venv-render  Python 3.11: bpy==5.0.1 (Blender 5.0; pins numpy<2, hence its own venv) + this package.
 # GPU training nodes use requirements.txt instead (vllm, flash-attn) plus the render venv:
 #   bash scripts/setup_env.sh render      (what SETUP_ENV=1 bash launch/... runs when data must be rendered)
@@ -32,6 +33,9 @@ if [ "$target" != render ] && [ "$(cat .venv/.dig-stamp 2>/dev/null)" != "$want"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
   .venv/bin/pip install -q -e ".[train,eval,dev]"
+  # the real lmms-eval, without its heavy dependencies (openai, wandb, decord ...): tests read its task YAMLs,
+  # argument parser and model wrappers from the installed files; pip extras cannot say --no-deps
+  .venv/bin/pip install -q --no-deps lmms-eval==0.7.3
   .venv/bin/python -c "import torch, torchvision, verl, qwen_vl_utils, reward_fns" \
     || { echo "setup_env: .venv imports failed" >&2; exit 1; }
   echo "$want" > .venv/.dig-stamp

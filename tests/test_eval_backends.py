@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -48,8 +50,69 @@ def test_messages_from_row_counts_images():
 
 
 def test_default_response_budget_comes_from_the_model_config():
+    for model in ("qwen3_vl_8b_thinking", "qwen2_5_vl_7b"):
+        spec = load_model_spec(model)
+        assert backends.default_max_new_tokens(spec) == spec.decoding.max_new_tokens
     assert backends.default_max_new_tokens(load_model_spec("qwen3_vl_8b_thinking")) == 4096
-    assert backends.default_max_new_tokens(load_model_spec("qwen2_5_vl_7b")) == 1024
+
+
+def test_eval_decoding_is_the_model_file_s_with_overrides():
+    thinking, greedy = load_model_spec("qwen3_vl_8b_thinking"), load_model_spec("qwen2_5_vl_7b")
+    assert backends.eval_decoding(thinking) == thinking.decoding.__class__(**{**thinking.decoding.__dict__, "n": 1})
+    assert backends.eval_decoding(thinking, n=None).n == thinking.decoding.n == 4  # the file's n when asked
+    assert backends.eval_decoding(greedy, n=None).n == 1
+    assert backends.eval_decoding(thinking, temperature=0.0, n=None).n == 1  # greedy override: one sample
+    dec = backends.eval_decoding(thinking, max_new_tokens=64, temperature=0.6, seed=7)
+    assert (dec.max_new_tokens, dec.temperature, dec.seed, dec.top_p) == (64, 0.6, 7, 0.95)
+    with pytest.raises(ValueError, match="greedy decoding .* n=4"):
+        backends.eval_decoding(greedy, n=4)
+
+
+def test_vllm_sampling_params_follow_the_model_card():
+    instruct = backends.eval_decoding(load_model_spec("qwen3_vl_8b_instruct"), n=None)
+    assert backends.vllm_sampling_kwargs(instruct) == {
+        "temperature": 0.7, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5, "max_tokens": 1024, "n": 4, "seed": 0,
+    }  # fmt: skip
+    greedy = backends.eval_decoding(load_model_spec("qwen2_5_vl_3b"))
+    assert backends.vllm_sampling_kwargs(greedy) == {"temperature": 0.0, "max_tokens": 1024, "n": 1, "seed": 0}
+
+
+class GenerateSpy:
+    """Records the keyword arguments transformers' generate() receives, then runs it."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+        self.inner = model.generate
+
+    def __call__(self, **kwargs):
+        self.calls.append({k: v for k, v in kwargs.items() if not hasattr(v, "shape")})
+        return self.inner(**kwargs)
+
+
+def test_hf_backend_samples_n_answers_with_the_model_file_s_sampling(monkeypatch):
+    from tiny_qwen import build_tiny_model, build_tiny_processor
+
+    spec = load_model_spec("qwen3_vl_4b_thinking")
+    model = build_tiny_model("qwen3_vl")
+    spy = GenerateSpy(model)
+    monkeypatch.setattr(model, "generate", spy)
+    backend = backends.HFBackend(None, spec, max_new_tokens=3, model=model, processor=build_tiny_processor("qwen3_vl"),
+                                 batch_size=2, n=2)  # fmt: skip
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    request = [{"role": "user", "content": [{"type": "image", "image": image, "min_pixels": 1024, "max_pixels": 4096},
+                                            {"type": "text", "text": "Find every difference."}]}]  # fmt: skip
+    first = backend.generate_n([request] * 3)
+    assert len(first) == 3 and all(len(g.texts) == 2 and len(g.truncated) == 2 for g in first)
+    assert spy.calls[0] == {"max_new_tokens": 3, "do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 20,
+                            "num_return_sequences": 2}  # fmt: skip
+    assert [g.texts for g in backend.generate_n([request] * 3)] == [g.texts for g in first]  # fixed seed
+    assert backend.generate([request] * 3) == [g.texts[0] for g in first]  # the first sample of each
+
+    greedy = backends.HFBackend(None, load_model_spec("qwen2_5_vl_3b"), max_new_tokens=2, model=model,
+                                processor=build_tiny_processor("qwen3_vl"))  # fmt: skip
+    greedy.spec = spec  # the tiny processor is a Qwen3-VL one: patch 16
+    assert len(greedy.generate_n([request])[0].texts) == 1
+    assert spy.calls[-1] == {"max_new_tokens": 2, "do_sample": False}
 
 
 def test_build_backend_checks_inputs(tmp_path):
@@ -77,6 +140,19 @@ class EchoBackend:
         return [f"{sum(item.get('type') == 'image' for m in r for item in m['content'])} images" for r in requests]
 
 
+class SamplingEchoBackend(EchoBackend):
+    def generate_n(self, requests):
+        return [backends.Generation([f"{i}a", f"{i}b"], [False, True]) for i, _ in enumerate(self.generate(requests))]
+
+
+def test_generate_to_file_keeps_every_sample_and_its_limit_flag(tmp_path):
+    request = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    path = tmp_path / "p.jsonl"
+    assert backends.generate_to_file(SamplingEchoBackend(), [[("a", request)]], path, "id") == 1
+    assert json.loads(path.read_text()) == {"id": "a", "response": "0a", "responses": ["0a", "0b"],
+                                            "truncated": [False, True]}  # fmt: skip
+
+
 def test_generate_to_file_appends_and_resumes(tmp_path):
     request = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "x"}]}]
     path = tmp_path / "p.jsonl"
@@ -87,3 +163,17 @@ def test_generate_to_file_appends_and_resumes(tmp_path):
     # a rerun over the same ids plus one new one answers only the new one
     assert backends.generate_to_file(backend, [[("a", request), ("d", request)]], path, "id") == 1
     assert len(path.read_text().splitlines()) == 4 and backend.calls == 3
+
+
+def test_docs_decoding_table_matches_the_model_files():
+    """docs/eval.md lists each model file's eval decoding; a changed file must change the table."""
+    from recipes.dig.models import model_names
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "eval.md").read_text()
+    for name in model_names():
+        dec = load_model_spec(name).decoding
+        row = next(line for line in docs.splitlines() if line.startswith("| `") and f"`{name}`" in line)
+        assert row.endswith(f"| {dec.n} | {dec.max_new_tokens} |"), name
+        assert ("| greedy" in row) == dec.greedy, name
+        if not dec.greedy:
+            assert f"temperature {dec.temperature}, top_p {dec.top_p}, top_k {dec.top_k}" in row, name

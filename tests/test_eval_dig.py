@@ -150,3 +150,73 @@ def test_cli_rejects_bad_predictions(tmp_path):
         dig.main(["--data", str(data), "--predictions", str(twice), "--out", out, "--allow-missing"])
     with pytest.raises(ValueError, match="unknown reward knob"):
         dig.main(["--data", str(data), "--predictions", str(partial), "--out", out, "--reward-kwargs", '{"iou": 1}'])
+
+
+def test_cli_reports_mean_and_spread_over_samples_and_the_truncation_rate(tmp_path):
+    """Two answers per pair (as eval.backends writes them): the main sections pool both, ``sampling`` holds each
+    sample's overall numbers with mean +- std, ``truncation`` counts thoughts that never closed or hit the limit."""
+    spec = load_model_spec("qwen3_vl_8b_thinking")
+    data = write_parquet(tmp_path / "test.parquet")
+    preds = tmp_path / "answers.jsonl"
+    lines = []
+    for pid, (boxes, _) in PAIRS.items():
+        exact = answer(boxes, spec)
+        second = "<think>the cube on the left is" if pid == "p1" else exact  # cut mid-thought
+        lines.append({"pair_id": pid, "response": exact, "responses": [exact, second],
+                      "truncated": [False, pid == "p1"]})  # fmt: skip
+    preds.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "res" / "results.json"
+    assert (
+        dig.main(["--data", str(data), "--predictions", str(preds), "--model", spec.model_name, "--out", str(out)]) == 0
+    )
+    results = json.loads(out.read_text())
+    assert results["sampling"]["n"] == 2
+    assert [s["f1"] for s in results["sampling"]["per_sample"]] == pytest.approx([1.0, 2 / 3])
+    assert results["sampling"]["mean"]["f1"] == pytest.approx(5 / 6)
+    assert results["sampling"]["std"]["f1"] == pytest.approx(1 / 6)
+    assert results["overall"]["f1"] == pytest.approx(5 / 6) and results["overall"]["n"] == 6  # pairs x samples
+    assert results["truncation"] == {"n": 6, "rate": pytest.approx(1 / 6), "hit_limit": pytest.approx(1 / 6),
+                                     "unclosed_think": pytest.approx(1 / 6)}  # fmt: skip
+    assert results["decoding"] is None  # answers made elsewhere: their decoding is not known here
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "Mean ± std over the 2 samples: F1 83.3 ± 16.7" in md
+    assert "Truncated answers: 16.7 % (cut at the token limit 16.7 %; no closed </think> 16.7 %)." in md
+    samples = [json.loads(x) for x in (tmp_path / "res" / "results.samples.jsonl").read_text().splitlines()]
+    assert [(s["pair_id"], s["sample"]) for s in samples][:4] == [("p1", 0), ("p2", 0), ("p3", 0), ("p1", 1)]
+
+    lines[0]["responses"] = lines[0]["responses"][:1]
+    lines[0]["truncated"] = [False]
+    preds.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        dig.read_sampled_predictions(preds)
+
+
+def test_truncation_of_plain_answers_counts_unclosed_thoughts_only():
+    responses = {"a": ["<think>x</think>[]"], "b": ["<think>never ends"]}
+    flags = {"a": [None], "b": [None]}
+    assert dig.truncation_summary(responses, flags, require_think=True) == {
+        "n": 2, "rate": 0.5, "hit_limit": None, "unclosed_think": 0.5
+    }  # fmt: skip
+    assert dig.truncation_summary(responses, flags, require_think=False)["rate"] == 0.0
+
+
+def test_generation_decodes_with_the_model_file_by_default(tmp_path, monkeypatch):
+    """eval.dig hands the backend the model file's decoding: no overrides, the file's n samples."""
+    import eval.backends
+
+    seen = {}
+
+    def fake_build(name, model_path, spec, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop before loading a model")
+
+    monkeypatch.setattr(eval.backends, "build_backend", fake_build)
+    data = write_parquet(tmp_path / "test.parquet")
+    (tmp_path / "ckpt").mkdir()
+    argv = ["--data", str(data), "--model-path", str(tmp_path / "ckpt"), "--backend", "hf", "--out",
+            str(tmp_path / "r.json")]  # fmt: skip
+    with pytest.raises(RuntimeError, match="stop before"):
+        dig.main(argv)
+    assert seen == {"max_new_tokens": None, "temperature": None, "tensor_parallel_size": 1, "seed": None, "n": None}
+    with pytest.raises(SystemExit):
+        dig.main([*argv, "--model", "qwen2_5_vl_7b", "--samples", "4"])  # greedy: four identical samples refused
