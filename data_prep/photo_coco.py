@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,9 @@ class CocoSet:
                 rle = mask_utils.frPyObjects(seg, h, w)
             else:
                 rle = {"size": seg["size"], "counts": seg["counts"].encode()}
-            mask = mask_utils.decode(rle).astype(bool)
+            with warnings.catch_warnings():  # pycocotools 2.0.x + numpy 2: a DeprecationWarning per call
+                warnings.simplefilter("ignore", DeprecationWarning)
+                mask = mask_utils.decode(rle).astype(bool)
         except Exception as err:  # pycocotools raises several types on malformed RLE strings
             raise PhotoDataError(
                 f"{self.path}: annotation {inst.ann_id}: segmentation cannot be decoded: {err}"
@@ -210,6 +213,9 @@ def load_coco(path: Path | str, images_dir: Path | str, settings: dict, categori
             raise PhotoDataError(f"{where}: 'bbox' must be [x, y, w, h] with w, h > 0, got {bbox!r}")
         image = images[ann["image_id"]]
         _check_segmentation(ann["segmentation"], image, where)
+        if ann["category_id"] not in wanted:
+            skipped["category"] += 1
+            continue
         if ann.get("iscrowd", 0):
             skipped["crowd"] += 1
             continue
@@ -227,9 +233,6 @@ def load_coco(path: Path | str, images_dir: Path | str, settings: dict, categori
             continue
         if area < inst_cfg["min_fill"] * w * h:
             skipped["thin"] += 1
-            continue
-        if ann["category_id"] not in wanted:
-            skipped["category"] += 1
             continue
         inst = Instance(
             ann["id"], ann["image_id"], ann["category_id"], (x, y, w, h), area, _freeze(ann["segmentation"])

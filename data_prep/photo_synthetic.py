@@ -130,7 +130,7 @@ def write_coco_set(out: Path, num_images: int = 24, seed: int = 0, width: int = 
         tiny, _ = shape_mask("disc", width, height, width * 0.15, height * 0.85, 4, 0)
         if (tiny & ~taken).any():
             add(image_id, "disc", tiny & ~taken, None)
-        cut, _ = shape_mask("disc", width, height, 2, height * 0.5, 18, 0)
+        cut, _ = shape_mask("disc", width, height, 8, height * 0.5, 34, 0)
         _paint(img, cut & ~taken, rng)
         add(image_id, "disc", cut & ~taken, None)
         name = f"{image_id:06d}.jpg"
