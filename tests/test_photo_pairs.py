@@ -437,10 +437,97 @@ def test_converts_loads_in_verl_and_the_ground_truth_scores_one(per_type, tmp_pa
 
 
 @pytest.mark.skipif(not os.environ.get("DIG_TEST_RAY"), reason="set DIG_TEST_RAY=1 to run the local Ray test")
-def test_ray_local_matches_the_pool(coco_dir, per_type, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))
+def test_ray_local_matches_the_pool(coco_dir, per_type, tmp_path, monkeypatch, request):
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="dig-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     out = tmp_path / "ray-run"
     P.generate(config(coco_dir, out, num=10, k="1-4", seed=12, no_diff_fraction=0.2, ray_address="local", workers=2))
     mine, ref = records(out), records(per_type["mixed"])
     assert sorted(mine) == sorted(ref)
     assert all(mine[p]["differences"] == ref[p]["differences"] for p in mine)
+
+
+# ---------------------------------------------------------------------------- stages: per-stage source mix
+
+
+def test_default_curriculum_is_rendered_only():
+    from data_prep.stages import load_source_mixes
+
+    mixes = load_source_mixes()
+    assert set(mixes) == {"1", "2", "3", "test"}
+    assert all(m.fractions == {"rendered": 1.0} and not m.uses_photo for m in mixes.values())
+
+
+@pytest.mark.parametrize(
+    ("sources", "message"),
+    [
+        ({"rendered": 0.7, "photo": 0.2}, r"stages\.1\.sources: shares sum to 0\.9, not 1"),
+        ({"rendered": 0.5, "diffusion": 0.5}, r"unknown source\(s\) \['diffusion'\]"),
+        ({"rendered": 1.5, "photo": -0.5}, r"sources\.rendered: expected a share in \[0, 1\]"),
+        ("half", r"expected a mapping like"),
+    ],
+)
+def test_bad_source_mix_is_refused_when_read(tmp_path, sources, message):
+    import yaml
+
+    from data_prep.stages import STAGES_FILE, load_source_mixes
+
+    raw = yaml.safe_load(STAGES_FILE.read_text())
+    raw["stages"]["1"]["sources"] = sources
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=message):
+        load_source_mixes(path)
+
+
+def test_build_mixes_rendered_and_photo_pairs_into_one_parquet(coco_dir, tmp_path, capsys):
+    """Stage 1 at 50 % rendered (the Blender-free stand-in, data_prep.synthetic) and 50 % photo, COCO paths from
+    the command line; the build reports the mix, the parquet holds both sources, a rerun skips everything."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from data_prep import build as B
+    from data_prep import synthetic
+    from data_prep.stages import STAGES_FILE
+
+    raw = yaml.safe_load(STAGES_FILE.read_text())
+    raw["stages"]["1"]["sources"] = {"rendered": 0.5, "photo": 0.5}
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(yaml.safe_dump(raw))
+    argv = ["--data-dir", str(tmp_path / "data"), "--model", "qwen2_5_vl_7b", "--stage", "1", "--stages-file",
+            str(stages), "--num-train", "4", "--num-val", "2", "--width", "64", "--height", "48", "--no-progress"]  # fmt: skip
+    # without the COCO set: a clear error before anything is generated
+    assert B.main(argv) == 2
+    assert (
+        "stage 1 mixes 50 % rendered, 50 % photo pairs: give the COCO-format set with --coco" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "data").exists()
+
+    from data_prep.stages import load_curriculum, load_source_mixes
+
+    curriculum = load_curriculum(stages).with_sizes(4, 2, 2)
+    options = B.BuildOptions(width=64, height=48, progress=False, coco=coco_dir / "annotations.json",
+                             images=coco_dir / "images")  # fmt: skip
+    events = []
+
+    def run():
+        events.clear()
+        B.build(tmp_path / "data", "qwen2_5_vl_7b", ["1"], curriculum, options, generate_fn=synthetic.generate,
+                log=events.append, mixes=load_source_mixes(stages))  # fmt: skip
+        return events
+
+    run()
+    assert events[0] == {"event": "mix", "stage": "1", "sources": "50 % rendered, 50 % photo",
+                         "pairs": {"train": {"rendered": 2, "photo": 2}, "val": {"rendered": 1, "photo": 1}}}  # fmt: skip
+    generated = {(e["source"], Path(e["dir"]).name) for e in events if e["event"] == "generate"}
+    assert generated == {("rendered", "train"), ("photo", "train-photo"), ("rendered", "val"), ("photo", "val-photo")}
+    converted = [e for e in events if e["event"] == "convert"]
+    assert [e["sources"] for e in converted] == [{"rendered": 2, "photo": 2}, {"rendered": 1, "photo": 1}]
+    table = pq.read_table(tmp_path / "data" / "stage1" / "train.parquet", columns=["extra_info"]).to_pylist()
+    ids = [r["extra_info"]["pair_id"] for r in table]
+    assert len(ids) == 4 and sum(i.startswith("p") for i in ids) == 2 and sum(i.startswith("s") for i in ids) == 2
+    assert [e["event"] for e in run()] == ["mix", "skip", "skip"]  # rerun: nothing generated or rewritten
