@@ -120,6 +120,10 @@ class Compositor:
         self._layers: dict[tuple, Layer] = {}
         self._backgrounds: dict[tuple, np.ndarray] = {}
 
+    def reset(self) -> None:
+        self._layers.clear()
+        self._backgrounds.clear()
+
     def instance(self, ann_id: int) -> Instance:
         return self._ann[ann_id]
 

@@ -323,11 +323,12 @@ class Sampler:
         inst = self._instance(rng, exclude_image=bg["image_id"])
         _, _, bw, bh = inst.bbox
         aspect, tol = bw / bh, self.st["edits"]["replacement_aspect"]
-        others = [i for i in self.coco.instances if i.category_id != inst.category_id]
-        if not others:
+        categories = sorted(c for c in self.coco.by_category if c != inst.category_id)
+        if not categories:
             raise SamplingError("no_replacement")
-        for _ in range(int(self.st["edits"]["replacement_tries"])):
-            new = others[rng.randrange(len(others))]
+        for _ in range(int(self.st["edits"]["replacement_tries"])):  # a category, then one of its instances
+            members = self.coco.by_category[categories[rng.randrange(len(categories))]]
+            new = self.coco.instances[members[rng.randrange(len(members))]]
             _, _, nw, nh = new.bbox
             if new.image_id != bg["image_id"] and 1 / tol <= (nw / nh) / aspect <= tol:
                 break
@@ -439,7 +440,7 @@ class PhotoPairMaker:
         for attempt in range(attempts):
             cand_seed = S.derive_seed("photo-candidate", cfg.seed, index, attempt)
             delta["candidates"] += 1
-            self.comp._layers.clear()  # the cache only serves A and B of one candidate
+            self.comp.reset()  # the caches only serve A and B of one candidate
             try:
                 scene_a, edits, scene_b = self.sampler.candidate(cand_seed, k)
             except SamplingError as err:

@@ -29,7 +29,7 @@ def texture(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
         phase, amp = rng.uniform(0, 2 * math.pi), rng.uniform(10, 35, size=3)
         img += np.sin(xs * fx * 2 * math.pi + ys * fy * 2 * math.pi + phase)[..., None] * amp
     img += (ys / height)[..., None] * rng.uniform(-40, 40, size=3)
-    img += rng.normal(0, 4, size=img.shape)
+    img += rng.normal(0, 1.5, size=img.shape)
     return np.clip(img, 0, 255)
 
 
@@ -78,7 +78,7 @@ def _paint(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
     base = np.array([0.5 + 0.5 * math.cos(2 * math.pi * (hue + o)) for o in (0, 1 / 3, 2 / 3)]) * 200 + 30
     ys, xs = np.nonzero(mask)
     stripes = np.sin(xs * rng.uniform(0.1, 0.4) + ys * rng.uniform(0.1, 0.4))[:, None] * 18
-    img[ys, xs] = np.clip(base[None, :] + stripes + rng.normal(0, 5, size=(len(xs), 3)), 0, 255)
+    img[ys, xs] = np.clip(base[None, :] + stripes + rng.normal(0, 2, size=(len(xs), 3)), 0, 255)
 
 
 def write_coco_set(out: Path, num_images: int = 24, seed: int = 0, width: int = 200, height: int = 150) -> Path:
@@ -126,13 +126,15 @@ def write_coco_set(out: Path, num_images: int = 24, seed: int = 0, width: int = 
             add(image_id, kind, mask, poly, encoding=encoding)
         # annotations that must never be used: a crowd region, a tiny shape and one cut by the left border
         crowd, _ = shape_mask("block", width, height, width * 0.8, height * 0.2, 10, 0.3)
-        add(image_id, "block", crowd & ~taken, None, crowd=True)
+        if (crowd & ~taken).any():
+            add(image_id, "block", crowd & ~taken, None, crowd=True)
         tiny, _ = shape_mask("disc", width, height, width * 0.15, height * 0.85, 4, 0)
         if (tiny & ~taken).any():
             add(image_id, "disc", tiny & ~taken, None)
         cut, _ = shape_mask("disc", width, height, 8, height * 0.5, 34, 0)
-        _paint(img, cut & ~taken, rng)
-        add(image_id, "disc", cut & ~taken, None)
+        if (cut & ~taken).any():
+            _paint(img, cut & ~taken, rng)
+            add(image_id, "disc", cut & ~taken, None)
         name = f"{image_id:06d}.jpg"
         Image.fromarray(img.astype(np.uint8)).save(out / "images" / name, quality=92)
         images.append({"id": image_id, "file_name": name, "width": width, "height": height})

@@ -168,6 +168,8 @@ def test_mixed_run_stats_manifest_and_no_difference_pairs(per_type):
         assert m["types"] == [d["type"] for d in recs[m["pair_id"]]["differences"]]
         assert (run / m["image_a"]).is_file() and (run / m["image_b"]).is_file()
     assert json.loads((run / "config.json").read_text())["source"] == "photo"
+    # random stacking: some pastes are partly hidden by later ones (the boxes then follow the visible part)
+    assert any(o["visible_px"] < o["mask_px"] for r in recs.values() for o in r["objects_a"] if o["pasted"])
 
 
 # ------------------------------------------------------------------------------------ occlusion and gates

@@ -1,0 +1,89 @@
+"""Photo pair throughput on one core: pairs/s of ``data_prep.photo_pairs`` (JSON lines).
+
+    python benchmarks/photo_pairs.py [--pairs 60] [--repeats 3] [--k 1-4] [--width 480 --height 320]
+                                     [--coco ANN.json --images DIR] [--workdir /tmp/dig-photo-bench]
+
+Without ``--coco``, a COCO-format set is drawn first (``data_prep.photo_synthetic``: 40 images at 640x480, COCO's
+usual size, JPEG). Each repeat is a fresh run (new output folder) in a child process with one worker and BLAS
+limited to one thread, so the figures are single-core: wall-clock pairs/s and CPU-seconds per accepted pair
+(rejected candidates included). One JSON line per repeat, then a summary line with medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def child(args) -> None:
+    from data_prep.photo_pairs import PhotoConfig, generate
+
+    cfg = PhotoConfig(out=Path(args.out), num=args.pairs, coco=args.coco, images=args.images, k=args.k, seed=args.seed,
+                      width=args.width, height=args.height, progress=False)  # fmt: skip
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    stats = generate(cfg)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    print(json.dumps({
+        "pairs": stats["accepted"], "k": args.k, "size": f"{args.width}x{args.height}", "wall_s": round(wall, 2),
+        "pairs_per_s": round(stats["accepted"] / wall, 2), "cpu_s_per_pair": round(cpu / stats["accepted"], 4),
+        "acceptance_rate": stats["acceptance_rate"], "rejected": stats["rejected"],
+        "differences_by_type": stats["differences_by_type"],
+    }))  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--k", default="1-4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=480)
+    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--coco", type=Path, default=None, help="a COCO-format annotation file (default: a drawn set)")
+    p.add_argument("--images", type=Path, default=None)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/dig-photo-bench"))
+    p.add_argument("--child-out", dest="out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.out:
+        child(args)
+        return 0
+    if args.coco is None:
+        from data_prep.photo_synthetic import write_coco_set
+
+        drawn = args.workdir / "coco"
+        if not (drawn / "annotations.json").exists():
+            write_coco_set(drawn, num_images=40, seed=3, width=640, height=480)
+        args.coco, args.images = drawn / "annotations.json", drawn / "images"
+    results = []
+    for repeat in range(args.repeats):
+        out = args.workdir / f"run-{repeat}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, __file__, "--child-out", str(out), "--pairs", str(args.pairs), "--k", args.k,
+               "--seed", str(args.seed + repeat), "--width", str(args.width), "--height", str(args.height),
+               "--coco", str(args.coco), "--images", str(args.images)]  # fmt: skip
+        line = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, check=True)
+        result = json.loads(line.stdout.strip().splitlines()[-1])
+        print(json.dumps({"repeat": repeat, **result}), flush=True)
+        results.append(result)
+    print(json.dumps({
+        "summary": True, "repeats": len(results), "pairs_per_run": args.pairs, "k": args.k,
+        "size": f"{args.width}x{args.height}", "coco": str(args.coco),
+        "median_pairs_per_s_one_core": statistics.median(r["pairs_per_s"] for r in results),
+        "median_cpu_s_per_pair": statistics.median(r["cpu_s_per_pair"] for r in results),
+        "median_acceptance_rate": statistics.median(r["acceptance_rate"] for r in results),
+        "load_average": os.getloadavg()[0],
+    }))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
