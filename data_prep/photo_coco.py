@@ -177,6 +177,8 @@ def load_coco(path: Path | str, images_dir: Path | str, settings: dict, categori
         where = f"{path}: images[{i}]"
         if not isinstance(im, dict):
             raise PhotoDataError(f"{where}: expected an object")
+        if "file_name" not in im and isinstance(im.get("coco_url"), str):  # LVIS v1 names images by URL only
+            im = {**im, "file_name": im["coco_url"].rsplit("/", 1)[-1]}
         for key, kind in (("id", int), ("file_name", str), ("width", int), ("height", int)):
             if not isinstance(im.get(key), kind):
                 raise PhotoDataError(f"{where}: '{key}' missing or not {kind.__name__}")

@@ -151,8 +151,9 @@ class Compositor:
         full: dict[int, np.ndarray] = {}
         for rc in scene["recolor"]:
             mask = self.native_mask(scene["background"], rc["ann_id"])
-            a = feather(mask, self.sigma)[..., None]
-            canvas = canvas * (1 - a) + rotate_hue(canvas, rc["hue_deg"]) * a
+            if rc["hue_deg"]:
+                a = feather(mask, self.sigma)[..., None]
+                canvas = canvas * (1 - a) + rotate_hue(canvas, rc["hue_deg"]) * a
             full[rc["id"]] = mask
         for paste in scene["pastes"]:
             layer = self.layer(paste)

@@ -390,6 +390,16 @@ def test_an_unreadable_image_names_the_file(coco_dir, tmp_path):
         P.generate(config(broken, tmp_path / "out", num=1))
 
 
+def test_lvis_style_images_named_by_url_load(coco_dir, tmp_path):
+    raw = json.loads((coco_dir / "annotations.json").read_text())
+    for im in raw["images"]:
+        im["coco_url"] = "http://images.cocodataset.org/train2017/" + im.pop("file_name")
+    path = tmp_path / "lvis.json"
+    path.write_text(json.dumps(raw))
+    coco = load_coco(path, coco_dir / "images", P.load_settings())
+    assert coco.images[1].file_name == "000001.jpg" and coco.image(1).shape == (150, 200, 3)
+
+
 def test_category_filter_keeps_only_those_categories(coco_dir, tmp_path):
     out = tmp_path / "discs"
     P.generate(config(coco_dir, out, num=3, categories=["disc", "star"], change_weights={"addition": 1.0}))
