@@ -41,6 +41,55 @@ def child(args) -> None:
     }))  # fmt: skip
 
 
+def proc_status_mb(key: str) -> float:
+    """VmHWM (peak RSS) or VmRSS of this process (ru_maxrss would carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def index_child(path: Path, images: Path) -> None:
+    from data_prep.photo_coco import load_coco
+    from data_prep.photo_pairs import load_settings
+
+    before = proc_status_mb("VmHWM")
+    t0 = time.perf_counter()
+    coco = load_coco(path, images, load_settings())
+    print(json.dumps({
+        "index": True, "annotation_mb": round(path.stat().st_size / 2**20, 1), "load_s": round(time.perf_counter() - t0, 2),
+        "usable_instances": len(coco.instances), "peak_rss_mb": round(proc_status_mb("VmHWM"), 1),
+        "rss_after_load_mb": round(proc_status_mb("VmRSS"), 1),
+        "rss_before_mb": round(before, 1),
+    }))  # fmt: skip
+
+
+def write_large_index(drawn: Path, num_annotations: int, out: Path) -> Path:
+    """A COCO-train-like annotation file: the drawn photos listed many times, one 40-point polygon per
+    annotation and 7 annotations per image (COCO 2017 train: 860k annotations on 118k images)."""
+    import random
+
+    base = json.loads((drawn / "annotations.json").read_text())
+    rng = random.Random(0)
+    photos = base["images"]
+    images, annotations = [], []
+    for i in range(num_annotations // 7):
+        src = photos[i % len(photos)]
+        images.append({**src, "id": i + 1})
+    for j in range(num_annotations):
+        image = images[j % len(images)]
+        cx, cy, r = rng.uniform(150, 490), rng.uniform(150, 330), rng.uniform(40, 120)
+        poly = []
+        for t in range(40):
+            a = 2 * 3.14159 * t / 40
+            poly += [round(cx + r * rng.uniform(0.7, 1.0) * __import__("math").cos(a), 2),
+                     round(cy + r * rng.uniform(0.7, 1.0) * __import__("math").sin(a), 2)]  # fmt: skip
+        annotations.append({"id": j + 1, "image_id": image["id"], "category_id": 1 + j % 5, "iscrowd": 0,
+                            "bbox": [cx - r, cy - r, 2 * r, 2 * r], "area": 2.5 * r * r, "segmentation": [poly]})  # fmt: skip
+    out.write_text(json.dumps({"images": images, "annotations": annotations, "categories": base["categories"]}))
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=int, default=60)
@@ -52,10 +101,20 @@ def main() -> int:
     p.add_argument("--coco", type=Path, default=None, help="a COCO-format annotation file (default: a drawn set)")
     p.add_argument("--images", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/dig-photo-bench"))
+    p.add_argument(
+        "--index-annotations",
+        type=int,
+        default=0,
+        help="also time loading a COCO-train-like file of this many annotations (COCO 2017 train: 860k)",
+    )
     p.add_argument("--child-out", dest="out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-index", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.out:
         child(args)
+        return 0
+    if args.child_index:
+        index_child(Path(args.child_index), args.images)
         return 0
     if args.coco is None:
         from data_prep.photo_synthetic import write_coco_set
@@ -64,6 +123,12 @@ def main() -> int:
         if not (drawn / "annotations.json").exists():
             write_coco_set(drawn, num_images=40, seed=3, width=640, height=480)
         args.coco, args.images = drawn / "annotations.json", drawn / "images"
+    if args.index_annotations:
+        big = write_large_index(args.coco.parent, args.index_annotations, args.workdir / "large.json")
+        cmd = [sys.executable, __file__, "--child-index", str(big), "--images", str(args.images)]
+        line = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, check=True)
+        print(json.dumps({**json.loads(line.stdout.strip().splitlines()[-1]), "annotations": args.index_annotations}))
+        big.unlink()
     results = []
     for repeat in range(args.repeats):
         out = args.workdir / f"run-{repeat}"
@@ -75,6 +140,8 @@ def main() -> int:
         result = json.loads(line.stdout.strip().splitlines()[-1])
         print(json.dumps({"repeat": repeat, **result}), flush=True)
         results.append(result)
+    if not results:
+        return 0
     print(json.dumps({
         "summary": True, "repeats": len(results), "pairs_per_run": args.pairs, "k": args.k,
         "size": f"{args.width}x{args.height}", "coco": str(args.coco),

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class Instance:
     category_id: int
     bbox: tuple[float, float, float, float]  # x, y, w, h in source pixels (COCO)
     area: float
-    segmentation: Any
+    segmentation: Any = field(compare=False, repr=False)  # polygons as float arrays (4x smaller than JSON lists)
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class CocoSet:
         from pycocotools import mask as mask_utils
 
         info = self.images[inst.image_id]
-        h, w, seg = info.height, info.width, thaw(inst.segmentation)
+        h, w, seg = info.height, info.width, inst.segmentation
         try:
             if isinstance(seg, list):
                 rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
@@ -237,7 +237,7 @@ def load_coco(path: Path | str, images_dir: Path | str, settings: dict, categori
             skipped["thin"] += 1
             continue
         inst = Instance(
-            ann["id"], ann["image_id"], ann["category_id"], (x, y, w, h), area, _freeze(ann["segmentation"])
+            ann["id"], ann["image_id"], ann["category_id"], (x, y, w, h), area, _compact(ann["segmentation"])
         )
         instances.append(inst)
         natives.setdefault(inst.image_id, []).append(inst)
@@ -250,18 +250,8 @@ def load_coco(path: Path | str, images_dir: Path | str, settings: dict, categori
     return CocoSet(path, images_dir, images, cats, instances, natives, skipped, file_sha256(path))
 
 
-def _freeze(seg):
-    """Hashable segmentation (instances are lru_cache keys): lists -> tuples, RLE dict -> tuple of items."""
+def _compact(seg):
+    """Polygons as float64 arrays (pycocotools takes them as they are); RLE as it is."""
     if isinstance(seg, list):
-        return tuple(tuple(p) for p in seg)
-    counts = seg["counts"]
-    return (("size", tuple(seg["size"])), ("counts", tuple(counts) if isinstance(counts, list) else counts))
-
-
-def thaw(seg):
-    """The segmentation as pycocotools takes it."""
-    if isinstance(seg, tuple) and seg and seg[0] and seg[0][0] == "size":
-        items = dict(seg)
-        counts = items["counts"]
-        return {"size": list(items["size"]), "counts": list(counts) if isinstance(counts, tuple) else counts}
-    return [list(p) for p in seg]
+        return [np.asarray(poly, dtype=np.float64) for poly in seg]
+    return seg
