@@ -449,6 +449,32 @@ def test_converts_loads_in_verl_and_the_ground_truth_scores_one(per_type, tmp_pa
             assert compute_score("dig", wrong, truth, row["extra_info"], **kwargs)["score"] < 0.5
 
 
+def test_ray_workers_index_cache_gives_the_same_pairs(coco_dir, per_type, tmp_path):
+    """The Ray driver pickles its checked set into --out; a worker loads it instead of parsing the JSON again."""
+    import shutil
+
+    copy = tmp_path / "coco"
+    shutil.copytree(coco_dir, copy)
+    out = tmp_path / "cached"
+    cfg = config(copy, out, num=10, k="1-4", seed=12, no_diff_fraction=0.2)
+    cache = P.write_index_cache(cfg)
+    P._PROCESS.clear()
+    (copy / "annotations.json").rename(copy / "moved.json")  # a worker that parsed the JSON would fail now
+    try:
+        results = P._ray_chunk(P._cfg_dict(cfg), [0, 3, 7])  # what a Ray task runs, here in-process
+    finally:
+        P._PROCESS.clear()
+    assert cache.name == P.INDEX_CACHE and [r["index"] for r, _ in results] == [0, 3, 7]
+    ref = records(per_type["mixed"])
+    for manifest_line, _ in results:
+        rec = json.loads((out / manifest_line["json"]).read_text())
+        assert rec["differences"] == ref[rec["pair_id"]]["differences"]
+        assert all(
+            np.array_equal(x, y)
+            for x, y in zip(pixels(out, rec), pixels(per_type["mixed"], ref[rec["pair_id"]]), strict=True)
+        )
+
+
 @pytest.mark.skipif(not os.environ.get("DIG_TEST_RAY"), reason="set DIG_TEST_RAY=1 to run the local Ray test")
 def test_ray_local_matches_the_pool(coco_dir, per_type, tmp_path, monkeypatch, request):
     import shutil
