@@ -49,17 +49,22 @@ def proc_status_mb(key: str) -> float:
     return float("nan")
 
 
-def index_child(path: Path, images: Path) -> None:
-    from data_prep.photo_coco import load_coco
-    from data_prep.photo_pairs import load_settings
+def index_child(path: Path, images: Path, mode: str) -> None:
+    """``parse``: load the JSON as a local run does (and write the Ray index cache); ``cache``: load that cache as a
+    Ray worker does."""
+    from data_prep.photo_pairs import INDEX_CACHE, PhotoConfig, _load, write_index_cache
 
+    cfg = PhotoConfig(out=path.parent / "index-cache", num=1, coco=path, images=images)
     before = proc_status_mb("VmHWM")
     t0 = time.perf_counter()
-    coco = load_coco(path, images, load_settings())
+    coco, _ = _load(cfg, cfg.out / INDEX_CACHE if mode == "cache" else None)
+    seconds = time.perf_counter() - t0
+    peak, rss = proc_status_mb("VmHWM"), proc_status_mb("VmRSS")
+    if mode == "parse":
+        write_index_cache(cfg)
     print(json.dumps({
-        "index": True, "annotation_mb": round(path.stat().st_size / 2**20, 1), "load_s": round(time.perf_counter() - t0, 2),
-        "usable_instances": len(coco.instances), "peak_rss_mb": round(proc_status_mb("VmHWM"), 1),
-        "rss_after_load_mb": round(proc_status_mb("VmRSS"), 1),
+        "index": mode, "annotation_mb": round(path.stat().st_size / 2**20, 1), "load_s": round(seconds, 2),
+        "usable_instances": len(coco.instances), "peak_rss_mb": round(peak, 1), "rss_after_load_mb": round(rss, 1),
         "rss_before_mb": round(before, 1),
     }))  # fmt: skip
 
@@ -109,12 +114,13 @@ def main() -> int:
     )
     p.add_argument("--child-out", dest="out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-index", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--index-mode", default="parse", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.out:
         child(args)
         return 0
     if args.child_index:
-        index_child(Path(args.child_index), args.images)
+        index_child(Path(args.child_index), args.images, args.index_mode)
         return 0
     if args.coco is None:
         from data_prep.photo_synthetic import write_coco_set
@@ -125,10 +131,23 @@ def main() -> int:
         args.coco, args.images = drawn / "annotations.json", drawn / "images"
     if args.index_annotations:
         big = write_large_index(args.coco.parent, args.index_annotations, args.workdir / "large.json")
-        cmd = [sys.executable, __file__, "--child-index", str(big), "--images", str(args.images)]
-        line = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, check=True)
-        print(json.dumps({**json.loads(line.stdout.strip().splitlines()[-1]), "annotations": args.index_annotations}))
+        for mode in ("parse", "cache"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child-index",
+                str(big),
+                "--images",
+                str(args.images),
+                "--index-mode",
+                mode,
+            ]
+            line = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, check=True)
+            print(
+                json.dumps({**json.loads(line.stdout.strip().splitlines()[-1]), "annotations": args.index_annotations})
+            )
         big.unlink()
+        shutil.rmtree(args.workdir / "index-cache", ignore_errors=True)
     results = []
     for repeat in range(args.repeats):
         out = args.workdir / f"run-{repeat}"
