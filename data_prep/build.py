@@ -22,11 +22,20 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from data_prep import to_verl
-from data_prep.stages import STAGES_FILE, Curriculum, Run, Stage, load_curriculum
+from data_prep.stages import (
+    RENDERED_ONLY,
+    STAGES_FILE,
+    Curriculum,
+    Run,
+    SourceMix,
+    Stage,
+    load_curriculum,
+    load_source_mixes,
+)
 from recipes.dig.models import load_model_spec
 
 TEST_STAGE = "test"
@@ -43,6 +52,8 @@ class BuildOptions:
     progress: bool = True
     system_prompt: str | None = None
     vocab: Path | None = None
+    coco: Path | None = None  # photo source: COCO-format annotations (overrides the stages file's photo.coco)
+    images: Path | None = None  # ... and its image folder (photo.images)
 
 
 def stage_dir_name(stage: Stage) -> str:
@@ -56,6 +67,24 @@ def run_dirs(data_dir: Path, stage: Stage, split: str) -> list[Path]:
     if len(runs) == 1:
         return [base]
     return [base / f"{i}-k{run.k}" for i, run in enumerate(runs)]
+
+
+def photo_run_dirs(data_dir: Path, stage: Stage, split: str) -> list[Path]:
+    """The photo-source sibling of each run folder (``train`` -> ``train-photo``) of a stage with a source mix."""
+    return [d.with_name(f"{d.name}-photo") for d in run_dirs(data_dir, stage, split)]
+
+
+def source_runs(data_dir: Path, stage: Stage, split: str, mix: SourceMix) -> list[tuple[str, Run, Path]]:
+    """(source, run, folder) of every generation run of ``split``: each stages.yaml run split by the mix."""
+    out = []
+    for run, rendered_dir, photo_dir in zip(
+        stage.splits[split], run_dirs(data_dir, stage, split), photo_run_dirs(data_dir, stage, split), strict=True
+    ):
+        counts = mix.counts(run.num)
+        for source, folder in (("rendered", rendered_dir), ("photo", photo_dir)):
+            if counts[source]:
+                out.append((source, replace(run, num=counts[source]), folder))
+    return out
 
 
 def parquet_path(data_dir: Path, stage: Stage, split: str) -> Path:
@@ -104,6 +133,33 @@ def _real_generate(config) -> dict:
     return generate(config)
 
 
+def _photo_config(run: Run, out: Path, options: BuildOptions, mix: SourceMix):
+    from data_prep.photo_pairs import PhotoConfig
+
+    return PhotoConfig(
+        out=out,
+        num=run.num,
+        coco=mix.coco,
+        images=mix.images,
+        k=run.k,
+        seed=run.seed,
+        width=options.width,
+        height=options.height,
+        workers=options.workers,
+        no_diff_fraction=run.no_diff_fraction,
+        ray_address=options.ray_address,
+        progress=options.progress,
+        categories=list(mix.categories) if mix.categories else None,
+        settings=mix.settings,
+    )
+
+
+def _real_photo_generate(config) -> dict:
+    from data_prep.photo_pairs import generate
+
+    return generate(config)
+
+
 def pair_seeds(pairs_dir: Path) -> dict[int, str]:
     """seed -> pair_id of every pair of a run (the seed recorded in each pair record)."""
     seeds = {}
@@ -120,7 +176,7 @@ def check_test_seeds_disjoint(data_dir: Path, curriculum: Curriculum) -> None:
     test_stage = curriculum.stages[TEST_STAGE]
     test_seeds: dict[int, str] = {}
     for split in test_stage.splits:
-        for pairs_dir in run_dirs(data_dir, test_stage, split):
+        for pairs_dir in run_dirs(data_dir, test_stage, split) + photo_run_dirs(data_dir, test_stage, split):
             if (pairs_dir / "manifest.jsonl").is_file():
                 test_seeds.update(pair_seeds(pairs_dir))
     if not test_seeds:
@@ -129,7 +185,7 @@ def check_test_seeds_disjoint(data_dir: Path, curriculum: Curriculum) -> None:
         if stage.name == TEST_STAGE:
             continue
         for split in stage.splits:
-            for pairs_dir in run_dirs(data_dir, stage, split):
+            for pairs_dir in run_dirs(data_dir, stage, split) + photo_run_dirs(data_dir, stage, split):
                 if not (pairs_dir / "manifest.jsonl").is_file():
                     continue
                 shared = [(seed, pid) for seed, pid in pair_seeds(pairs_dir).items() if seed in test_seeds]
@@ -150,38 +206,60 @@ def build(
     options: BuildOptions = BuildOptions(),
     generate_fn: Callable[[object], dict] = _real_generate,
     log: Callable[[dict], None] = lambda event: print(json.dumps(event), flush=True),
+    mixes: dict[str, SourceMix] | None = None,
+    photo_generate_fn: Callable[[object], dict] = _real_photo_generate,
 ) -> list[dict]:
-    """Generate and convert ``stages`` (names from the curriculum); returns one event per split."""
+    """Generate and convert ``stages`` (names from the curriculum); returns one event per split.
+
+    ``mixes``: source mix per stage name (``stages.load_source_mixes``); None or a missing stage: rendered only.
+    """
     data_dir = Path(data_dir)
     load_model_spec(model)  # bad model name: fail before generating anything
     selected = [curriculum.stage(name) for name in stages]
+    mixes = {s.name: (mixes or {}).get(s.name, SourceMix(dict(RENDERED_ONLY))) for s in selected}
+    mixes = {name: mix.with_paths(options.coco, options.images) for name, mix in mixes.items()}
+    for stage in selected:  # the mix is reported first; a photo share without a COCO set fails before any work
+        mix = mixes[stage.name]
+        if mix.uses_photo and not (mix.coco and mix.images):
+            raise ValueError(
+                f"stage {stage.name} mixes {mix.describe()} pairs: give the COCO-format set with --coco FILE "
+                f"--images DIR (or photo.coco / photo.images in {STAGES_FILE.name})"
+            )
+        if mix.fractions != RENDERED_ONLY:  # the paper's default stays silent
+            log({"event": "mix", "stage": stage.name, "sources": mix.describe(),
+                 "pairs": {split: _source_counts(data_dir, stage, split, mix) for split in stage.splits}})  # fmt: skip
     # Generation first (the slow part, resumable), then the seed check, then conversion.
     for stage in selected:
-        for split, runs in stage.splits.items():
-            for run, pairs_dir in zip(runs, run_dirs(data_dir, stage, split), strict=True):
+        for split in stage.splits:
+            for source, run, pairs_dir in source_runs(data_dir, stage, split, mixes[stage.name]):
                 have = manifest_size(pairs_dir, run.num)
                 if have >= run.num:
                     continue
-                log({"event": "generate", "stage": stage.name, "split": split, "dir": str(pairs_dir),
-                     "have": have, "num": run.num, "k": run.k, "seed": run.seed})  # fmt: skip
-                generate_fn(_generator_config(run, pairs_dir, options))
+                log({"event": "generate", "source": source, "stage": stage.name, "split": split,
+                     "dir": str(pairs_dir), "have": have, "num": run.num, "k": run.k, "seed": run.seed})  # fmt: skip
+                if source == "photo":
+                    photo_generate_fn(_photo_config(run, pairs_dir, options, mixes[stage.name]))
+                else:
+                    generate_fn(_generator_config(run, pairs_dir, options))
                 if manifest_size(pairs_dir, run.num) < run.num:
                     raise RuntimeError(f"{pairs_dir}: the generator finished with fewer than {run.num} pairs")
     check_test_seeds_disjoint(data_dir, curriculum)
     events = []
     for stage in selected:
         allowed = stage.allowed_k()
-        for split, runs in stage.splits.items():
+        for split in stage.splits:
             out = parquet_path(data_dir, stage, split)
+            runs = source_runs(data_dir, stage, split, mixes[stage.name])
             plan = to_verl.plan_conversion(
-                run_dirs(data_dir, stage, split),
+                [folder for _, _, folder in runs],
                 model,
                 stage.name,
                 split,
                 options.system_prompt,
-                limits=[run.num for run in runs],
+                limits=[run.num for _, run, _ in runs],
             )
-            event = {"stage": stage.name, "split": split, "out": str(out), "rows": len(plan.refs)}
+            event = {"stage": stage.name, "split": split, "out": str(out), "rows": len(plan.refs),
+                     "sources": _source_counts(data_dir, stage, split, mixes[stage.name])}  # fmt: skip
             if to_verl.read_metadata(out) == plan.metadata:
                 event["event"] = "skip"
             else:
@@ -190,6 +268,13 @@ def build(
             log(event)
             events.append(event)
     return events
+
+
+def _source_counts(data_dir: Path, stage: Stage, split: str, mix: SourceMix) -> dict[str, int]:
+    counts = {"rendered": 0, "photo": 0}
+    for source, run, _ in source_runs(data_dir, stage, split, mix):
+        counts[source] += run.num
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="render worker processes")
     parser.add_argument("--ray-address", default=None, help="render on a Ray cluster ('auto', 'ray://...')")
     parser.add_argument("--vocab", type=Path, default=None, help="scene vocabulary YAML (generator default)")
+    parser.add_argument("--coco", type=Path, default=None, help="photo source: COCO-format annotations (stages mix)")
+    parser.add_argument("--images", type=Path, default=None, help="photo source: the image folder of --coco")
     parser.add_argument("--num-train", type=int, default=None, help="pairs per train split (small runs)")
     parser.add_argument("--num-val", type=int, default=None, help="pairs per val split")
     parser.add_argument("--num-test", type=int, default=None, help="pairs per K of the test split")
@@ -225,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             system_prompt=args.system_prompt,
             vocab=args.vocab,
+            coco=args.coco,
+            images=args.images,
         )
-        build(args.data_dir, args.model, stages, curriculum, options)
+        build(args.data_dir, args.model, stages, curriculum, options, mixes=load_source_mixes(args.stages_file))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

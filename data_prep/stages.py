@@ -139,3 +139,84 @@ def load_curriculum(path: Path | str = STAGES_FILE) -> Curriculum:
             splits[str(split)] = parsed
         stages[name] = Stage(name=name, description=str(body.get("description", "")), splits=splits)
     return Curriculum(max_differences=max_differences, render=dict(raw.get("render") or {}), stages=stages)
+
+
+# ------------------------------------------------------------------------------------- per-stage source mix
+
+SOURCES = ("rendered", "photo")  # data_prep.generate (Blender) and data_prep.photo_pairs (a COCO-format set)
+RENDERED_ONLY = {"rendered": 1.0}  # the paper's curriculum: every stage without a `sources:` key
+
+
+@dataclass(frozen=True)
+class SourceMix:
+    """Share of each pair source in a stage, and where the photo source reads its COCO-format set."""
+
+    fractions: dict[str, float]
+    coco: Path | None = None
+    images: Path | None = None
+    categories: tuple[str, ...] | None = None
+    settings: Path | None = None
+
+    def counts(self, num: int) -> dict[str, int]:
+        """Pairs per source for a run of ``num`` pairs (photo rounded, rendered takes the rest)."""
+        photo = round(num * self.fractions.get("photo", 0.0))
+        return {"rendered": num - photo, "photo": photo}
+
+    @property
+    def uses_photo(self) -> bool:
+        return self.fractions.get("photo", 0.0) > 0
+
+    def describe(self) -> str:
+        """E.g. ``70 % rendered, 30 % photo`` (what the build and the launch dry run print)."""
+        return ", ".join(f"{100 * share:g} % {name}" for name, share in self.fractions.items() if share > 0)
+
+    def with_paths(self, coco: Path | None, images: Path | None) -> SourceMix:
+        """Command-line COCO paths override those of the stages file."""
+        return replace(self, coco=Path(coco) if coco else self.coco, images=Path(images) if images else self.images)
+
+
+def _source_fractions(raw, where: str) -> dict[str, float]:
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{where}: expected a mapping like {{rendered: 0.7, photo: 0.3}}, got {raw!r}")
+    unknown = set(raw) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"{where}: unknown source(s) {sorted(unknown)}; known: {', '.join(SOURCES)}")
+    fractions = {}
+    for name in SOURCES:
+        share = raw.get(name, 0.0)
+        if not isinstance(share, int | float) or isinstance(share, bool) or not 0.0 <= share <= 1.0:
+            raise ValueError(f"{where}.{name}: expected a share in [0, 1], got {share!r}")
+        fractions[name] = float(share)
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ValueError(f"{where}: shares sum to {sum(fractions.values()):g}, not 1")
+    return fractions
+
+
+def load_source_mixes(path: Path | str = STAGES_FILE) -> dict[str, SourceMix]:
+    """Per stage name, its source mix: optional ``sources:`` per stage, optional top-level ``photo:`` block
+    (``coco``, ``images``, ``categories``, ``settings``; relative paths are relative to the stages file)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"stages file not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    photo = raw.get("photo") or {}
+    if not isinstance(photo, dict) or set(photo) - {"coco", "images", "categories", "settings"}:
+        raise ValueError(f"{path}: 'photo' must be a mapping with keys coco, images, categories, settings")
+
+    def local(key):
+        value = photo.get(key)
+        return None if value in (None, "") else (path.parent / str(value))
+
+    categories = photo.get("categories")
+    if categories is not None and not (isinstance(categories, list) and all(isinstance(c, str) for c in categories)):
+        raise ValueError(f"{path}: photo.categories must be a list of category names")
+    mixes = {}
+    for name, body in (raw.get("stages") or {}).items():
+        sources = body.get("sources") if isinstance(body, dict) else None
+        fractions = RENDERED_ONLY if sources is None else _source_fractions(sources, f"{path}: stages.{name}.sources")
+        mixes[str(name)] = SourceMix(dict(fractions), local("coco"), local("images"),
+                                     tuple(categories) if categories else None, local("settings"))  # fmt: skip
+    return mixes
