@@ -17,6 +17,10 @@ Workarounds of verl internals (each listed in docs/train_step.md with what it wo
 3. ``unpinned_ref_offload``: the forward-only FSDP2 engine (the reference policy) always offloads with
    ``CPUOffloadPolicy(pin_memory=True)`` (``verl/workers/engine/fsdp/transformer_impl.py`` line 462); pinning
    host memory needs a CUDA driver. Swapped for ``pin_memory=False`` while the workers are built.
+4. ``transformers_patches_undone``: building a worker patches transformers' Qwen-VL classes process-wide
+   (``verl/models/transformers/monkey_patch.py``, ``apply_monkey_patch`` line 254 onwards: ``forward`` of the
+   model classes, ``_flash_attention_forward``); HF ``generate`` in a later test of the same pytest process
+   (tests/test_e2e_cpu.py) would run verl's packed forward. The patched attributes are put back afterwards.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ TINY_OVERRIDES = (
     "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=4096",
     "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=4096",
     "trainer.n_gpus_per_node=1",
+    # torch.compile of the entropy kernel builds C++ with inductor on CPU: minutes on a busy box, no test value
+    "actor_rollout_ref.actor.use_torch_compile=false",
+    "actor_rollout_ref.actor.fsdp_config.use_torch_compile=false",
+    "actor_rollout_ref.ref.fsdp_config.use_torch_compile=false",
 )
 # The recipe's settings this test must use unchanged (asserted against the composed config).
 RECIPE_LOSS_KEYS = ("use_kl_loss", "kl_loss_type", "kl_loss_coef", "loss_agg_mode", "clip_ratio_low", "clip_ratio_high")
@@ -175,6 +183,40 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# transformers modules whose classes / functions verl's apply_monkey_patch replaces for Qwen-VL models
+PATCHED_MODULES = (
+    "transformers.models.qwen2_vl.modeling_qwen2_vl",
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    "transformers.models.qwen3_vl.modeling_qwen3_vl",
+    "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+    "transformers.integrations.flash_attention",
+)
+
+
+@contextlib.contextmanager
+def transformers_patches_undone() -> Iterator[None]:
+    """Workaround 4: put back whatever verl patched in transformers' Qwen-VL modules (module and class attributes)."""
+    import importlib
+    import inspect
+
+    saved = []
+    for name in PATCHED_MODULES:
+        module = importlib.import_module(name)
+        saved.append((module, dict(vars(module))))
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == name:
+                saved.append((cls, dict(vars(cls))))
+    try:
+        yield
+    finally:
+        for owner, before in saved:
+            for key, value in list(vars(owner).items()):
+                if key not in before:
+                    delattr(owner, key)
+                elif before[key] is not value:
+                    setattr(owner, key, before[key])
+
+
 @contextlib.contextmanager
 def verl_on_cpu() -> Iterator[None]:
     """verl's workers in this process: CPU platform, FSDP engine lookup, one gloo rank, unpinned ref offload."""
@@ -202,7 +244,8 @@ def verl_on_cpu() -> Iterator[None]:
     if started:
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        yield
+        with transformers_patches_undone():
+            yield
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
