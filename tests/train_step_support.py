@@ -18,9 +18,16 @@ Workarounds of verl internals (each listed in docs/train_step.md with what it wo
    ``CPUOffloadPolicy(pin_memory=True)`` (``verl/workers/engine/fsdp/transformer_impl.py`` line 462); pinning
    host memory needs a CUDA driver. Swapped for ``pin_memory=False`` while the workers are built.
 4. ``transformers_patches_undone``: building a worker patches transformers' Qwen-VL classes process-wide
-   (``verl/models/transformers/monkey_patch.py``, ``apply_monkey_patch`` line 254 onwards: ``forward`` of the
+   (``verl/models/transformers/monkey_patch.py``, ``apply_monkey_patch`` line 294: ``forward`` of the
    model classes, ``_flash_attention_forward``); HF ``generate`` in a later test of the same pytest process
    (tests/test_e2e_cpu.py) would run verl's packed forward. The patched attributes are put back afterwards.
+5. ``agent_loop_position_ids``: the agent loop's (4, L) multimodal position ids come from a method of
+   ``AgentLoopWorker`` (``verl/experimental/agent_loop/agent_loop.py`` line 920, ``_compute_position_ids``), a
+   Ray actor this test does not start; it is called unbound with a stand-in ``self`` holding only the processor.
+
+Not workarounds but stand-ins, because this runs without Ray or TransferQueue: ``to_batch`` builds the jagged
+TensorDict the V1 trainer's TransferQueue hands the workers (fields as ``trainer/ppo/v1/agent_loop_tq.py``
+stores them) and ``with_info`` adds the trainer's per-call settings the way ``tqbridge`` does.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from tiny_qwen import build_tiny_model, build_tiny_processor, save_tiny_checkpoint, verl_data_config
+from tiny_qwen import build_tiny_model, save_tiny_checkpoint, verl_data_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Model files whose dig: block the tiny models stand in for (one per family).
@@ -43,7 +50,7 @@ MODELS = {"qwen2_5_vl": "qwen2_5_vl_3b", "qwen3_vl": "qwen3_vl_4b_thinking"}
 NUM_PROMPTS = 2
 GROUP_SIZE = 4  # responses per prompt: GROUP_SIZE - 1 sampled by HF generate + the ground-truth answer
 SAMPLED_TOKENS = 6  # max new tokens per sampled response
-NUM_UPDATES = 3
+NUM_UPDATES = 2
 # Test-only knobs (not the recipe's): a random 0.2 M-parameter model needs a large step to move measurably in 3
 # updates, and tiny batches. Everything the loss is made of (KL type and coefficient, loss aggregation, clip
 # ratios, use_kl_loss) stays as the recipe composes it.
@@ -81,10 +88,9 @@ def compose_recipe(overrides: list[str]):
 @functools.cache
 def cpu_platform_class():
     """A verl platform for the host CPU, registered under ``cpu`` via the public plugin API."""
-    from verl.plugin.platform import PlatformBase, PlatformRegistry
-
     import psutil
     import torch
+    from verl.plugin.platform import PlatformBase, PlatformRegistry
 
     class CPUDeviceModule(SimpleNamespace):
         """What verl calls on ``get_torch_device()``: torch.cpu plus zero memory statistics (no device memory)."""
@@ -237,7 +243,8 @@ def verl_on_cpu() -> Iterator[None]:
     saved_platform = platform_manager._current_platform
     saved_policy = transformer_impl.CPUOffloadPolicy
     os.environ.update(env)
-    platform_manager.set_platform(cpu_platform_class()())  # workaround 1
+    # workaround 1: platform_manager.py line 117 falls back to nvidia; set_platform is the public override
+    platform_manager.set_platform(cpu_platform_class()())
     # workaround 3: transformer_impl.py line 462 pins the reference's offloaded parameters (needs a CUDA driver)
     transformer_impl.CPUOffloadPolicy = lambda **kwargs: saved_policy(**{**kwargs, "pin_memory": False})
     started = not dist.is_initialized()
@@ -352,7 +359,8 @@ def ground_truth_answer(ground_truth: str, spec) -> str:
     truth = json.loads(ground_truth)
     frame = dict(factor=spec.resize_factor, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
     boxes = geometry.from_pixels(truth["boxes"], spec.coord_mode, truth["width"], truth["height"], **frame)
-    body = json.dumps([{"bbox_2d": [round(v) for v in b], "label": t} for b, t in zip(boxes.tolist(), truth["types"])])
+    pairs = zip(boxes.tolist(), truth["types"], strict=True)
+    body = json.dumps([{"bbox_2d": [round(v) for v in box], "label": kind} for box, kind in pairs])
     return ("<think>B differs here.</think>\n" if spec.require_think else "") + body
 
 
@@ -555,6 +563,8 @@ def to_batch(samples: list[Sample], processor, advantages=None, mask=None):
 
 def agent_loop_position_ids(processor, input_ids, attention_mask, multi_modal_inputs):
     """(4, L) position ids as verl's agent loop computes them (``AgentLoopWorker._compute_position_ids``)."""
+    # workaround 5: verl/experimental/agent_loop/agent_loop.py line 920 is a Ray actor's method; it reads only
+    # self.processor, so it runs unbound with a stand-in self
     from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
 
     # pops mm_token_type_ids from multi_modal_inputs, as the agent loop does before storing them
@@ -645,7 +655,7 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
     import time
 
     from verl.workers.engine_workers import ActorRolloutRefWorker
-    from verl.workers.utils.padding import response_from_nested, response_to_nested
+    from verl.workers.utils.padding import response_from_nested
 
     cfg = front.cfg
     temperature = cfg.actor_rollout_ref.rollout.temperature
@@ -663,7 +673,9 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
         module = actor.actor.engine.module
         grids: list = []
         hook = _vision_tower(module).register_forward_pre_hook(
-            lambda _m, args, kwargs: grids.append((kwargs.get("grid_thw", args[1] if len(args) > 1 else None)).tolist()),
+            lambda _m, args, kwargs: grids.append(
+                (kwargs.get("grid_thw", args[1] if len(args) > 1 else None)).tolist()
+            ),
             with_kwargs=True,
         )
         params_before = _full_state(module)
@@ -690,7 +702,6 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
         final = actor.compute_log_prob(with_info(batch, calculate_entropy=False, compute_loss=False,
                                                  temperature=temperature))  # fmt: skip
         hook.remove()
-        del response_to_nested
         return StepResult(
             initial_log_probs=log_probs[0],
             final_log_probs=padded(final["log_probs"]),
