@@ -125,6 +125,9 @@ def cpu_platform_class():
         def is_available(self):
             return True
 
+        def is_platform_available(self, use_smi_check=False):
+            return False  # never auto-detected: later code in this process keeps verl's own detection
+
         def current_device(self):
             return "cpu"  # verl passes it as a device (tensor.to(get_device_id())); an int would mean cuda:N
 
