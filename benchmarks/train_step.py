@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/train_step.py [--families qwen2_5_vl qwen3_vl] [--updates 3] [--repeats 1]
 
-Each run is a fresh process (peak RSS is its own; verl's class-level patches stay in it): rows -> RLHFDataset ->
-HF generate -> reward -> GRPO advantages -> verl's reference worker and actor worker (FSDP2, one gloo rank) ->
-``--updates`` steps (old log-probs + update_actor). Prints one JSON line per run, then one summary line per
-family with medians. Figures are for the tiny random models of tests/tiny_qwen.py on CPU: they size the CI
-test, not a GPU run.
+Each run is a fresh process, so its peak RSS is its own: rows -> RLHFDataset -> HF generate -> reward -> GRPO
+advantages -> verl's reference worker and actor worker (FSDP2, one gloo rank) -> ``--updates`` steps (old
+log-probs + update_actor). Prints one JSON line per run, then one summary line per family with medians: wall
+clock, and CPU seconds of the process (steadier on a shared machine). Figures are for the tiny random models of
+tests/tiny_qwen.py on CPU: they size the CI test, not a GPU run.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def child(family: str, updates: int, workdir: Path) -> None:
                 "workers_and_steps_s": round(time.perf_counter() - started, 2),
                 "seconds_per_update": [round(s, 2) for s in result.seconds_per_update],
                 "median_s_per_update": round(statistics.median(result.seconds_per_update), 2),
+                "cpu_s_per_update": [round(s, 2) for s in result.cpu_seconds_per_update],
                 "peak_rss_mb": round(rss_mb(), 1),
             }
         ),
@@ -82,10 +83,12 @@ def main() -> int:
             print(json.dumps(run), flush=True)
             runs.append(run)
         per_update = [s for run in runs for s in run["seconds_per_update"]]
+        cpu_per_update = [s for run in runs for s in run["cpu_s_per_update"]]
         summary = {
             "summary": family,
             "runs": len(runs),
             "median_s_per_update": round(statistics.median(per_update), 2),
+            "median_cpu_s_per_update": round(statistics.median(cpu_per_update), 2),
             "median_peak_rss_mb": round(statistics.median(run["peak_rss_mb"] for run in runs), 1),
             "median_total_s": round(statistics.median(run["front_s"] + run["workers_and_steps_s"] for run in runs), 1),
         }

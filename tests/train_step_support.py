@@ -629,7 +629,8 @@ class StepResult:
     params_before: dict
     params_after: dict
     vision_grids: list[list[list[int]]]  # image_grid_thw of every vision-tower call in the actor, per call
-    seconds_per_update: list[float]
+    seconds_per_update: list[float]  # wall clock of each update_actor call
+    cpu_seconds_per_update: list[float]  # CPU time of this process (all threads) per call: steadier on a shared box
 
 
 def _full_state(module) -> dict:
@@ -692,15 +693,16 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
                            distillation_use_topk=False, distillation_only=False, global_batch_size=mini_batch,
                            mini_batch_size=mini_batch, epochs=actor_cfg.ppo_epochs, seed=actor_cfg.data_loader_seed,
                            dataloader_kwargs={"shuffle": actor_cfg.shuffle}, temperature=temperature)  # fmt: skip
-        metrics, log_probs, seconds = [], [], []
+        metrics, log_probs, seconds, cpu_seconds = [], [], [], []
         for _ in range(num_updates):
             old = actor.compute_log_prob(with_info(batch, calculate_entropy=True, compute_loss=False,
                                                    temperature=temperature))  # fmt: skip
             batch["old_log_probs"] = response_from_nested(old["log_probs"], response_mask)
             log_probs.append(padded(old["log_probs"]))
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = actor.update_actor(with_info(batch, **update_info))
             seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
             metrics.append(dict(out["metrics"]))
         final = actor.compute_log_prob(with_info(batch, calculate_entropy=False, compute_loss=False,
                                                  temperature=temperature))  # fmt: skip
@@ -714,4 +716,5 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
             params_after=_full_state(module),
             vision_grids=grids,
             seconds_per_update=seconds,
+            cpu_seconds_per_update=cpu_seconds,
         )
