@@ -173,3 +173,32 @@ def test_small_and_vectorised_cost_builders_agree(pred, gt):
     for a, b in zip(small, vectorised, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(small[1], geometry.pairwise_iou(pred, gt), rtol=1e-9, atol=1e-12)
+
+
+def test_clip_bounds_x_by_width_and_y_by_height():
+    # 480 x 320: a box over the whole canvas and beyond clips to the image, not to a square
+    over = [[-10, -20, 600, 500]]
+    np.testing.assert_allclose(geometry.to_pixels(over, "abs", 480, 320, clip=True), [[0, 0, 480, 320]])
+    np.testing.assert_allclose(geometry.to_pixels(over, "abs", 320, 480, clip=True), [[0, 0, 320, 480]])
+    np.testing.assert_allclose(geometry.to_pixels(over, "abs", 480, 320), over)  # no clip unless asked
+    # rel1000 on 480 x 320: (1100, 1100) is (528, 352) before clipping
+    np.testing.assert_allclose(
+        geometry.to_pixels([[500, 500, 1100, 1100]], "rel1000", 480, 320, clip=True), [[240, 160, 480, 320]]
+    )
+
+
+@pytest.mark.parametrize("extra_gt", [0, 47], ids=["plain_python_cost", "numpy_cost"])
+def test_matching_l1_normalises_x_by_width_and_y_by_height(extra_gt):
+    """Pure-L1 matching on 480 x 320: p moved 40 px in x costs 80/480 = 1/6, moved 30 px in y 60/320 = 3/16,
+    so p pairs with the x-shifted box. Dividing y by W would make the y-shifted one cheaper (60/480).
+    ``extra_gt`` far boxes push the matrix past SMALL_MATCH_PAIRS, onto the numpy cost builder."""
+    pred = [[100, 100, 200, 200]]
+    gt = [[140, 100, 240, 200], [100, 130, 200, 230]] + [[400, 280, 410, 290]] * extra_gt
+    assert (len(pred) * len(gt) > geometry.SMALL_MATCH_PAIRS) == bool(extra_gt)
+    rows, cols, iou = geometry.match_boxes(pred, gt, 480, 320, w_l1=1.0, w_giou=0.0)
+    assert (rows.tolist(), cols.tolist()) == ([0], [0])
+    np.testing.assert_allclose(iou, [3 / 7])
+    # the tall image swaps the preference: 40 px in y over H = 480 is now cheaper than 30 px in x over W = 320
+    gt_tall = [[130, 100, 230, 200], [100, 140, 200, 240]] + [[280, 400, 290, 410]] * extra_gt
+    _, cols, _ = geometry.match_boxes(pred, gt_tall, 320, 480, w_l1=1.0, w_giou=0.0)
+    assert cols.tolist() == [1]

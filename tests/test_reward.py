@@ -324,3 +324,39 @@ def test_scores_are_finite_floats_in_unit_interval():
             result = score(answer, gt)
             assert all(math.isfinite(v) for v in result.values())
             assert 0.0 <= result["score"] <= 1.0
+
+
+# ---- non-square images: x is normalised and clipped by W, y by H ----------------------------------------
+# Every hand-computed case above uses W = H, where a y-term scaled by W instead of H goes unnoticed.
+
+WIDE = (480, 320)
+
+
+def wide_score(answer, boxes, width=WIDE[0], height=WIDE[1], **kwargs):
+    return compute_score("dig", answer, gt_json(boxes, width, height), None, coord_mode="abs", **kwargs)
+
+
+def test_l1_cost_scales_y_by_height():
+    # On 480 x 320, p = [100,100,200,200]; GT1 is p moved 40 px right, GT2 p moved 30 px down.
+    # L1(p, GT1) = (40 + 40) / 480 = 1/6; L1(p, GT2) = (30 + 30) / 320 = 0.1875: L1 alone picks GT1,
+    # IoU(p, GT1) = 6000 / 14000 = 3/7. (Dividing the y-terms by W would give GT2 60/480 = 0.125: GT2, IoU 7/13.)
+    gt = [[140, 100, 240, 200], [100, 130, 200, 230]]
+    result = wide_score(boxes_text([[100, 100, 200, 200]]), gt, w_l1=1.0, w_giou=0.0)
+    assert_result(result, miou=3 / 7, f1=0.0, num_pred=1.0, num_gt=2.0)
+    # the same on a tall image (320 x 480) with the roles swapped: x moved 30 px (60/320), y 40 px (80/480)
+    tall = [[130, 100, 230, 200], [100, 140, 200, 240]]
+    result = wide_score(boxes_text([[100, 100, 200, 200]]), tall, width=320, height=480, w_l1=1.0, w_giou=0.0)
+    assert result["miou"] == pytest.approx(3 / 7)
+
+
+@pytest.mark.parametrize(("width", "height"), [WIDE, WIDE[::-1]])
+def test_boxes_past_an_edge_clip_to_that_edge(width, height):
+    # a box running past the bottom (y > H) or the right edge (x > W), clipped, is exactly the GT
+    bottom, right = [100, height - 40, 200, height], [width - 40, 100, width, 200]
+    assert wide_score(boxes_text([[100, height - 40, 200, height + 80]]), [bottom], width, height)["score"] == 1.0
+    assert wide_score(boxes_text([[width - 40, 100, width + 80, 200]]), [right], width, height)["score"] == 1.0
+    # in rel1000 too: y = 1250 is 1.25 H, clipped to H
+    y0 = (height - 40) / height * 1000
+    answer = boxes_text([[100 / width * 1000, y0, 200 / width * 1000, 1250]])
+    result = compute_score("dig", answer, gt_json([bottom], width, height), coord_mode="rel1000")
+    assert result["score"] == pytest.approx(1.0)
