@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 
-from reward_fns.dig_reward import RESULT_KEYS, check_reward_kwargs, compute_score
+from eval import refcoco
+from eval import scoring as eval_scoring
+from recipes.dig.models import load_model_spec
+from reward_fns import geometry, parsing, scoring
+from reward_fns.dig_reward import RESULT_KEYS, RewardKnobs, check_reward_kwargs, compute_score
 
 W, H = 1000, 1000  # 1000 x 1000 so that rel1000 values equal pixels and the arithmetic stays readable
 
@@ -299,23 +307,76 @@ def test_check_reward_kwargs_names_the_culprit():
         check_reward_kwargs(require_think="yes")
 
 
-def test_defaults_match_the_contract():
-    defaults = check_reward_kwargs()
-    assert defaults | {} == {
-        "w_format": 0.1,
-        "w_f1": 0.5,
-        "w_iou": 0.5,
-        "iou_threshold": 0.5,
-        "w_l1": 5.0,
-        "w_giou": 2.0,
-        "max_boxes": 50,
-        "coord_mode": "rel1000",
-        "require_think": False,
-        "min_pixels": 3136,
-        "max_pixels": 12845056,
-        "resize_factor": 28,
-        "max_answer_chars": 32768,
-    }
+REPO = Path(__file__).resolve().parents[1]
+KNOB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RewardKnobs)}
+
+
+def test_knobs_have_one_home():
+    """compute_score takes the knobs as **kwargs and no reward function repeats a knob's default."""
+    assert check_reward_kwargs() == KNOB_DEFAULTS == RewardKnobs().as_dict()
+    params = list(inspect.signature(compute_score).parameters.values())
+    assert [p.name for p in params[:4]] == ["data_source", "solution_str", "ground_truth", "extra_info"]
+    assert len(params) == 5 and params[4].kind is inspect.Parameter.VAR_KEYWORD
+    for module in (scoring, parsing, geometry, eval_scoring, refcoco):
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            for param in inspect.signature(fn).parameters.values():
+                if param.name in KNOB_DEFAULTS:
+                    assert param.default in (inspect.Parameter.empty, None), (
+                        f"{module.__name__}.{name}({param.name}=...)"
+                    )
+
+
+@pytest.mark.parametrize("knob", sorted(KNOB_DEFAULTS))
+def test_compute_score_rejects_a_bad_value_of_every_knob(knob):
+    bad = {str: "pixels", bool: "yes", int: 0, float: 1.5 if knob.startswith(("w_f", "w_i", "iou")) else -1.0}
+    value = bad[type(KNOB_DEFAULTS[knob])]
+    with pytest.raises(ValueError, match=f"reward knob.* {knob}=|{knob}"):
+        compute_score("dig", "[]", gt_json([A]), None, **{knob: value})
+    with pytest.raises(ValueError, match=knob):
+        check_reward_kwargs(**{knob: value})
+    # verl's own keys pass through; a typo does not
+    assert compute_score("dig", "[]", gt_json([]), None, reward_router_address=None)["score"] == 1.0
+    with pytest.raises(ValueError, match="unknown reward knob"):
+        compute_score("dig", "[]", gt_json([]), None, iou_thresh=0.5)
+
+
+def test_recipe_yaml_reward_kwargs_agree_with_the_knobs():
+    """recipes/dig/config/dig_grpo.yaml: every key is a knob; a literal value is the knob's default; the
+    model-dependent ones interpolate the model file's dig: block, exactly the keys ModelSpec.reward_kwargs has."""
+    raw = yaml.safe_load((REPO / "recipes/dig/config/dig_grpo.yaml").read_text())
+    kwargs = raw["reward"]["custom_reward_function"]["reward_kwargs"]
+    assert set(kwargs) <= set(KNOB_DEFAULTS), set(kwargs) - set(KNOB_DEFAULTS)
+    interpolated = {k for k, v in kwargs.items() if isinstance(v, str) and v.startswith("${")}
+    for key in interpolated:
+        assert kwargs[key] == f"${{dig.{key}}}", key
+    assert interpolated == set(load_model_spec("qwen3_vl_8b_thinking").reward_kwargs())
+    for key in set(kwargs) - interpolated:
+        assert kwargs[key] == KNOB_DEFAULTS[key] and type(kwargs[key]) is type(KNOB_DEFAULTS[key]), key
+
+
+def readme_knob_table() -> dict[str, str]:
+    """knob -> default cell of the README's reward-knob table (a row may name several knobs)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| knob | default | meaning |") :].split("\n\n")[0].splitlines()[2:]
+    out = {}
+    for row in table:
+        names, default = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        names = [n.strip(" `") for n in names.split(",")]
+        defaults = [d.strip(" `") for d in default.split(",")]
+        assert len(names) == len(defaults), row
+        for name, value in zip(names, defaults, strict=True):
+            assert name not in out, f"{name} twice in the README table"
+            out[name] = value
+    return out
+
+
+def test_readme_knob_table_is_the_knobs():
+    def shown(value) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    assert readme_knob_table() == {name: shown(value) for name, value in KNOB_DEFAULTS.items()}
 
 
 def test_scores_are_finite_floats_in_unit_interval():
