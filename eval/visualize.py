@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from data_prep.gallery import draw_box
 from eval.scoring import reward_knobs, score_response
 from recipes.dig.models import load_model_spec
 
@@ -99,17 +100,6 @@ def order_samples(samples: list[dict], sort: str, limit: int | None) -> list[dic
 # ----------------------------------------------------------------------------------------------- drawing
 
 
-def _dashed_rectangle(draw: ImageDraw.ImageDraw, box, color, width: int, dash: int = 6) -> None:
-    x0, y0, x1, y1 = box
-    for a, b, horizontal, fixed in ((x0, x1, True, y0), (x0, x1, True, y1), (y0, y1, False, x0), (y0, y1, False, x1)):
-        pos = a
-        while pos < b:
-            end = min(pos + dash, b)
-            line = (pos, fixed, end, fixed) if horizontal else (fixed, pos, fixed, end)
-            draw.line(line, fill=color, width=width)
-            pos += 2 * dash
-
-
 def _open(data: bytes | None, width: float, height: float) -> Image.Image:
     if data is None:
         return Image.new("RGB", (max(1, round(width)), max(1, round(height))), (90, 90, 90))
@@ -128,14 +118,10 @@ def render_tile(sample: dict, pngs: tuple[bytes, bytes] | None) -> Image.Image:
     for image, show_pred in ((a, False), (b, True)):
         draw = ImageDraw.Draw(image)
         for box in sample["gt_boxes"]:
-            draw.rectangle([v * scale for v in box], outline=GT_COLOR, width=line)
+            draw_box(draw, box, GT_COLOR, line, scale)
         if show_pred:
             for i, box in enumerate(sample["pred_boxes"]):
-                scaled = [v * scale for v in box]
-                if i in matched:
-                    draw.rectangle(scaled, outline=PRED_COLOR, width=line)
-                else:
-                    _dashed_rectangle(draw, scaled, PRED_COLOR, line)
+                draw_box(draw, box, PRED_COLOR, line, scale, dashed=i not in matched)
     tile = Image.new("RGB", (2 * size[0] + 4, TILE_HEIGHT + CAPTION_HEIGHT), (255, 255, 255))
     tile.paste(a, (0, 0))
     tile.paste(b, (size[0] + 4, 0))

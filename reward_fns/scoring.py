@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -115,8 +116,7 @@ def failed_metrics(num_gt: float) -> dict[str, float]:
     return out
 
 
-@dataclass(frozen=True)
-class Scored:
+class Scored(NamedTuple):  # a tuple: built once per reward call, where a frozen dataclass costs more
     """One answer through the whole pipeline: the reward's metrics plus what eval reports and draws."""
 
     metrics: dict[str, float]  # the nine RESULT_KEYS

@@ -108,3 +108,23 @@ def test_rejects_other_files(tmp_path):
         visualize.samples_from_eval(bad)
     with pytest.raises(ValueError, match="not a verl generations dump line"):
         visualize.samples_from_verl_dump(bad, dig.reward_knobs(SPEC), {})
+
+
+def test_one_box_convention_in_gallery_and_eval_tiles():
+    """Boxes are [x0, y0, x1, y1] with x1/y1 exclusive: [10, 10, 20, 20] covers pixels 10..19, so both
+    galleries outline column/row 19 and leave 20 alone, at any scale."""
+    from data_prep.gallery import draw_boxes
+
+    black = Image.new("RGB", (40, 40))
+    for scale in (1.0, 2.0):
+        drawn = draw_boxes(black, [{"box": [10, 10, 20, 20], "color": (255, 0, 0)}], scale=scale, width=1)
+        last, outside = round(20 * scale) - 1, round(20 * scale)
+        assert drawn.getpixel((last, last)) == drawn.getpixel((round(10 * scale), last)) == (255, 0, 0)
+        assert drawn.getpixel((outside, outside)) == drawn.getpixel((outside, last)) == (0, 0, 0)
+    sample = {"pair_id": "p", "num_gt": 1, "width": W, "height": H, "gt_boxes": [GT_BOX], "pred_boxes": [],
+              "pairs": [], "metrics": {"f1": 0.0, "miou": 0.0, "num_pred": 0.0}}  # fmt: skip
+    tile = visualize.render_tile(sample, (png((0, 0, 255)), png((0, 0, 255))))
+    scale = visualize.TILE_HEIGHT / H
+    right = round(GT_BOX[2] * scale)  # the first column past the box
+    assert tile.getpixel((right - 1, round(20 * scale))) == visualize.GT_COLOR
+    assert tile.getpixel((right, round(20 * scale))) == (0, 0, 255)
