@@ -215,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         report = offline_estimate(spec, args.image_size or largest_image_size(spec), limit)
         print(json.dumps(report))
         if not report["fits"]:
-            print(f"{spec.model_name}: up to {report['prompt_tokens_bound']} prompt tokens (estimate) but "
-                  f"data.max_prompt_length={limit}: raise it or lower dig.max_pixels", file=sys.stderr)  # fmt: skip
+            print(
+                f"{spec.model_name}: up to {report['prompt_tokens_bound']} prompt tokens (estimate) but "
+                f"data.max_prompt_length={limit}: raise it or lower dig.max_pixels",
+                file=sys.stderr,
+            )
             return 1
         return 0
     # Read from disk only: without this huggingface_hub may still phone home (e.g. for its user-agent data).

@@ -164,8 +164,10 @@ def markdown(splits: dict[str, dict]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, s in splits.items():
-        lines.append(f"| {name} | {s['n']} | {pct(s['acc50_ge'])} | {pct(s['acc50_gt'])} | {pct(s['miou'])} | "
-                     f"{pct(s['format_rate'])} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {s['n']} | {pct(s['acc50_ge'])} | {pct(s['acc50_gt'])} | {pct(s['miou'])} | "
+            f"{pct(s['format_rate'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -197,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         from eval.backends import build_backend, generate_to_file
 
         pred_path = out.with_name(out.stem + ".predictions.jsonl")
-        backend = build_backend(args.backend, args.model_path, spec, max_new_tokens=args.max_new_tokens,
-                                tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
+        backend = build_backend(
+            args.backend,
+            args.model_path,
+            spec,
+            max_new_tokens=args.max_new_tokens,
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
 
         def batches():
             batch = []
@@ -225,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             s = score_rec(response, sample.gt_box, sample.width, sample.height, knobs)
             scores.append(s)
             details.append({"id": sample.id, "expression": sample.expression, "gt_box": sample.gt_box, **s})
-    results = {"model": spec.model_name, "coord_mode": spec.coord_mode,
-               "splits": {name: summarize(scores) for name, scores in per_split.items()}}  # fmt: skip
+    results = {
+        "model": spec.model_name,
+        "coord_mode": spec.coord_mode,
+        "splits": {name: summarize(scores) for name, scores in per_split.items()},
+    }
     table = markdown(results["splits"])
     results["markdown"] = table
     atomic_write_text(out, json.dumps(results, indent=2))

@@ -52,8 +52,12 @@ def test_readme_command_without_the_processor(tmp_path):
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{listener.getsockname()[1]}")
     proc = subprocess.run(
         [sys.executable, "-m", "data_prep.budget", "--model", "qwen3_vl_8b_thinking"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     with pytest.raises(BlockingIOError):
         listener.accept()
     listener.close()
