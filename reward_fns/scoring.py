@@ -61,7 +61,16 @@ def predicted_pixel_boxes(solution_str: str, width: float, height: float, knobs:
         max_answer_chars=knobs.max_answer_chars,
     )
     try:
-        pixels = geometry.to_pixels(raw, knobs.coord_mode, width, height, clip=True, **knobs.frame)
+        pixels = geometry.to_pixels(
+            raw,
+            knobs.coord_mode,
+            width,
+            height,
+            clip=True,
+            factor=knobs.resize_factor,
+            min_pixels=knobs.min_pixels,
+            max_pixels=knobs.max_pixels,
+        )
     except (ValueError, AssertionError) as err:  # smart_resize refuses extreme aspect ratios
         raise ParseError(f"cannot convert from {knobs.coord_mode}: {err}") from err
     if len(pixels) and not (pixels[:, 2:] > pixels[:, :2]).all():

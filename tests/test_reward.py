@@ -421,3 +421,12 @@ def test_boxes_past_an_edge_clip_to_that_edge(width, height):
     answer = boxes_text([[100 / width * 1000, y0, 200 / width * 1000, 1250]])
     result = compute_score("dig", answer, gt_json([bottom], width, height), coord_mode="rel1000")
     assert result["score"] == pytest.approx(1.0)
+
+
+def test_knob_cache_follows_the_call():
+    # compute_score caches the knobs of the last call: alternating knob sets must each take effect
+    half = boxes_text([[100, 100, 200, 150]])  # IoU 0.5 with A
+    for _ in range(3):
+        assert score(half, [A])["f1"] == 1.0
+        assert score(half, [A], iou_threshold=0.6)["f1"] == 0.0
+        assert score(half, [A], iou_threshold=0.5, w_format=0.0)["score"] == pytest.approx(0.75)
