@@ -160,6 +160,8 @@ def test_below_threshold_partners_and_format_failures_in_aggregation():
         "exact": ([[300, 40, 380, 120]], ["added"]),
         "empty_garbage": ([], []),  # K = 0 answered with no list at all: format fails
         "k1_garbage": ([[10, 20, 60, 80]], ["color"]),  # K = 1, format fails
+        # only the second GT box is found: its type gets the hit, not the first box's (pred 0 pairs with GT 1)
+        "second_only": ([[10, 20, 60, 80], [300, 200, 380, 300]], ["color", "added"]),
     }
     rows = [{"reward_model": {"ground_truth": gt_json(*pairs[p])}, "extra_info": {"pair_id": p}} for p in pairs]
     preds = {
@@ -167,18 +169,21 @@ def test_below_threshold_partners_and_format_failures_in_aggregation():
         "exact": answer(pairs["exact"][0], spec),
         "empty_garbage": "garbage",
         "k1_garbage": "garbage",
+        "second_only": answer([[300, 200, 380, 300]], spec),
     }
     samples = dig.score_rows(rows, preds, reward_knobs(spec))
-    assert [s["metrics"]["format"] for s in samples] == [1.0, 1.0, 0.0, 0.0]
+    assert [s["metrics"]["format"] for s in samples] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert [(p["pred"], p["gt"], p["match"]) for p in samples[4]["pairs"]] == [(0, 1, True)]
     results = dig.aggregate(samples)
     color = results["per_type"]["color"]
-    # two colour boxes: one has a partner at IoU 1/3 (assigned, not matched), one none (format failed)
-    assert color["n"] == 2 and color["recall"] == 0.0
+    # three colour boxes: one has a partner at IoU 1/3 (assigned, not matched), two none
+    assert color["n"] == 3 and color["recall"] == 0.0
     assert color["miou"] == pytest.approx(1 / 3, abs=0.01)  # over the boxes that had a partner
-    assert results["per_type"]["added"]["recall"] == 1.0
+    added = results["per_type"]["added"]
+    assert (added["n"], added["recall"], added["n_pairs"]) == (2, 1.0, 2)
     # count accuracy: "third" and "exact" have N == K; both garbage answers count as wrong, K = 0 included
     assert results["per_k"]["0"]["count_accuracy"] == 0.0
-    assert results["overall"]["count_accuracy"] == pytest.approx(2 / 4)
+    assert results["overall"]["count_accuracy"] == pytest.approx(2 / 5)
     assert results["per_k"]["1"]["count_accuracy"] == pytest.approx(2 / 3)
     assert results["no_difference"] == {"n": 1, "hallucination_rate": 0.0, "format_fail_rate": 1.0}
-    assert results["overall"]["format_rate"] == pytest.approx(0.5)
+    assert results["overall"]["format_rate"] == pytest.approx(3 / 5)
