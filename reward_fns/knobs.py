@@ -8,6 +8,7 @@ A knob set is a configuration: a wrong name, type or range raises ``ValueError``
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
@@ -23,7 +24,7 @@ _POSITIVE_INT = ("max_boxes", "min_pixels", "max_pixels", "resize_factor", "max_
 
 
 def _number(name: str, value) -> float:
-    if not isinstance(value, bool) and isinstance(value, int | float):
+    if not isinstance(value, bool) and isinstance(value, numbers.Real):  # numpy scalars too
         try:
             if math.isfinite(value := float(value)):
                 return value

@@ -135,7 +135,8 @@ class Scored(NamedTuple):  # a tuple: built once per reward call, where a frozen
 
 
 def score_answer(solution_str: str, gt: GroundTruth, knobs: RewardKnobs) -> Scored:
-    """Steps 1-8: the one scoring pipeline (the reward, eval.dig and eval.visualize call it)."""
+    """Steps 1-8: the one scoring pipeline. compute_score and eval.scoring (eval.dig, eval.visualize) call it;
+    eval.refcoco, which scores only the first box, calls its steps 1-3 (``predicted_pixel_boxes``)."""
     try:
         pred = predicted_pixel_boxes(solution_str, gt.width, gt.height, knobs)
     except ParseError as err:
