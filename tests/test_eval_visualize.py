@@ -128,3 +128,20 @@ def test_one_box_convention_in_gallery_and_eval_tiles():
     right = round(GT_BOX[2] * scale)  # the first column past the box
     assert tile.getpixel((right - 1, round(20 * scale))) == visualize.GT_COLOR
     assert tile.getpixel((right, round(20 * scale))) == (0, 0, 255)
+
+
+def test_generation_gallery_draws_the_record_boxes(tmp_path):
+    """data_prep.gallery on generator-format pairs (synthetic, no Blender): each GT box is outlined on its
+    exclusive edge in the contact sheet."""
+    from data_prep.gallery import TYPE_COLORS, make_sheet
+    from data_prep.synthetic import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs", num=1, k=1, seed=1, width=64, height=48)
+    record = json.loads(next(pairs.glob("shard_*/*.json")).read_text())
+    diff = record["differences"][0]
+    x0, y0, x1, y1 = diff["box"]
+    sheet = make_sheet(pairs, limit=1, scale=2.0)
+    row = 16 + (y0 + y1)  # under the 16 px title bar, image A at scale 2: a row through the box
+    color = TYPE_COLORS[diff["type"]]
+    assert sheet.getpixel((2 * x1 - 1, row)) == color and sheet.getpixel((2 * x0, row)) == color
+    assert sheet.getpixel((2 * x1, row)) != color
