@@ -121,8 +121,16 @@ def test_one_box_convention_in_gallery_and_eval_tiles():
         last, outside = round(20 * scale) - 1, round(20 * scale)
         assert drawn.getpixel((last, last)) == drawn.getpixel((round(10 * scale), last)) == (255, 0, 0)
         assert drawn.getpixel((outside, outside)) == drawn.getpixel((outside, last)) == (0, 0, 0)
-    sample = {"pair_id": "p", "num_gt": 1, "width": W, "height": H, "gt_boxes": [GT_BOX], "pred_boxes": [],
-              "pairs": [], "metrics": {"f1": 0.0, "miou": 0.0, "num_pred": 0.0}}  # fmt: skip
+    sample = {
+        "pair_id": "p",
+        "num_gt": 1,
+        "width": W,
+        "height": H,
+        "gt_boxes": [GT_BOX],
+        "pred_boxes": [],
+        "pairs": [],
+        "metrics": {"f1": 0.0, "miou": 0.0, "num_pred": 0.0},
+    }
     tile = visualize.render_tile(sample, (png((0, 0, 255)), png((0, 0, 255))))
     scale = visualize.TILE_HEIGHT / H
     right = round(GT_BOX[2] * scale)  # the first column past the box
