@@ -8,6 +8,9 @@ So we count the prompt exactly as verl's length filter does (chat template + ``q
 with the row's min/max_pixels + the processor) for the longest prompt: two images at ``max_pixels`` (the default,
 valid for any image size) or at ``--image-size`` (the rendered size, e.g. 480x320), plus the instruction text.
 Works with the real HF processor (``--processor``, default the model's ``hf_path``) and with the tiny test one.
+The processor is read from disk only (a local folder or the Hugging Face cache), never downloaded: without it the
+tool stops with ``ProcessorNotFound`` and the fixes (a local copy, the download command, or ``--estimate``: the
+launch dry run's offline bound, image tokens from ``smart_resize`` plus a fixed allowance for the text).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +29,58 @@ from data_prep.prompts import build_vision_messages
 from recipes.dig.models import ModelSpec, load_model_spec, model_file
 
 DEFAULT_MAX_PROMPT_LENGTH = 512  # verl's legacy_data.yaml default, used when the model file sets none
+# The processor's files: configs, tokenizer, chat template; no weights.
+PROCESSOR_FILES = ("*.json", "*.txt", "*.jinja")
+
+
+class ProcessorNotFound(RuntimeError):
+    """The model's processor is neither a local folder nor in the Hugging Face cache; the message has the fixes."""
+
+
+def load_processor(spec: ModelSpec, processor: str | None = None):
+    """The HF processor from ``processor`` (a folder or a hub id) or the model's ``hf_path``, from disk only:
+    ``local_files_only`` so a missing one fails at once instead of retrying the hub."""
+    from transformers import AutoProcessor
+
+    source = processor or spec.hf_path
+    local = Path(source).expanduser()
+    looks_like_path = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_like_path and not local.is_dir():
+        raise ProcessorNotFound(f"--processor {source}: no such folder")
+    try:
+        return AutoProcessor.from_pretrained(str(local) if looks_like_path else source, local_files_only=True)
+    except (OSError, ValueError) as err:
+        where = f"folder {local}" if looks_like_path else f"{source} (not in the Hugging Face cache)"
+        include = " ".join(f"'{pattern}'" for pattern in PROCESSOR_FILES)
+        raise ProcessorNotFound(
+            f"no processor for {spec.model_name}: {where}: {str(err).splitlines()[0][:200]}\n"
+            f"  fix: download its processor files (a few MB, no weights): "
+            f"huggingface-cli download {spec.hf_path} --include {include}\n"
+            f"   or: point at a local copy: --processor PATH\n"
+            f"   or: the offline estimate (what the launch dry run checks): add --estimate"
+        ) from err
+
+
+def offline_estimate(spec: ModelSpec, image_size: tuple[int, int], max_prompt_length: int) -> dict:
+    """The launch dry run's bound without a processor: two images' tokens from smart_resize (exact) plus its fixed
+    allowance for instruction and chat template."""
+    from recipes.dig.launch import PROMPT_TEXT_TOKENS, prompt_token_bound
+    from reward_fns.geometry import resized_size
+
+    width, height = image_size
+    h, w = resized_size(height, width, spec.resize_factor, spec.min_pixels, spec.max_pixels)
+    bound = prompt_token_bound(width, height, spec)
+    return {
+        "model": spec.model_name,
+        "estimate": True,
+        "image_size": [width, height],
+        "resized_size": [w, h],
+        "image_tokens": h * w // spec.resize_factor**2,
+        "text_tokens_allowance": PROMPT_TEXT_TOKENS,
+        "prompt_tokens_bound": bound,
+        "max_prompt_length": max_prompt_length,
+        "fits": bound <= max_prompt_length,
+    }
 
 
 @dataclass(frozen=True)
@@ -145,15 +201,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-length", type=int, default=None, help="default: the model file's data.*")
     parser.add_argument("--image-size", type=_parse_size, default=None, help="WxH; default: images at max_pixels")
     parser.add_argument("--system-prompt", default=None, help="'default' or literal text, as for to_verl")
+    parser.add_argument(
+        "--estimate", action="store_true", help="no processor: the launch dry run's bound (smart_resize + allowance)"
+    )
     args = parser.parse_args(argv)
     try:
         spec = load_model_spec(args.model)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(args.processor or spec.hf_path)
+    if args.estimate:
+        limit = args.max_prompt_length or max_prompt_length_of(args.model)
+        report = offline_estimate(spec, args.image_size or largest_image_size(spec), limit)
+        print(json.dumps(report))
+        if not report["fits"]:
+            print(
+                f"{spec.model_name}: up to {report['prompt_tokens_bound']} prompt tokens (estimate) but "
+                f"data.max_prompt_length={limit}: raise it or lower dig.max_pixels",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    # Read from disk only: without this huggingface_hub may still phone home (e.g. for its user-agent data).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        processor = load_processor(spec, args.processor)
+    except ProcessorNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     budget = check_prompt_budget(processor, args.model, args.max_prompt_length, args.image_size, args.system_prompt)
     print(json.dumps({**asdict(budget), "text_tokens": budget.text_tokens, "fits": budget.fits}))
     if not budget.fits:

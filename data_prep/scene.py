@@ -23,6 +23,7 @@ CHANGE_TYPES = ("size", "shape", "material", "color", "removal", "addition")
 PRIMITIVES = ("cube", "sphere", "cylinder", "cone")
 LIGHT_TYPES = ("AREA", "SUN")
 SPEC_VERSION = 1
+VOCABULARY_VERSION = 1  # the `version:` of vocabulary.yaml this loader reads
 
 
 class VocabularyError(ValueError):
@@ -49,7 +50,6 @@ class Vocabulary:
     lights: list[dict[str, Any]]
     changes: dict[str, float]
     gates: dict[str, float]
-    raw: dict[str, Any]
 
     def gate_thresholds(self, width: int, height: int) -> dict[str, float]:
         """Pixel thresholds of the quality gates for one image size (they scale with the area)."""
@@ -137,6 +137,8 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     unknown = set(raw) - set(REQUIRED_KEYS) - {"version", "world_color"}
     if unknown:
         raise _fail(p, sorted(unknown)[0], f"unknown key (known: {', '.join(REQUIRED_KEYS)}, version, world_color)")
+    if raw.get("version", VOCABULARY_VERSION) != VOCABULARY_VERSION:
+        raise _fail(p, "version", f"{raw['version']!r} is not supported (this generator reads {VOCABULARY_VERSION})")
 
     shapes = {}
     for name, s in _mapping(p, "shapes", raw["shapes"]).items():
@@ -237,7 +239,7 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     return Vocabulary(
         path=p, shapes=shapes, colors=colors, materials=materials, sizes=sizes, objects_min=omin,
         objects_max=omax, placement=placement, camera=camera, ground=ground, world_color=world_color,
-        lights=lights, changes=changes, gates=gates, raw=raw,
+        lights=lights, changes=changes, gates=gates,
     )  # fmt: skip
 
 

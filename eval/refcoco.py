@@ -41,8 +41,9 @@ from eval.dig import read_predictions
 from eval.scoring import reward_knobs
 from recipes.dig.models import ModelSpec, load_model_spec
 from reward_fns import geometry
-from reward_fns import scoring as dig_reward
+from reward_fns.knobs import RewardKnobs
 from reward_fns.parsing import ParseError
+from reward_fns.scoring import predicted_pixel_boxes
 
 # dataset key -> folder under --root (the lmms-lab repo name) and its standard splits
 DATASETS = {
@@ -129,15 +130,10 @@ def rec_request(sample: RecSample, spec: ModelSpec) -> list[dict]:
     return [{"role": "user", "content": [item, {"type": "text", "text": text}]}]
 
 
-def score_rec(response: str, gt_box, width: int, height: int, knobs: dict) -> dict:
-    """IoU of the first predicted box (reward parsing + frame conversion) with the GT box."""
+def score_rec(response: str, gt_box, width: int, height: int, knobs: RewardKnobs | dict) -> dict:
+    """IoU of the first predicted box (the reward's parsing, frame conversion and validation) with the GT box."""
     try:
-        pred = dig_reward.predicted_pixel_boxes(
-            response, width, height,
-            coord_mode=knobs["coord_mode"], require_think=knobs["require_think"], max_boxes=knobs["max_boxes"],
-            max_answer_chars=knobs["max_answer_chars"], resize_factor=knobs["resize_factor"],
-            min_pixels=knobs["min_pixels"], max_pixels=knobs["max_pixels"],
-        )  # fmt: skip
+        pred = predicted_pixel_boxes(response, width, height, RewardKnobs.of(knobs))
     except ParseError as err:
         return {"iou": 0.0, "format": 0.0, "pred_box": None, "error": str(err)}
     if len(pred) == 0:
@@ -168,8 +164,10 @@ def markdown(splits: dict[str, dict]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, s in splits.items():
-        lines.append(f"| {name} | {s['n']} | {pct(s['acc50_ge'])} | {pct(s['acc50_gt'])} | {pct(s['miou'])} | "
-                     f"{pct(s['format_rate'])} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {s['n']} | {pct(s['acc50_ge'])} | {pct(s['acc50_gt'])} | {pct(s['miou'])} | "
+            f"{pct(s['format_rate'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -190,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     spec = load_model_spec(args.model)
-    knobs = reward_knobs(spec)
+    knobs = RewardKnobs.of(reward_knobs(spec))
     splits = parse_splits(args.splits)
     for dataset, split in splits:
         split_files(args.root, dataset, split)  # fail on a missing split before loading a model
@@ -201,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         from eval.backends import build_backend, generate_to_file
 
         pred_path = out.with_name(out.stem + ".predictions.jsonl")
-        backend = build_backend(args.backend, args.model_path, spec, max_new_tokens=args.max_new_tokens,
-                                tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
+        backend = build_backend(
+            args.backend,
+            args.model_path,
+            spec,
+            max_new_tokens=args.max_new_tokens,
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
 
         def batches():
             batch = []
@@ -229,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             s = score_rec(response, sample.gt_box, sample.width, sample.height, knobs)
             scores.append(s)
             details.append({"id": sample.id, "expression": sample.expression, "gt_box": sample.gt_box, **s})
-    results = {"model": spec.model_name, "coord_mode": spec.coord_mode,
-               "splits": {name: summarize(scores) for name, scores in per_split.items()}}  # fmt: skip
+    results = {
+        "model": spec.model_name,
+        "coord_mode": spec.coord_mode,
+        "splits": {name: summarize(scores) for name, scores in per_split.items()},
+    }
     table = markdown(results["splits"])
     results["markdown"] = table
     atomic_write_text(out, json.dumps(results, indent=2))

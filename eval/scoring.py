@@ -1,24 +1,26 @@
-"""Per-answer scoring with the details eval needs, built on the reward's own functions (one implementation).
+"""Per-answer scoring with the details eval needs: the reward's own pipeline, nothing re-implemented.
 
-``score_response`` runs exactly the reward's steps (``reward_fns.scoring``: parse -> frame conversion ->
-clip/validate -> Hungarian matching -> metrics) and also returns what the reward throws away: the predicted
-boxes in original pixels and the matched pairs, so eval can count recall per change type and draw galleries.
+``score_response`` runs ``reward_fns.scoring.score_answer`` (parse -> frame conversion -> clip/validate ->
+Hungarian matching -> metrics), the function ``compute_score`` calls, and keeps what the reward throws away:
+the predicted boxes in original pixels and the matched pairs, so eval can count recall per change type and
+draw galleries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from recipes.dig.models import ModelSpec
-from reward_fns import scoring as dig_reward
-from reward_fns.parsing import ParseError
+from reward_fns import scoring
+from reward_fns.knobs import RewardKnobs, check_reward_kwargs
 
 
 def reward_knobs(spec: ModelSpec | None = None, **overrides) -> dict:
     """The reward knobs for a model: defaults, then the model's frame/bounds, then overrides; validated."""
     knobs = dict(spec.reward_kwargs()) if spec is not None else {}
     knobs.update(overrides)
-    return dig_reward.check_reward_kwargs(**knobs)
+    return check_reward_kwargs(**knobs)
 
 
 @dataclass
@@ -48,36 +50,23 @@ class ScoredAnswer:
         }
 
 
-def score_response(response: str, ground_truth, knobs: dict) -> ScoredAnswer:
-    """Score one response against a DESIGN §6 ground truth (JSON string or dict). ``knobs``: ``reward_knobs()``."""
-    gt = dig_reward.load_ground_truth(ground_truth)  # bad ground truth is a data error: raise, eval stops
-    gt_boxes = gt.boxes.tolist()
-    base = {"gt_boxes": gt_boxes, "width": gt.width, "height": gt.height}
-    try:
-        pred = dig_reward.predicted_pixel_boxes(
-            response,
-            gt.width,
-            gt.height,
-            coord_mode=knobs["coord_mode"],
-            require_think=knobs["require_think"],
-            max_boxes=knobs["max_boxes"],
-            max_answer_chars=knobs["max_answer_chars"],
-            resize_factor=knobs["resize_factor"],
-            min_pixels=knobs["min_pixels"],
-            max_pixels=knobs["max_pixels"],
-        )
-    except ParseError as err:
-        failed = dict.fromkeys(dig_reward.RESULT_KEYS, 0.0)
-        failed["num_gt"] = float(len(gt_boxes))
-        return ScoredAnswer(metrics=failed, error=str(err), **base)
-    result = dig_reward.match(
-        pred, gt, iou_threshold=knobs["iou_threshold"], w_l1=knobs["w_l1"], w_giou=knobs["w_giou"]
+def score_response(response: str, ground_truth, knobs: RewardKnobs | Mapping) -> ScoredAnswer:
+    """Score one response against a ground truth (JSON string or dict). ``knobs``: ``reward_knobs()``."""
+    gt = scoring.load_ground_truth(ground_truth)  # bad ground truth is a data error: raise, eval stops
+    scored = scoring.score_answer(response, gt, RewardKnobs.of(knobs))
+    pairs = []
+    if scored.match is not None:
+        result = scored.match
+        pairs = [
+            {"pred": int(i), "gt": int(j), "iou": float(iou), "match": bool(ok)}
+            for i, j, iou, ok in zip(result.pred_idx, result.gt_idx, result.iou, result.is_match, strict=True)
+        ]
+    return ScoredAnswer(
+        metrics=scored.metrics,
+        pred_boxes=[] if scored.pred is None else scored.pred.tolist(),
+        gt_boxes=gt.boxes.tolist(),
+        width=gt.width,
+        height=gt.height,
+        pairs=pairs,
+        error=scored.error,
     )
-    metrics = dig_reward.metrics(
-        len(pred), len(gt_boxes), result, w_format=knobs["w_format"], w_f1=knobs["w_f1"], w_iou=knobs["w_iou"]
-    )
-    pairs = [
-        {"pred": int(i), "gt": int(j), "iou": float(iou), "match": bool(ok)}
-        for i, j, iou, ok in zip(result.pred_idx, result.gt_idx, result.iou, result.is_match, strict=True)
-    ]
-    return ScoredAnswer(metrics=metrics, pred_boxes=pred.tolist(), pairs=pairs, **base)

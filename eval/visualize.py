@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from data_prep.gallery import draw_box
 from eval.scoring import reward_knobs, score_response
 from recipes.dig.models import load_model_spec
 
@@ -76,15 +77,17 @@ def samples_from_verl_dump(path: str | Path, knobs: dict, by_gt: dict[str, str])
         gts = row["gts"] if isinstance(row["gts"], str) else json.dumps(row["gts"])
         scored = score_response(row["output"], gts, knobs)
         gt = json.loads(gts)
-        out.append({
-            "pair_id": by_gt.get(gts, f"{Path(path).stem}#{number}"),
-            "num_gt": len(scored.gt_boxes),
-            "types": gt.get("types"),
-            "response": row["output"],
-            "step": row.get("step"),
-            "verl_score": row.get("score"),
-            **scored.to_json(),
-        })  # fmt: skip
+        out.append(
+            {
+                "pair_id": by_gt.get(gts, f"{Path(path).stem}#{number}"),
+                "num_gt": len(scored.gt_boxes),
+                "types": gt.get("types"),
+                "response": row["output"],
+                "step": row.get("step"),
+                "verl_score": row.get("score"),
+                **scored.to_json(),
+            }
+        )
     return out
 
 
@@ -97,17 +100,6 @@ def order_samples(samples: list[dict], sort: str, limit: int | None) -> list[dic
 
 
 # ----------------------------------------------------------------------------------------------- drawing
-
-
-def _dashed_rectangle(draw: ImageDraw.ImageDraw, box, color, width: int, dash: int = 6) -> None:
-    x0, y0, x1, y1 = box
-    for a, b, horizontal, fixed in ((x0, x1, True, y0), (x0, x1, True, y1), (y0, y1, False, x0), (y0, y1, False, x1)):
-        pos = a
-        while pos < b:
-            end = min(pos + dash, b)
-            line = (pos, fixed, end, fixed) if horizontal else (fixed, pos, fixed, end)
-            draw.line(line, fill=color, width=width)
-            pos += 2 * dash
 
 
 def _open(data: bytes | None, width: float, height: float) -> Image.Image:
@@ -128,14 +120,10 @@ def render_tile(sample: dict, pngs: tuple[bytes, bytes] | None) -> Image.Image:
     for image, show_pred in ((a, False), (b, True)):
         draw = ImageDraw.Draw(image)
         for box in sample["gt_boxes"]:
-            draw.rectangle([v * scale for v in box], outline=GT_COLOR, width=line)
+            draw_box(draw, box, GT_COLOR, line, scale)
         if show_pred:
             for i, box in enumerate(sample["pred_boxes"]):
-                scaled = [v * scale for v in box]
-                if i in matched:
-                    draw.rectangle(scaled, outline=PRED_COLOR, width=line)
-                else:
-                    _dashed_rectangle(draw, scaled, PRED_COLOR, line)
+                draw_box(draw, box, PRED_COLOR, line, scale, dashed=i not in matched)
     tile = Image.new("RGB", (2 * size[0] + 4, TILE_HEIGHT + CAPTION_HEIGHT), (255, 255, 255))
     tile.paste(a, (0, 0))
     tile.paste(b, (size[0] + 4, 0))
@@ -164,9 +152,11 @@ def html_page(samples: list[dict], tile_files: list[str], title: str) -> str:
     cards = []
     for s, tile in zip(samples, tile_files, strict=True):
         m = s["metrics"]
-        facts = (f"K={s['num_gt']} · types {html.escape(', '.join(s.get('types') or []) or '—')} · "
-                 f"score {m['score']:.3f} · F1 {m['f1']:.2f} · P {m['precision']:.2f} · R {m['recall']:.2f} · "
-                 f"mIoU {m['miou']:.2f} · {int(m['num_pred'])} predicted")  # fmt: skip
+        facts = (
+            f"K={s['num_gt']} · types {html.escape(', '.join(s.get('types') or []) or '—')} · "
+            f"score {m['score']:.3f} · F1 {m['f1']:.2f} · P {m['precision']:.2f} · R {m['recall']:.2f} · "
+            f"mIoU {m['miou']:.2f} · {int(m['num_pred'])} predicted"
+        )
         if s.get("error"):
             facts += f' · <span class="err">format failed: {html.escape(s["error"])}</span>'
         cards.append(
@@ -174,17 +164,28 @@ def html_page(samples: list[dict], tile_files: list[str], title: str) -> str:
             f"<p>{facts}</p><details><summary>response</summary><pre>{html.escape(s.get('response') or '')}</pre>"
             "</details></div>"
         )
-    style = ("body{font-family:sans-serif;margin:1em}.card{display:inline-block;vertical-align:top;margin:6px;"
-             "padding:6px;border:1px solid #ccc;max-width:640px}.err{color:#c00}pre{white-space:pre-wrap;"
-             "max-height:20em;overflow:auto;background:#f6f6f6}h3{margin:2px 0;font-size:1em}")  # fmt: skip
-    legend = ("<p>Green: ground truth (on A and B). Red on B: predictions (solid: matched, IoU ≥ threshold; "
-              "dashed: unmatched).</p>")  # fmt: skip
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{legend}{''.join(cards)}</body></html>\n")  # fmt: skip
+    style = (
+        "body{font-family:sans-serif;margin:1em}.card{display:inline-block;vertical-align:top;margin:6px;"
+        "padding:6px;border:1px solid #ccc;max-width:640px}.err{color:#c00}pre{white-space:pre-wrap;"
+        "max-height:20em;overflow:auto;background:#f6f6f6}h3{margin:2px 0;font-size:1em}"
+    )
+    legend = (
+        "<p>Green: ground truth (on A and B). Red on B: predictions (solid: matched, IoU ≥ threshold; "
+        "dashed: unmatched).</p>"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{legend}{''.join(cards)}</body></html>\n"
+    )
 
 
-def write_gallery(samples: list[dict], images: dict[str, tuple[bytes, bytes]], out_dir: str | Path,
-                  title: str = "DiG predictions", columns: int = 4) -> dict[str, Path]:  # fmt: skip
+def write_gallery(
+    samples: list[dict],
+    images: dict[str, tuple[bytes, bytes]],
+    out_dir: str | Path,
+    title: str = "DiG predictions",
+    columns: int = 4,
+) -> dict[str, Path]:
     out_dir = Path(out_dir)
     (out_dir / "tiles").mkdir(parents=True, exist_ok=True)
     tiles, files = [], []

@@ -12,9 +12,9 @@ import os
 import sys
 
 try:
-    from reward_fns.scoring import RESULT_KEYS, check_reward_kwargs, compute_score
+    from reward_fns.scoring import RESULT_KEYS, RewardKnobs, check_reward_kwargs, compute_score
 except ImportError:  # the package is not installed where this runs: fall back to this checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from reward_fns.scoring import RESULT_KEYS, check_reward_kwargs, compute_score
+    from reward_fns.scoring import RESULT_KEYS, RewardKnobs, check_reward_kwargs, compute_score
 
-__all__ = ["RESULT_KEYS", "check_reward_kwargs", "compute_score"]
+__all__ = ["RESULT_KEYS", "RewardKnobs", "check_reward_kwargs", "compute_score"]

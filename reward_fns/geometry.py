@@ -15,12 +15,6 @@ from scipy.optimize import linear_sum_assignment
 
 COORD_MODES = ("rel1000", "abs_resized", "abs", "rel1")
 
-# qwen-vl-utils defaults (0.0.14): 4..16384 tokens of factor^2 pixels; the reward's defaults follow
-# Qwen2.5-VL (factor 28): 4 * 28^2 = 3136 and 16384 * 28^2 = 12845056.
-DEFAULT_MIN_PIXELS = 3136
-DEFAULT_MAX_PIXELS = 12845056
-DEFAULT_RESIZE_FACTOR = 28
-
 
 def as_boxes(boxes) -> np.ndarray:
     """Any (N, 4)-shaped sequence (N may be 0) as a float64 array of shape (N, 4)."""
@@ -62,33 +56,7 @@ def pairwise_iou(a, b) -> np.ndarray:
     return _safe_divide(inter, union)
 
 
-def _giou(inter: np.ndarray, union: np.ndarray, hull: np.ndarray) -> np.ndarray:
-    return _safe_divide(inter, union) - _safe_divide(hull - union, hull)
-
-
-def pairwise_giou(a, b) -> np.ndarray:
-    """Generalised IoU matrix (N, M), in [-1, 1]."""
-    inter, union, hull, _ = _pair_terms(as_boxes(a), as_boxes(b))
-    return _giou(inter, union, hull)
-
-
-def pairwise_l1(a, b, width: float, height: float) -> np.ndarray:
-    """Sum of |dx0|/W + |dy0|/H + |dx1|/W + |dy1|/H for every pair, shape (N, M)."""
-    a, b = as_boxes(a), as_boxes(b)
-    scale = np.array([width, height, width, height], dtype=np.float64)
-    return np.abs((a / scale)[:, None, :] - (b / scale)[None, :, :]).sum(-1)
-
-
-def hungarian(cost) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost assignment; min(N, M) pairs as (row indices, column indices)."""
-    cost = np.asarray(cost, dtype=np.float64)
-    if cost.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
-    return linear_sum_assignment(cost)
-
-
-def match_boxes(pred, gt, width: float, height: float, w_l1: float = 5.0, w_giou: float = 2.0):
+def match_boxes(pred, gt, width: float, height: float, *, w_l1: float, w_giou: float):
     """Hungarian matching on ``w_l1 * L1 - w_giou * GIoU`` (DESIGN §6.5).
 
     Returns ``(pred_idx, gt_idx, iou)`` for the min(N, M) assigned pairs, IoU per pair.
@@ -156,13 +124,7 @@ def _cost_small(pred: list, gt: list, width, height, w_l1, w_giou) -> tuple[np.n
 
 
 @lru_cache(maxsize=4096)
-def resized_size(
-    height: int,
-    width: int,
-    factor: int = DEFAULT_RESIZE_FACTOR,
-    min_pixels: int = DEFAULT_MIN_PIXELS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[int, int]:
+def resized_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(H', W') the Qwen-VL processors resize an image to: ``qwen_vl_utils.smart_resize``, cached."""
     from qwen_vl_utils import smart_resize  # imports torch/torchvision: only when a model frame needs it
 
@@ -178,11 +140,12 @@ def frame_scale(
     width: float,
     height: float,
     *,
-    factor: int = DEFAULT_RESIZE_FACTOR,
-    min_pixels: int = DEFAULT_MIN_PIXELS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    factor: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[float, float]:
-    """(sx, sy) such that original pixel = model value * (sx, sy) for ``coord_mode`` (DESIGN §4)."""
+    """(sx, sy) such that original pixel = model value * (sx, sy) for ``coord_mode`` (DESIGN §4).
+    ``abs_resized`` needs the model's resize factor and pixel bounds; the other frames ignore them."""
     if coord_mode == "rel1000":
         return width / 1000.0, height / 1000.0
     if coord_mode == "rel1":
@@ -190,6 +153,8 @@ def frame_scale(
     if coord_mode == "abs":
         return 1.0, 1.0
     if coord_mode == "abs_resized":
+        if factor is None or min_pixels is None or max_pixels is None:
+            raise ValueError("coord_mode abs_resized needs the model's factor, min_pixels and max_pixels")
         h_resized, w_resized = resized_size(int(height), int(width), factor, min_pixels, max_pixels)
         return width / w_resized, height / h_resized
     raise ValueError(f"unknown coord_mode {coord_mode!r}; expected one of {', '.join(COORD_MODES)}")

@@ -17,14 +17,13 @@ _BRACKET_EVENTS = re.compile(r'[\[\]"\\\n]')
 # A box list is at most 3 levels deep: [ {"bbox_2d": [..]} ] or [ [..] ]. Deeper spans are never parsed,
 # which also keeps json.loads far from its recursion limit.
 MAX_LIST_DEPTH = 3
-DEFAULT_MAX_ANSWER_CHARS = 32768
 
 
 class ParseError(ValueError):
     """The answer has no valid box list (format fails). The message says why, for eval reports."""
 
 
-def extract_answer(solution_str: str, require_think: bool = False) -> str:
+def extract_answer(solution_str: str, require_think: bool) -> str:
     """Step 1: the text after the last ``</think>`` (required for thinking models), then the last
     ``<answer>…</answer>`` block if there is one."""
     cut = solution_str.rfind(THINK_CLOSE)
@@ -82,7 +81,7 @@ def _top_level_lists(text: str) -> list[tuple[int, int, int]]:
     return spans
 
 
-def last_json_list(answer: str, max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS) -> list:
+def last_json_list(answer: str, max_answer_chars: int) -> list:
     """Step 2: the last complete (closed and JSON-parseable) top-level list in the answer."""
     if len(answer) > max_answer_chars:
         raise ParseError(f"answer has {len(answer)} characters, more than max_answer_chars={max_answer_chars}")
@@ -143,11 +142,12 @@ def boxes_from_list(items: list, max_boxes: int) -> list[list[float]]:
 def parse_boxes(
     solution_str: str,
     *,
-    require_think: bool = False,
-    max_boxes: int = 50,
-    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+    require_think: bool,
+    max_boxes: int,
+    max_answer_chars: int,
 ) -> list[list[float]]:
-    """Steps 1-2: the predicted boxes in the model's own frame. Raises ParseError when format fails."""
+    """Steps 1-2: the predicted boxes in the model's own frame. Raises ParseError when format fails.
+    The limits are reward knobs (``reward_fns.knobs.RewardKnobs``)."""
     if not isinstance(solution_str, str):
         raise ParseError(f"response is a {type(solution_str).__name__}, not a string")
     answer = extract_answer(solution_str, require_think=require_think)

@@ -220,3 +220,40 @@ def test_generation_decodes_with_the_model_file_by_default(tmp_path, monkeypatch
     assert seen == {"max_new_tokens": None, "temperature": None, "tensor_parallel_size": 1, "seed": None, "n": None}
     with pytest.raises(SystemExit):
         dig.main([*argv, "--model", "qwen2_5_vl_7b", "--samples", "4"])  # greedy: four identical samples refused
+
+
+def test_below_threshold_partners_and_format_failures_in_aggregation():
+    """A Hungarian partner below iou_threshold is not a hit; a failed format is never a correct count."""
+    spec = load_model_spec("qwen2_5_vl_7b")
+    pairs = {
+        "third": ([[100, 100, 160, 160]], ["color"]),  # answered [130,100,190,160]: IoU 1800 / 5400 = 1/3
+        "exact": ([[300, 40, 380, 120]], ["added"]),
+        "empty_garbage": ([], []),  # K = 0 answered with no list at all: format fails
+        "k1_garbage": ([[10, 20, 60, 80]], ["color"]),  # K = 1, format fails
+        # only the second GT box is found: its type gets the hit, not the first box's (pred 0 pairs with GT 1)
+        "second_only": ([[10, 20, 60, 80], [300, 200, 380, 300]], ["color", "added"]),
+    }
+    rows = [{"reward_model": {"ground_truth": gt_json(*pairs[p])}, "extra_info": {"pair_id": p}} for p in pairs]
+    preds = {
+        "third": answer([[130, 100, 190, 160]], spec),
+        "exact": answer(pairs["exact"][0], spec),
+        "empty_garbage": "garbage",
+        "k1_garbage": "garbage",
+        "second_only": answer([[300, 200, 380, 300]], spec),
+    }
+    samples = dig.score_rows(rows, preds, reward_knobs(spec))
+    assert [s["metrics"]["format"] for s in samples] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert [(p["pred"], p["gt"], p["match"]) for p in samples[4]["pairs"]] == [(0, 1, True)]
+    results = dig.aggregate(samples)
+    color = results["per_type"]["color"]
+    # three colour boxes: one has a partner at IoU 1/3 (assigned, not matched), two none
+    assert color["n"] == 3 and color["recall"] == 0.0
+    assert color["miou"] == pytest.approx(1 / 3, abs=0.01)  # over the boxes that had a partner
+    added = results["per_type"]["added"]
+    assert (added["n"], added["recall"], added["n_pairs"]) == (2, 1.0, 2)
+    # count accuracy: "third" and "exact" have N == K; both garbage answers count as wrong, K = 0 included
+    assert results["per_k"]["0"]["count_accuracy"] == 0.0
+    assert results["overall"]["count_accuracy"] == pytest.approx(2 / 5)
+    assert results["per_k"]["1"]["count_accuracy"] == pytest.approx(2 / 3)
+    assert results["no_difference"] == {"n": 1, "hallucination_rate": 0.0, "format_fail_rate": 1.0}
+    assert results["overall"]["format_rate"] == pytest.approx(3 / 5)

@@ -76,6 +76,16 @@ def test_both_acc_conventions_at_exactly_half_iou():
     assert stats["miou"] == pytest.approx(0.5) and stats["format_rate"] == pytest.approx(2 / 3)
 
 
+def test_score_rec_on_a_non_square_image():
+    """480 x 320 in Qwen3-VL's rel1000 frame: x scales by W, y by H, a box past the bottom is clipped to H."""
+    knobs = reward_knobs(load_model_spec("qwen3_vl_8b_thinking"))
+    gt = [120, 160, 240, 320]
+    answer = '<think>x</think>[{"bbox_2d": [250, 500, 500, 1200]}]'  # y1 = 1.2 H
+    scored = refcoco.score_rec(answer, gt, 480, 320, knobs)
+    assert scored["pred_box"] == pytest.approx(gt) and scored["iou"] == pytest.approx(1.0)
+    assert refcoco.score_rec(answer, gt, 320, 480, knobs)["iou"] < 0.5  # the same numbers on the transposed image
+
+
 def test_prompt_is_in_the_models_frame(root):
     sample = next(refcoco.iter_samples(root, "refcoco", "val"))
     for name, phrase in (("qwen3_vl_8b_thinking", "0-1000 scale"), ("qwen2_5_vl_7b", "image as you see it")):

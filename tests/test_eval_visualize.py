@@ -108,3 +108,48 @@ def test_rejects_other_files(tmp_path):
         visualize.samples_from_eval(bad)
     with pytest.raises(ValueError, match="not a verl generations dump line"):
         visualize.samples_from_verl_dump(bad, dig.reward_knobs(SPEC), {})
+
+
+def test_one_box_convention_in_gallery_and_eval_tiles():
+    """Boxes are [x0, y0, x1, y1] with x1/y1 exclusive: [10, 10, 20, 20] covers pixels 10..19, so both
+    galleries outline column/row 19 and leave 20 alone, at any scale."""
+    from data_prep.gallery import draw_boxes
+
+    black = Image.new("RGB", (40, 40))
+    for scale in (1.0, 2.0):
+        drawn = draw_boxes(black, [{"box": [10, 10, 20, 20], "color": (255, 0, 0)}], scale=scale, width=1)
+        last, outside = round(20 * scale) - 1, round(20 * scale)
+        assert drawn.getpixel((last, last)) == drawn.getpixel((round(10 * scale), last)) == (255, 0, 0)
+        assert drawn.getpixel((outside, outside)) == drawn.getpixel((outside, last)) == (0, 0, 0)
+    sample = {
+        "pair_id": "p",
+        "num_gt": 1,
+        "width": W,
+        "height": H,
+        "gt_boxes": [GT_BOX],
+        "pred_boxes": [],
+        "pairs": [],
+        "metrics": {"f1": 0.0, "miou": 0.0, "num_pred": 0.0},
+    }
+    tile = visualize.render_tile(sample, (png((0, 0, 255)), png((0, 0, 255))))
+    scale = visualize.TILE_HEIGHT / H
+    right = round(GT_BOX[2] * scale)  # the first column past the box
+    assert tile.getpixel((right - 1, round(20 * scale))) == visualize.GT_COLOR
+    assert tile.getpixel((right, round(20 * scale))) == (0, 0, 255)
+
+
+def test_generation_gallery_draws_the_record_boxes(tmp_path):
+    """data_prep.gallery on generator-format pairs (synthetic, no Blender): each GT box is outlined on its
+    exclusive edge in the contact sheet."""
+    from data_prep.gallery import TYPE_COLORS, make_sheet
+    from data_prep.synthetic import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs", num=1, k=1, seed=1, width=64, height=48)
+    record = json.loads(next(pairs.glob("shard_*/*.json")).read_text())
+    diff = record["differences"][0]
+    x0, y0, x1, y1 = diff["box"]
+    sheet = make_sheet(pairs, limit=1, scale=2.0)
+    row = 16 + (y0 + y1)  # under the 16 px title bar, image A at scale 2: a row through the box
+    color = TYPE_COLORS[diff["type"]]
+    assert sheet.getpixel((2 * x1 - 1, row)) == color and sheet.getpixel((2 * x0, row)) == color
+    assert sheet.getpixel((2 * x1, row)) != color

@@ -15,15 +15,31 @@ from reward_fns import geometry
 from reward_fns.dig_reward import compute_score
 
 
+def cost_terms(pred, gt, width, height):
+    """(L1, GIoU, IoU) matrices from both cost builders of match_boxes, checked to agree."""
+    pred, gt = geometry.as_boxes(pred), geometry.as_boxes(gt)
+    out = []
+    for build in (geometry._cost_small, geometry._cost_vectorised):
+        args = (pred.tolist(), gt.tolist()) if build is geometry._cost_small else (pred, gt)
+        l1, iou = build(*args, width, height, 1.0, 0.0)
+        neg_giou, _ = build(*args, width, height, 0.0, 1.0)
+        out.append((l1, -neg_giou, iou))
+    for a, b in zip(*out, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    return out[0]
+
+
 def test_iou_giou_l1_by_hand():
     a = [[0, 0, 100, 100]]
     b = [[50, 0, 150, 100], [200, 200, 300, 300], [0, 0, 100, 100]]
+    l1, giou, iou = cost_terms(a, b, 200, 400)
     # IoU: 5000 / 15000; disjoint -> 0; identical -> 1
-    np.testing.assert_allclose(geometry.pairwise_iou(a, b), [[1 / 3, 0.0, 1.0]])
+    np.testing.assert_allclose(iou, [[1 / 3, 0.0, 1.0]])
+    np.testing.assert_allclose(geometry.pairwise_iou(a, b), iou)
     # GIoU of the disjoint pair: 0 - (hull 300*300 - union 20000) / 90000
-    np.testing.assert_allclose(geometry.pairwise_giou(a, b), [[1 / 3, -(90000 - 20000) / 90000, 1.0]])
-    # L1 on a 200 x 400 image: |50|/200 + 0 + |50|/200 + 0
-    np.testing.assert_allclose(geometry.pairwise_l1(a, b[:1], 200, 400), [[0.5]])
+    np.testing.assert_allclose(giou, [[1 / 3, -(90000 - 20000) / 90000, 1.0]])
+    # L1 on a 200 x 400 image: x-terms over W, y-terms over H: |50|/200 + 0 + |50|/200 + 0, then 4 * 200/200 + ...
+    np.testing.assert_allclose(l1, [[0.5, 200 / 200 + 200 / 400 + 200 / 200 + 200 / 400, 0.0]])
     assert geometry.pairwise_iou(a, np.zeros((0, 4))).shape == (1, 0)
     # continuous areas, no +1: a box covering pixel columns 10..19 is [10, 20], 10 wide
     np.testing.assert_allclose(geometry.box_area([[10, 10, 20, 30]]), [200.0])
@@ -32,15 +48,19 @@ def test_iou_giou_l1_by_hand():
 def test_degenerate_boxes_do_not_divide_by_zero():
     point = [[5, 5, 5, 5]]
     assert geometry.pairwise_iou(point, point)[0, 0] == 0.0
-    assert np.isfinite(geometry.pairwise_giou(point, point)).all()
+    assert all(np.isfinite(term).all() for term in cost_terms(point, point, 480, 320))
 
 
-def test_hungarian_is_minimum_cost():
-    cost = np.array([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
-    rows, cols = geometry.hungarian(cost)
-    assert cost[rows, cols].sum() == 5.0  # 1 + 2 + 2
-    rows, cols = geometry.hungarian(np.zeros((0, 3)))
-    assert len(rows) == len(cols) == 0
+def test_match_boxes_is_the_minimum_cost_assignment():
+    # p0 sits between g0 and g1; p1 is g0. Greedy in prediction order (p0 -> g0) leaves p1 with g1;
+    # the minimum total cost pairs p1 -> g0 and p0 -> g1.
+    gt = [[0, 0, 100, 100], [100, 0, 200, 100]]
+    rows, cols, iou = geometry.match_boxes([[50, 0, 150, 100], [0, 0, 100, 100]], gt, 480, 320, w_l1=5.0, w_giou=2.0)
+    assert dict(zip(rows.tolist(), cols.tolist(), strict=True)) == {0: 1, 1: 0}
+    np.testing.assert_allclose(sorted(iou), [1 / 3, 1.0])
+    for empty in (np.zeros((0, 4)), []):
+        rows, cols, iou = geometry.match_boxes(empty, gt, 480, 320, w_l1=5.0, w_giou=2.0)
+        assert len(rows) == len(cols) == len(iou) == 0
 
 
 @pytest.mark.parametrize(
@@ -71,11 +91,14 @@ def test_frame_conversions_by_hand():
     np.testing.assert_allclose(geometry.to_pixels([[0.25, 0.25, 0.75, 0.75]], "rel1", 400, 200), [[100, 50, 300, 150]])
     np.testing.assert_allclose(geometry.to_pixels(box, "abs", 400, 200), box)
     # Qwen2.5-VL on 480 x 320: the model saw 476 x 308, so its x = 476 is pixel 480
+    frame = {"factor": 28, "min_pixels": 3136, "max_pixels": 12845056}
     np.testing.assert_allclose(
-        geometry.to_pixels([[0, 0, 476, 308]], "abs_resized", 480, 320, factor=28), [[0, 0, 480, 320]]
+        geometry.to_pixels([[0, 0, 476, 308]], "abs_resized", 480, 320, **frame), [[0, 0, 480, 320]]
     )
     with pytest.raises(ValueError, match="coord_mode"):
         geometry.to_pixels(box, "pixels", 400, 200)
+    with pytest.raises(ValueError, match="abs_resized needs"):  # no silent default bounds for a model frame
+        geometry.to_pixels(box, "abs_resized", 400, 200, factor=28)
 
 
 SIZES = [(480, 320), (640, 480), (1280, 720), (333, 517), (64, 64), (1920, 1080)]
@@ -152,7 +175,7 @@ def test_every_base_model_frame_round_trips(model):
 def test_rel1000_is_not_abs_resized():
     """Scoring a Qwen2.5-VL answer as if it were Qwen3-VL's must not pass silently."""
     gt = _gt_boxes(480, 320)
-    answer = geometry.from_pixels(gt, "abs_resized", 480, 320, factor=28)
+    answer = geometry.from_pixels(gt, "abs_resized", 480, 320, factor=28, min_pixels=3136, max_pixels=12845056)
     result = compute_score(
         "dig", json.dumps(answer.tolist()), json.dumps({"boxes": gt, "width": 480, "height": 320}), coord_mode="rel1000"
     )
@@ -173,3 +196,32 @@ def test_small_and_vectorised_cost_builders_agree(pred, gt):
     for a, b in zip(small, vectorised, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(small[1], geometry.pairwise_iou(pred, gt), rtol=1e-9, atol=1e-12)
+
+
+def test_clip_bounds_x_by_width_and_y_by_height():
+    # 480 x 320: a box over the whole canvas and beyond clips to the image, not to a square
+    over = [[-10, -20, 600, 500]]
+    np.testing.assert_allclose(geometry.to_pixels(over, "abs", 480, 320, clip=True), [[0, 0, 480, 320]])
+    np.testing.assert_allclose(geometry.to_pixels(over, "abs", 320, 480, clip=True), [[0, 0, 320, 480]])
+    np.testing.assert_allclose(geometry.to_pixels(over, "abs", 480, 320), over)  # no clip unless asked
+    # rel1000 on 480 x 320: (1100, 1100) is (528, 352) before clipping
+    np.testing.assert_allclose(
+        geometry.to_pixels([[500, 500, 1100, 1100]], "rel1000", 480, 320, clip=True), [[240, 160, 480, 320]]
+    )
+
+
+@pytest.mark.parametrize("extra_gt", [0, 47], ids=["plain_python_cost", "numpy_cost"])
+def test_matching_l1_normalises_x_by_width_and_y_by_height(extra_gt):
+    """Pure-L1 matching on 480 x 320: p moved 40 px in x costs 80/480 = 1/6, moved 30 px in y 60/320 = 3/16,
+    so p pairs with the x-shifted box. Dividing y by W would make the y-shifted one cheaper (60/480).
+    ``extra_gt`` far boxes push the matrix past SMALL_MATCH_PAIRS, onto the numpy cost builder."""
+    pred = [[100, 100, 200, 200]]
+    gt = [[140, 100, 240, 200], [100, 130, 200, 230]] + [[400, 280, 410, 290]] * extra_gt
+    assert (len(pred) * len(gt) > geometry.SMALL_MATCH_PAIRS) == bool(extra_gt)
+    rows, cols, iou = geometry.match_boxes(pred, gt, 480, 320, w_l1=1.0, w_giou=0.0)
+    assert (rows.tolist(), cols.tolist()) == ([0], [0])
+    np.testing.assert_allclose(iou, [3 / 7])
+    # the tall image swaps the preference: 40 px in y over H = 480 is now cheaper than 30 px in x over W = 320
+    gt_tall = [[130, 100, 230, 200], [100, 140, 200, 240]] + [[280, 400, 290, 410]] * extra_gt
+    _, cols, _ = geometry.match_boxes(pred, gt_tall, 320, 480, w_l1=1.0, w_giou=0.0)
+    assert cols.tolist() == [1]

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 
-from reward_fns.dig_reward import RESULT_KEYS, check_reward_kwargs, compute_score
+from eval import refcoco
+from eval import scoring as eval_scoring
+from recipes.dig.models import load_model_spec
+from reward_fns import geometry, parsing, scoring
+from reward_fns.dig_reward import RESULT_KEYS, RewardKnobs, check_reward_kwargs, compute_score
 
 W, H = 1000, 1000  # 1000 x 1000 so that rel1000 values equal pixels and the arithmetic stays readable
 
@@ -299,23 +307,76 @@ def test_check_reward_kwargs_names_the_culprit():
         check_reward_kwargs(require_think="yes")
 
 
-def test_defaults_match_the_contract():
-    defaults = check_reward_kwargs()
-    assert defaults | {} == {
-        "w_format": 0.1,
-        "w_f1": 0.5,
-        "w_iou": 0.5,
-        "iou_threshold": 0.5,
-        "w_l1": 5.0,
-        "w_giou": 2.0,
-        "max_boxes": 50,
-        "coord_mode": "rel1000",
-        "require_think": False,
-        "min_pixels": 3136,
-        "max_pixels": 12845056,
-        "resize_factor": 28,
-        "max_answer_chars": 32768,
-    }
+REPO = Path(__file__).resolve().parents[1]
+KNOB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RewardKnobs)}
+
+
+def test_knobs_have_one_home():
+    """compute_score takes the knobs as **kwargs and no reward function repeats a knob's default."""
+    assert check_reward_kwargs() == KNOB_DEFAULTS == RewardKnobs().as_dict()
+    params = list(inspect.signature(compute_score).parameters.values())
+    assert [p.name for p in params[:4]] == ["data_source", "solution_str", "ground_truth", "extra_info"]
+    assert len(params) == 5 and params[4].kind is inspect.Parameter.VAR_KEYWORD
+    for module in (scoring, parsing, geometry, eval_scoring, refcoco):
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            for param in inspect.signature(fn).parameters.values():
+                if param.name in KNOB_DEFAULTS:
+                    assert param.default in (inspect.Parameter.empty, None), (
+                        f"{module.__name__}.{name}({param.name}=...)"
+                    )
+
+
+@pytest.mark.parametrize("knob", sorted(KNOB_DEFAULTS))
+def test_compute_score_rejects_a_bad_value_of_every_knob(knob):
+    bad = {str: "pixels", bool: "yes", int: 0, float: 1.5 if knob.startswith(("w_f", "w_i", "iou")) else -1.0}
+    value = bad[type(KNOB_DEFAULTS[knob])]
+    with pytest.raises(ValueError, match=f"reward knob.* {knob}=|{knob}"):
+        compute_score("dig", "[]", gt_json([A]), None, **{knob: value})
+    with pytest.raises(ValueError, match=knob):
+        check_reward_kwargs(**{knob: value})
+    # verl's own keys pass through; a typo does not
+    assert compute_score("dig", "[]", gt_json([]), None, reward_router_address=None)["score"] == 1.0
+    with pytest.raises(ValueError, match="unknown reward knob"):
+        compute_score("dig", "[]", gt_json([]), None, iou_thresh=0.5)
+
+
+def test_recipe_yaml_reward_kwargs_agree_with_the_knobs():
+    """recipes/dig/config/dig_grpo.yaml: every key is a knob; a literal value is the knob's default; the
+    model-dependent ones interpolate the model file's dig: block, exactly the keys ModelSpec.reward_kwargs has."""
+    raw = yaml.safe_load((REPO / "recipes/dig/config/dig_grpo.yaml").read_text())
+    kwargs = raw["reward"]["custom_reward_function"]["reward_kwargs"]
+    assert set(kwargs) <= set(KNOB_DEFAULTS), set(kwargs) - set(KNOB_DEFAULTS)
+    interpolated = {k for k, v in kwargs.items() if isinstance(v, str) and v.startswith("${")}
+    for key in interpolated:
+        assert kwargs[key] == f"${{dig.{key}}}", key
+    assert interpolated == set(load_model_spec("qwen3_vl_8b_thinking").reward_kwargs())
+    for key in set(kwargs) - interpolated:
+        assert kwargs[key] == KNOB_DEFAULTS[key] and type(kwargs[key]) is type(KNOB_DEFAULTS[key]), key
+
+
+def readme_knob_table() -> dict[str, str]:
+    """knob -> default cell of the README's reward-knob table (a row may name several knobs)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| knob | default | meaning |") :].split("\n\n")[0].splitlines()[2:]
+    out = {}
+    for row in table:
+        names, default = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        names = [n.strip(" `") for n in names.split(",")]
+        defaults = [d.strip(" `") for d in default.split(",")]
+        assert len(names) == len(defaults), row
+        for name, value in zip(names, defaults, strict=True):
+            assert name not in out, f"{name} twice in the README table"
+            out[name] = value
+    return out
+
+
+def test_readme_knob_table_is_the_knobs():
+    def shown(value) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    assert readme_knob_table() == {name: shown(value) for name, value in KNOB_DEFAULTS.items()}
 
 
 def test_scores_are_finite_floats_in_unit_interval():
@@ -324,3 +385,48 @@ def test_scores_are_finite_floats_in_unit_interval():
             result = score(answer, gt)
             assert all(math.isfinite(v) for v in result.values())
             assert 0.0 <= result["score"] <= 1.0
+
+
+# ---- non-square images: x is normalised and clipped by W, y by H ----------------------------------------
+# Every hand-computed case above uses W = H, where a y-term scaled by W instead of H goes unnoticed.
+
+WIDE = (480, 320)
+
+
+def wide_score(answer, boxes, width=WIDE[0], height=WIDE[1], **kwargs):
+    return compute_score("dig", answer, gt_json(boxes, width, height), None, coord_mode="abs", **kwargs)
+
+
+def test_l1_cost_scales_y_by_height():
+    # On 480 x 320, p = [100,100,200,200]; GT1 is p moved 40 px right, GT2 p moved 30 px down.
+    # L1(p, GT1) = (40 + 40) / 480 = 1/6; L1(p, GT2) = (30 + 30) / 320 = 0.1875: L1 alone picks GT1,
+    # IoU(p, GT1) = 6000 / 14000 = 3/7. (Dividing the y-terms by W would give GT2 60/480 = 0.125: GT2, IoU 7/13.)
+    gt = [[140, 100, 240, 200], [100, 130, 200, 230]]
+    result = wide_score(boxes_text([[100, 100, 200, 200]]), gt, w_l1=1.0, w_giou=0.0)
+    assert_result(result, miou=3 / 7, f1=0.0, num_pred=1.0, num_gt=2.0)
+    # the same on a tall image (320 x 480) with the roles swapped: x moved 30 px (60/320), y 40 px (80/480)
+    tall = [[130, 100, 230, 200], [100, 140, 200, 240]]
+    result = wide_score(boxes_text([[100, 100, 200, 200]]), tall, width=320, height=480, w_l1=1.0, w_giou=0.0)
+    assert result["miou"] == pytest.approx(3 / 7)
+
+
+@pytest.mark.parametrize(("width", "height"), [WIDE, WIDE[::-1]])
+def test_boxes_past_an_edge_clip_to_that_edge(width, height):
+    # a box running past the bottom (y > H) or the right edge (x > W), clipped, is exactly the GT
+    bottom, right = [100, height - 40, 200, height], [width - 40, 100, width, 200]
+    assert wide_score(boxes_text([[100, height - 40, 200, height + 80]]), [bottom], width, height)["score"] == 1.0
+    assert wide_score(boxes_text([[width - 40, 100, width + 80, 200]]), [right], width, height)["score"] == 1.0
+    # in rel1000 too: y = 1250 is 1.25 H, clipped to H
+    y0 = (height - 40) / height * 1000
+    answer = boxes_text([[100 / width * 1000, y0, 200 / width * 1000, 1250]])
+    result = compute_score("dig", answer, gt_json([bottom], width, height), coord_mode="rel1000")
+    assert result["score"] == pytest.approx(1.0)
+
+
+def test_knob_cache_follows_the_call():
+    # compute_score caches the knobs of the last call: alternating knob sets must each take effect
+    half = boxes_text([[100, 100, 200, 150]])  # IoU 0.5 with A
+    for _ in range(3):
+        assert score(half, [A])["f1"] == 1.0
+        assert score(half, [A], iou_threshold=0.6)["f1"] == 0.0
+        assert score(half, [A], iou_threshold=0.5, w_format=0.0)["score"] == pytest.approx(0.75)

@@ -140,6 +140,7 @@ def _write_vocab(tmp_path: Path, mutate) -> Path:
         (lambda r: r["objects_per_scene"].update(min=9, max=3), "objects_per_scene.max"),
         (lambda r: r["lights"][0].update(type="SPOTLIGHT"), "lights[0].type"),
         (lambda r: r.update(colours={}), "colours"),
+        (lambda r: r.update(version=2), "version"),
     ],
 )
 def test_bad_vocabulary_names_file_and_key(tmp_path, mutate, key):

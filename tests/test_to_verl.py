@@ -389,3 +389,26 @@ def test_torn_manifest_line_of_a_killed_run_is_skipped(pairs, tmp_path, capsys):
     out = tmp_path / "out.parquet"
     assert to_verl.convert(pairs, out, "qwen2_5_vl_7b", stage=1, split="train")["num_rows"] == 4
     assert "skipped 1 torn line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bound", ["min_pixels", "max_pixels"])
+def test_changing_one_pixel_bound_forces_reconversion(pairs, tmp_path, bound):
+    """data_prep.build skips a parquet whose recorded metadata equals the new plan's; a model file that
+    changes only one pixel bound must therefore change the metadata, under that bound's own name."""
+    import yaml
+
+    out = tmp_path / "train.parquet"
+    to_verl.convert(pairs, out, "qwen2_5_vl_7b", stage=1, split="train")
+    same = to_verl.plan_conversion(pairs, "qwen2_5_vl_7b", 1, "train")
+    assert to_verl.read_metadata(out) == same.metadata  # an unchanged model: skipped
+
+    raw = yaml.safe_load((REPO / "recipes/dig/config/base_model/qwen2_5_vl_7b.yaml").read_text())
+    spec = load_model_spec("qwen2_5_vl_7b")
+    raw["dig"][bound] = {"min_pixels": spec.min_pixels * 2, "max_pixels": spec.max_pixels // 2}[bound]
+    changed_file = tmp_path / "qwen2_5_vl_7b.yaml"  # same name: only the bound differs
+    changed_file.write_text(yaml.safe_dump(raw))
+    changed = to_verl.plan_conversion(pairs, changed_file, 1, "train")
+    assert changed.metadata[bound] == raw["dig"][bound] != same.metadata[bound]
+    other = "max_pixels" if bound == "min_pixels" else "min_pixels"
+    assert changed.metadata[other] == same.metadata[other] == getattr(spec, other)
+    assert to_verl.read_metadata(out) != changed.metadata  # reconverted
