@@ -3,9 +3,9 @@
     python -m eval.refcoco --root data/refcoco --model qwen3_vl_8b_thinking \
         (--model-path CKPT --backend vllm | --predictions answers.jsonl) --out runs/refcoco.json
 
-Data layout read: the lmms-lab Hugging Face parquet snapshots, one folder per dataset under ``--root``
-(``huggingface-cli download lmms-lab/RefCOCO --repo-type dataset --local-dir <root>/RefCOCO``; likewise
-``lmms-lab/RefCOCOplus`` -> ``<root>/RefCOCOplus`` and ``lmms-lab/RefCOCOg`` -> ``<root>/RefCOCOg``), files
+Data layout read: the Hugging Face parquet snapshots lmms-eval 0.7.3 reads, one folder per dataset under ``--root``
+(``huggingface-cli download lmms-lab-encoder/RefCOCO --repo-type dataset --local-dir <root>/RefCOCO``; likewise
+``lmms-lab-encoder/RefCOCOplus`` -> ``<root>/RefCOCOplus`` and ``lmms-lab-encoder/RefCOCOg`` -> ``<root>/RefCOCOg``), files
 ``<folder>/data/<split>-*.parquet`` with the columns
 
     question_id: string        image: struct{bytes, path}     question: string (lmms-eval's generic prompt)
@@ -45,7 +45,7 @@ from reward_fns.knobs import RewardKnobs
 from reward_fns.parsing import ParseError
 from reward_fns.scoring import predicted_pixel_boxes
 
-# dataset key -> folder under --root (the lmms-lab repo name) and its standard splits
+# dataset key -> folder under --root (the lmms-lab-encoder repo name) and its standard splits
 DATASETS = {
     "refcoco": ("RefCOCO", ("val", "testA", "testB")),
     "refcoco+": ("RefCOCOplus", ("val", "testA", "testB")),
@@ -88,7 +88,7 @@ def split_files(root: str | Path, dataset: str, split: str) -> list[str]:
     if not files:
         raise FileNotFoundError(
             f"no {folder}/{split}-*.parquet; download it with "
-            f"`huggingface-cli download lmms-lab/{DATASETS[dataset][0]} --repo-type dataset "
+            f"`huggingface-cli download lmms-lab-encoder/{DATASETS[dataset][0]} --repo-type dataset "
             f"--local-dir {Path(root) / DATASETS[dataset][0]}`"
         )
     missing = [c for c in COLUMNS if c not in pq.read_schema(files[0]).names]
