@@ -43,6 +43,36 @@ def mask_objects(ids: np.ndarray) -> dict[int, dict]:
     return out
 
 
+def unlabeled_blobs(img_a, img_b, boxes, intensity=24, min_px=154, dilate_px=8) -> list[dict]:
+    """Visible changes between A and B that no GT box accounts for.
+
+    A blob is an 8-connected set of pixels whose largest channel changes by more than `intensity` (8-bit);
+    it is unlabeled when it has >= `min_px` pixels and touches no GT box grown by `dilate_px` on every side.
+    Returns [{"box": [x0, y0, x1, y1], "px": n}] (x1/y1 exclusive), largest first. Shared by the
+    `unlabeled_change` gate and `python -m data_prep.audit`, so both apply the same rule.
+    """
+    from scipy import ndimage  # in both venvs; imported here so that the module loads without it
+
+    changed = np.abs(img_a.astype(np.int16) - img_b.astype(np.int16)).max(axis=-1) > intensity
+    labels, n = ndimage.label(changed, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    h, w = changed.shape
+    near_box = np.zeros_like(changed)
+    for x0, y0, x1, y1 in boxes:
+        near_box[max(0, y0 - dilate_px) : min(h, y1 + dilate_px), max(0, x0 - dilate_px) : min(w, x1 + dilate_px)] = (
+            True
+        )
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    touching = np.zeros(n + 1, dtype=bool)
+    touching[np.unique(labels[near_box])] = True
+    out = []
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is not None and sizes[i] >= min_px and not touching[i]:
+            out.append({"box": [sl[1].start, sl[0].start, sl[1].stop, sl[0].stop], "px": int(sizes[i])})
+    return sorted(out, key=lambda b: -b["px"])
+
+
 def _union(boxes):
     return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
 
@@ -98,6 +128,13 @@ def evaluate_pair(mask_a, mask_b, img_a, img_b, differences, untouched_ids, gate
                 "changed_px": changed_px,
             }
         )
+
+    if not masks_only and "unlabeled_min_px" in gates:
+        # Reflections, shadows or light bounces on untouched objects that changed visibly but carry no box.
+        blobs = unlabeled_blobs(img_a, img_b, [d["box"] for d in result["differences"] if d["box"]],
+                                gates["unlabeled_intensity"], gates["unlabeled_min_px"], gates["unlabeled_dilate_px"])  # fmt: skip
+        if blobs:
+            reject("unlabeled_change", f"{len(blobs)} changed blob(s) outside every GT box, largest {blobs[0]}")
 
     for oid in untouched_ids:
         pa = objs_a.get(oid, {}).get("px", 0)

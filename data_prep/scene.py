@@ -61,6 +61,9 @@ class Vocabulary:
             "max_untouched_visibility_change": g["max_untouched_visibility_change"],
             "untouched_change_floor_px": g["untouched_change_floor_px"],
             "frame_margin_px": g["frame_margin_px"],
+            "unlabeled_intensity": g["unlabeled_change_intensity"],
+            "unlabeled_min_px": max(g["unlabeled_blob_floor"], math.ceil(g["unlabeled_blob_fraction"] * area)),
+            "unlabeled_dilate_px": g["unlabeled_box_dilation_px"],
         }
 
 
@@ -115,6 +118,10 @@ GATE_KEYS = {
     "max_untouched_visibility_change": (0.0, 10.0, False),
     "untouched_change_floor_px": (0, 10**9, True),
     "frame_margin_px": (0, 10**6, True),
+    "unlabeled_change_intensity": (0, 254, True),
+    "unlabeled_blob_fraction": (0.0, 1.0, False),
+    "unlabeled_blob_floor": (1, 10**9, True),
+    "unlabeled_box_dilation_px": (0, 10**6, True),
     "max_attempts_per_pair": (1, 10**6, True),
 }
 
