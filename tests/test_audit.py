@@ -134,7 +134,9 @@ def test_audit_finds_tampered_pairs_and_draws_them(run, tmp_path):
     m[i2]["num_differences"] += 1
     (bad / "manifest.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in m))
 
-    rc, stdout, stderr = _cli("--pairs", bad, "--box-min-px", 3, "--blob-fraction", 16 / 64**2, "--gallery", tmp_path / "g.png")
+    rc, stdout, stderr = _cli(
+        "--pairs", bad, "--box-min-px", 3, "--blob-fraction", 16 / 64**2, "--gallery", tmp_path / "g.png"
+    )
     assert rc == 0, stderr
     report = json.loads(stdout)
     flagged = {f["pair_id"]: f["blobs"] for f in report["unlabeled_change"]["flagged"]}
