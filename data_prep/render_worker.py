@@ -24,7 +24,7 @@ import traceback
 
 import numpy as np
 
-SILHOUETTE_TYPES = ("size", "shape")  # boxed as the union of the A and B boxes
+SILHOUETTE_TYPES = ("size", "shape", "move")  # boxed as the union of the A and B boxes
 BOX_IN_A = ("removal",)
 BOX_IN_B = ("addition", "color", "material")
 

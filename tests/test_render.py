@@ -119,6 +119,7 @@ def test_box_rule_matches_masks(vocab, worker, tmp_path, change_type):
         "material": box_b,
         "size": _union(box_a, box_b),
         "shape": _union(box_a, box_b),
+        "move": _union(box_a, box_b),
     }[change_type]
     assert d["box"] == expected
     if change_type == "addition":
