@@ -71,6 +71,13 @@ class RenderWorkerError(RuntimeError):
     """A render worker died or answered with an error."""
 
 
+class RenderDeviceError(ValueError):
+    """The requested Cycles device is not present (raised before any rendering)."""
+
+
+DEVICES = ("cpu", "cuda", "optix", "hip", "auto")  # --device; checked again by the render worker
+
+
 @dataclass
 class GenerateConfig:
     out: Path
@@ -92,6 +99,7 @@ class GenerateConfig:
     change_weights: dict[str, float] | None = None  # overrides the vocabulary's `changes`
     save_masks: bool = False  # also write <pair_id>_mask_a.npy / _mask_b.npy (Object Index pass)
     difficulty_filters: dict[str, float] = field(default_factory=dict)  # stages.DIFFICULTY_FILTERS; {} = off
+    device: str = "cpu"  # Cycles device: cpu | cuda | optix | hip | auto (the best GPU backend found, else cpu)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad flag, before any expensive work."""
@@ -116,6 +124,8 @@ class GenerateConfig:
         if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
             raise ValueError(f"--shard: expected i/N with 0 <= i < N, got {i}/{n}")
         self.difficulty_filters = check_difficulty_filters(self.difficulty_filters, "--difficulty")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.change_weights is not None:
             bad = set(self.change_weights) - set(S.CHANGE_TYPES)
             if bad:
@@ -211,8 +221,14 @@ class RenderWorker:
             raise RenderWorkerError(f"render worker ({self.python}) exited with code {self.proc.returncode}:\n{tail}")
         ans = json.loads(line)
         if not ans.get("ok"):
+            if ans.get("bad_input"):
+                raise RenderDeviceError(ans["error"])
             raise RenderWorkerError(f"render worker error:\n{ans.get('error')}")
         return ans
+
+    def select_device(self, device: str) -> dict:
+        """Point this worker's Cycles at `device`; RenderDeviceError naming it if it is not there."""
+        return self.request({"cmd": "device", "device": device})["device"]
 
     def info(self) -> dict:
         return self.request({"cmd": "info"})["renderer"]
@@ -492,6 +508,13 @@ def _run_local(cfg: GenerateConfig, vocab: S.Vocabulary, state: RunState, todo: 
     python = render_python()
     n_workers = min(cfg.workers, len(todo))
     workers = [RenderWorker(python) for _ in range(n_workers)]  # spawned from this thread (parent-death signal)
+    try:
+        for w in workers:  # before any rendering: a missing GPU stops the run here
+            w.select_device(cfg.device)
+    except BaseException:
+        for w in workers:
+            w.close()
+        raise
     jobs: queue.Queue[int] = queue.Queue()
     for i in todo:
         jobs.put(i)
@@ -538,6 +561,7 @@ def _ray_chunk(cfg_dict: dict, indices: list[int], python: str) -> list[tuple[di
     vocab = S.load_vocabulary(cfg.vocab)
     shard_dir = Path(cfg.out) / shard_folder(cfg.shard)
     with RenderWorker(python) as worker:
+        worker.select_device(cfg.device)
         maker = PairMaker(cfg, vocab, worker, shard_dir)
         out = []
         for index in indices:
@@ -614,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="Ray cluster address ('auto', 'ray://...') or 'local'")
     p.add_argument("--vocab", type=Path, default=None, help="scene vocabulary YAML (default data_prep/vocabulary.yaml)")
     p.add_argument("--save-masks", action="store_true", help="also save the Object Index masks as .npy")
+    p.add_argument("--device", default="cpu", choices=DEVICES,
+                   help="Cycles device (default cpu); auto = OptiX, CUDA or HIP if present, else cpu")  # fmt: skip
     p.add_argument(
         "--difficulty",
         default="",
@@ -633,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.samples, workers=args.workers, threads=args.threads, no_diff_fraction=args.no_diff_fraction,
             shard=parse_shard(args.shard), vocab=args.vocab, ray_address=args.ray_address,
             progress=not args.no_progress, denoise=not args.no_denoise, save_masks=args.save_masks,
-            difficulty_filters=parse_filters(args.difficulty),
+            difficulty_filters=parse_filters(args.difficulty), device=args.device,
         )  # fmt: skip
         stats = generate(cfg)
     except (ValueError, S.VocabularyError, RenderEnvError) as exc:

@@ -3,6 +3,8 @@
 Long-lived: reads one JSON job per line on stdin and answers one JSON line on its original stdout, so the
 ~1 s start-up of bpy is paid once per worker. Blender's own prints go to stderr (stdout fd is redirected).
 
+Commands: {"cmd": "device", "device": cpu|cuda|optix|hip|auto} (once, before rendering), {"cmd": "info"},
+{"cmd": "quit"}; otherwise a render job:
 Job: {"id", "scene_a", "scene_b", "differences": [{"type", "object_id"}], "render": {...}, "gates": {...},
       "out_a", "out_b", "save_masks": optional path prefix}
 Answer: {"id", "ok": true, "accepted", "reason", "detail", "differences": [...], "objects_a", "objects_b",
@@ -485,10 +487,55 @@ class BlenderScene:
         return np.rint(ch[key].pixels).astype(np.int32)  # row 0 = top, like image coordinates
 
 
-def renderer_info():
+GPU_BACKENDS = ("OPTIX", "CUDA", "HIP")  # preference order of --device auto
+DEVICES = ("cpu", "cuda", "optix", "hip", "auto")
+
+
+def gpu_devices() -> dict[str, list[str]]:
+    """{backend: [device names]} of the GPU backends Cycles can use on this machine."""
     import bpy
 
-    return {"name": "blender-cycles", "version": bpy.app.version_string, "device": "CPU"}
+    prefs = bpy.context.preferences.addons["cycles"].preferences
+    found = {}
+    for backend in GPU_BACKENDS:
+        try:
+            names = [d.name for d in prefs.get_devices_for_type(backend) if d.type == backend]
+        except (TypeError, ValueError, RuntimeError):  # backend not compiled in / driver library missing
+            names = []
+        if names:
+            found[backend] = names
+    return found
+
+
+def select_device(scene: BlenderScene, requested: str) -> dict:
+    """Point Cycles at the requested device; a device that is not present raises ValueError naming it."""
+    if requested not in DEVICES:
+        raise ValueError(f"--device: expected one of {', '.join(DEVICES)}, got {requested!r}")
+    backend = requested.upper()
+    found = {} if backend == "CPU" else gpu_devices()
+    if backend == "AUTO":
+        backend = next((b for b in GPU_BACKENDS if b in found), "CPU")
+    if backend == "CPU":
+        scene.scn.cycles.device = "CPU"
+        return {"device": "CPU", "names": [], "requested": requested}
+    if backend not in found:
+        seen = ", ".join(f"{b}: {', '.join(n)}" for b, n in found.items()) or "none"
+        raise ValueError(
+            f"--device {requested}: Cycles finds no {backend} device on this machine (GPU devices found: {seen}). "
+            "Check the driver (nvidia-smi / rocminfo) or use --device cpu or auto."
+        )
+    prefs = scene.bpy.context.preferences.addons["cycles"].preferences
+    prefs.compute_device_type = backend
+    for d in prefs.get_devices_for_type(backend):
+        d.use = d.type == backend  # every GPU of that backend, not the CPU next to it
+    scene.scn.cycles.device = "GPU"
+    return {"device": backend, "names": found[backend], "requested": requested}
+
+
+def renderer_info(device: str = "CPU"):
+    import bpy
+
+    return {"name": "blender-cycles", "version": bpy.app.version_string, "device": device}
 
 
 def handle(scene: BlenderScene, job: dict) -> dict:
@@ -568,7 +615,7 @@ def main():
         line = line.strip()
         if not line:
             continue
-        job_id = None
+        job_id = cmd = None
         try:
             job = json.loads(line)
             job_id = job.get("id")
@@ -580,12 +627,21 @@ def main():
                 info = renderer_info()
             if cmd == "info":
                 ans = {"renderer": info}
+            elif cmd == "device":
+                chosen = select_device(scene, job["device"])
+                info = renderer_info(chosen["device"])
+                ans = {"device": chosen, "renderer": info}
             elif cmd == "render":
                 ans = handle(scene, job)
                 ans["renderer"] = info
             else:
                 raise ValueError(f"unknown cmd {cmd!r}")
             ans.update(id=job_id, ok=True, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        except ValueError as exc:
+            if cmd == "device":  # a missing device is bad input: the message is enough
+                ans = {"id": job_id, "ok": False, "error": str(exc), "bad_input": True}
+            else:
+                ans = {"id": job_id, "ok": False, "error": traceback.format_exc()}
         except Exception:
             ans = {"id": job_id, "ok": False, "error": traceback.format_exc()}
         proto.write(json.dumps(ans) + "\n")
