@@ -83,9 +83,7 @@ def test_rows_follow_design_section_5(mixed_pairs, tmp_path):
             "width": 100,
             "height": 70,
             # Synthetic records carry only the pixel counts; the other difficulty fields stay null.
-            "difficulty": [
-                {name: d.get(name) for name, _ in to_verl.DIFFICULTY_FIELDS} for d in record["differences"]
-            ],
+            "difficulty": [{name: d.get(name) for name, _ in to_verl.DIFFICULTY_FIELDS} for d in record["differences"]],
             "num_objects_a": None,
             "num_objects_b": None,
         }
