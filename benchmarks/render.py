@@ -1,6 +1,8 @@
 """Render benchmark of the DiG pair generator; prints one JSON object per line.
 
     .venv/bin/python benchmarks/render.py [--pairs 12] [--psnr-scenes 3] [--skip-clevr]
+    .venv/bin/python benchmarks/render.py --pairs 100 --configs 1x2 --seed 4242 --psnr-scenes 0 --keep /tmp/runs
+        # one configuration, kept on disk for `python -m data_prep.audit --pairs /tmp/runs/tp-w1-t2`
 
 Figures: pairs/hour at the defaults (480x320, 16 spp, OIDN) with 1 worker x 1 thread, 2 workers x 1 thread
 and 1 worker x 2 threads (whole pipeline: sampling, both renders, masks, gates, files, rejections included);
