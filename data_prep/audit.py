@@ -74,6 +74,8 @@ def audit_pair(rec: dict, img_a: np.ndarray, img_b: np.ndarray, rule: AuditRule)
         "pair_id": rec["pair_id"],
         "size": [w, h],
         "boxes": boxes,
+        "difficulty": [d.get("difficulty") or {} for d in rec["differences"]],
+        "num_objects_a": rec.get("num_objects_a", len(rec.get("scene", {}).get("objects", [])) or None),
         "unlabeled_blobs": blobs,
         "k_agrees": len(counts) == 1,
         "k": len(rec["differences"]),
@@ -85,6 +87,23 @@ def audit_pair(rec: dict, img_a: np.ndarray, img_b: np.ndarray, rule: AuditRule)
 
 def _median(values):
     return round(float(np.median(values)), 4) if values else None
+
+
+DIFFICULTY_SUMMARY = ("visible_px", "occluded_fraction", "delta_e00", "size_ratio", "box_fraction", "border_px")
+
+
+def difficulty_summary(results: list[dict]) -> dict:
+    """Min / median / max of each recorded difficulty field over the differences that have it."""
+    out = {}
+    for name in DIFFICULTY_SUMMARY:
+        values = [d[name] for r in results for d in r["difficulty"] if d.get(name) is not None]
+        if values:
+            out[name] = {"n": len(values), "min": round(float(min(values)), 4), "median": _median(values),
+                         "max": round(float(max(values)), 4)}  # fmt: skip
+    objects = [r["num_objects_a"] for r in results if r["num_objects_a"]]
+    if objects:
+        out["num_objects_a"] = dict(sorted(collections.Counter(objects).items()))
+    return out
 
 
 def summarize(pairs_dir: Path, results: list[dict], manifest_mismatch: list[str], rule: AuditRule) -> dict:
@@ -115,6 +134,7 @@ def summarize(pairs_dir: Path, results: list[dict], manifest_mismatch: list[str]
             "k_histogram": dict(sorted(collections.Counter(r["k"] for r in results).items())),
         },
         "types": dict(collections.Counter(b["type"] for b in boxes).most_common()),
+        "difficulty": difficulty_summary(results),
         "images": {
             "sizes": dict(collections.Counter(f"{r['size'][0]}x{r['size'][1]}" for r in results)),
             "mean_rgb_a": [round(float(v), 2) for v in np.mean([r["mean_rgb_a"] for r in results], axis=0)]

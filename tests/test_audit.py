@@ -97,6 +97,9 @@ def test_audit_of_a_generated_run(run, tmp_path):
     assert report["boxes"]["total"] == sum(m["num_differences"] for m in manifest)
     assert sum(report["types"].values()) == report["boxes"]["total"]
     assert report["images"]["sizes"] == {"64x64": 4}
+    assert report["difficulty"]["visible_px"]["n"] == report["boxes"]["total"]
+    assert report["difficulty"]["visible_px"]["min"] >= S.load_vocabulary().gate_thresholds(64, 64)["min_visible_px"]
+    assert sum(report["difficulty"]["num_objects_a"].values()) == 4
     # The generator's gates hold at their own 64x64 thresholds: every box changed, no unlabeled blob.
     gates = S.load_vocabulary().gate_thresholds(64, 64)
     gate_rule = AuditRule(box_min_px=gates["min_changed_px"], blob_fraction=gates["unlabeled_min_px"] / 64**2)
