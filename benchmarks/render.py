@@ -1,6 +1,8 @@
 """Render benchmark of the DiG pair generator; prints one JSON object per line.
 
     .venv/bin/python benchmarks/render.py [--pairs 12] [--psnr-scenes 3] [--skip-clevr]
+    .venv/bin/python benchmarks/render.py --pairs 100 --configs 1x2 --seed 4242 --psnr-scenes 0 --keep /tmp/runs
+        # one configuration, kept on disk for `python -m data_prep.audit --pairs /tmp/runs/tp-w1-t2`
 
 Figures: pairs/hour at the defaults (480x320, 16 spp, OIDN) with 1 worker x 1 thread, 2 workers x 1 thread
 and 1 worker x 2 threads (whole pipeline: sampling, both renders, masks, gates, files, rejections included);
@@ -42,10 +44,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def throughput(pairs: int, workers: int, threads: int, tmp: Path) -> None:
+def throughput(pairs: int, workers: int, threads: int, tmp: Path, seed: int | None = None) -> None:
     out = tmp / f"tp-w{workers}-t{threads}"
-    cfg = GenerateConfig(out=out, num=pairs, k="1-4", seed=1000 + workers * 10 + threads, workers=workers,
-                         threads=threads, progress=False)  # fmt: skip
+    seed = 1000 + workers * 10 + threads if seed is None else seed
+    cfg = GenerateConfig(out=out, num=pairs, k="1-4", seed=seed, workers=workers, threads=threads, progress=False)
     t0 = time.perf_counter()
     stats = generate(cfg)
     wall = time.perf_counter() - t0
@@ -55,6 +57,9 @@ def throughput(pairs: int, workers: int, threads: int, tmp: Path) -> None:
         threads_per_worker=threads,
         value=round(pairs / wall * 3600, 1),
         pairs=pairs,
+        seed=seed,
+        out=str(out),
+        acceptance_rate=stats["acceptance_rate"],
         wall_s=round(wall, 1),
         cpu_s_per_pair=round(stats["render_cpu_s"] / pairs, 2),
         candidates=stats["candidates"],
@@ -111,14 +116,28 @@ def main() -> int:
     p.add_argument("--psnr-scenes", type=int, default=3)
     p.add_argument("--skip-clevr", action="store_true", help="skip the 512-spp render (~140 CPU-s)")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument(
+        "--configs", default="1x1,2x1,1x2", help="throughput configurations WORKERSxTHREADS, comma-separated"
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="run seed of every throughput run (default: per configuration)"
+    )
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="write the throughput runs under this folder and keep them (e.g. to audit them afterwards)",
+    )
     args = p.parse_args()
+    configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",") if c]
     emit(metric="machine", cpus=os.cpu_count(), load_avg_1m=os.getloadavg()[0])
     with tempfile.TemporaryDirectory(prefix="dig-bench-") as d:
         tmp = Path(d)
         if not args.skip_throughput:
-            for workers, threads in ((1, 1), (2, 1), (1, 2)):
-                throughput(args.pairs, workers, threads, tmp)
-        image_quality(args.psnr_scenes, tmp, args.skip_clevr)
+            for workers, threads in configs:
+                throughput(args.pairs, workers, threads, args.keep or tmp, args.seed)
+        if args.psnr_scenes > 0:
+            image_quality(args.psnr_scenes, tmp, args.skip_clevr)
     emit(metric="machine_end", load_avg_1m=os.getloadavg()[0])
     return 0
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from data_prep import to_verl
+from data_prep.generate import DEVICES
 from data_prep.stages import (
     RENDERED_ONLY,
     STAGES_FILE,
@@ -54,6 +55,7 @@ class BuildOptions:
     vocab: Path | None = None
     coco: Path | None = None  # photo source: COCO-format annotations (overrides the stages file's photo.coco)
     images: Path | None = None  # ... and its image folder (photo.images)
+    device: str = "cpu"  # Cycles device (data_prep.generate --device)
 
 
 def stage_dir_name(stage: Stage) -> str:
@@ -124,6 +126,8 @@ def _generator_config(run: Run, out: Path, options: BuildOptions):
         ray_address=options.ray_address,
         progress=options.progress,
         denoise=options.denoise,
+        difficulty_filters=run.difficulty,
+        device=options.device,
     )
 
 
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=None, help="Cycles samples per pixel (default: stages file)")
     parser.add_argument("--no-denoise", action="store_true", help="OIDN off (quick 1 spp test data)")
     parser.add_argument("--workers", type=int, default=1, help="render worker processes")
+    parser.add_argument("--device", default="cpu", choices=DEVICES, help="Cycles device (cpu, cuda, optix, hip, auto)")
     parser.add_argument("--ray-address", default=None, help="render on a Ray cluster ('auto', 'ray://...')")
     parser.add_argument("--vocab", type=Path, default=None, help="scene vocabulary YAML (generator default)")
     parser.add_argument("--coco", type=Path, default=None, help="photo source: COCO-format annotations (stages mix)")
@@ -314,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             vocab=args.vocab,
             coco=args.coco,
             images=args.images,
+            device=args.device,
         )
         build(args.data_dir, args.model, stages, curriculum, options, mixes=load_source_mixes(args.stages_file))
     except (ValueError, FileNotFoundError) as err:

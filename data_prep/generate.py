@@ -26,6 +26,7 @@ from typing import Any
 
 from data_prep import scene as S
 from data_prep.fileio import TMP_MARK, atomic_write_text
+from data_prep.stages import check_difficulty_filters, difficulty_failure
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_SCRIPT = Path(__file__).resolve().with_name("render_worker.py")
@@ -58,6 +59,7 @@ RESUME_KEYS = (
     "render_overrides",
     "change_weights",
     "vocab_sha",
+    "difficulty_filters",
 )
 
 
@@ -67,6 +69,13 @@ class RenderEnvError(RuntimeError):
 
 class RenderWorkerError(RuntimeError):
     """A render worker died or answered with an error."""
+
+
+class RenderDeviceError(ValueError):
+    """The requested Cycles device is not present (raised before any rendering)."""
+
+
+DEVICES = ("cpu", "cuda", "optix", "hip", "auto")  # --device; checked again by the render worker
 
 
 @dataclass
@@ -89,6 +98,8 @@ class GenerateConfig:
     render_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"denoising_quality": "HIGH"}
     change_weights: dict[str, float] | None = None  # overrides the vocabulary's `changes`
     save_masks: bool = False  # also write <pair_id>_mask_a.npy / _mask_b.npy (Object Index pass)
+    difficulty_filters: dict[str, float] = field(default_factory=dict)  # stages.DIFFICULTY_FILTERS; {} = off
+    device: str = "cpu"  # Cycles device: cpu | cuda | optix | hip | auto (the best GPU backend found, else cpu)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad flag, before any expensive work."""
@@ -112,6 +123,9 @@ class GenerateConfig:
         i, n = self.shard
         if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
             raise ValueError(f"--shard: expected i/N with 0 <= i < N, got {i}/{n}")
+        self.difficulty_filters = check_difficulty_filters(self.difficulty_filters, "--difficulty")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device: expected one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.change_weights is not None:
             bad = set(self.change_weights) - set(S.CHANGE_TYPES)
             if bad:
@@ -134,6 +148,18 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise ValueError(f"--shard: expected i/N with 0 <= i < N, got {text!r}")
     return i, n
+
+
+def parse_filters(text: str) -> dict[str, float]:
+    """'min_visible_px=800,max_occluded_fraction=0.5' -> {...}; checked by GenerateConfig.validate."""
+    out = {}
+    for item in filter(None, (t.strip() for t in str(text).split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value) if sep else None
+        except ValueError:
+            raise ValueError(f"--difficulty: expected KEY=NUMBER, got {item!r}") from None
+    return out
 
 
 def pair_id(seed: int, index: int) -> str:
@@ -195,8 +221,14 @@ class RenderWorker:
             raise RenderWorkerError(f"render worker ({self.python}) exited with code {self.proc.returncode}:\n{tail}")
         ans = json.loads(line)
         if not ans.get("ok"):
+            if ans.get("bad_input"):
+                raise RenderDeviceError(ans["error"])
             raise RenderWorkerError(f"render worker error:\n{ans.get('error')}")
         return ans
+
+    def select_device(self, device: str) -> dict:
+        """Point this worker's Cycles at `device`; RenderDeviceError naming it if it is not there."""
+        return self.request({"cmd": "device", "device": device})["device"]
 
     def info(self) -> dict:
         return self.request({"cmd": "info"})["renderer"]
@@ -275,6 +307,10 @@ class PairMaker:
             ans = self.worker.request(job)
             delta["render_cpu_s"] += ans.get("timing", {}).get("cpu_s", 0.0)
             delta["peak_rss_mb"] = max(delta.get("peak_rss_mb", 0.0), ans.get("peak_rss_mb", 0.0))
+            if ans["accepted"] and cfg.difficulty_filters:
+                why = difficulty_failure(cfg.difficulty_filters, ans["differences"])
+                if why:
+                    ans.update(accepted=False, reason="difficulty_filter", detail=why)
             if not ans["accepted"]:
                 delta["rejected"][ans["reason"]] += 1
                 for t in (tmp_a, tmp_b):
@@ -292,6 +328,7 @@ class PairMaker:
                     "vocabulary": self.vocab.path,
                     "vocabulary_sha256": self.vocab_sha,
                     "change_weights": cfg.change_weights,
+                    "difficulty_filters": cfg.difficulty_filters,
                 },
                 "width": cfg.width,
                 "height": cfg.height,
@@ -302,6 +339,8 @@ class PairMaker:
                 "edits": edits,
                 "differences": ans["differences"],
                 "num_differences": len(ans["differences"]),
+                "num_objects_a": len(scene_a["objects"]),
+                "num_objects_b": len(scene_b["objects"]),
                 "objects_a": ans["objects_a"],
                 "objects_b": ans["objects_b"],
             }
@@ -353,10 +392,11 @@ class RunState:
                 "samples": self.cfg.samples, "denoise": self.cfg.denoise,
                 "no_diff_fraction": float(self.cfg.no_diff_fraction),
                 "render_overrides": self.cfg.render_overrides, "change_weights": self.cfg.change_weights,
-                "vocab_sha": _vocab_sha(vocab)}  # fmt: skip
+                "vocab_sha": _vocab_sha(vocab), "difficulty_filters": self.cfg.difficulty_filters}  # fmt: skip
         path = self.out / CONFIG
         if path.exists():
             have = json.loads(path.read_text())
+            have.setdefault("difficulty_filters", {})  # runs made before the filters existed had none
             diff = [key for key in RESUME_KEYS if have.get(key) != want[key]]
             if diff:
                 raise ValueError(
@@ -468,6 +508,13 @@ def _run_local(cfg: GenerateConfig, vocab: S.Vocabulary, state: RunState, todo: 
     python = render_python()
     n_workers = min(cfg.workers, len(todo))
     workers = [RenderWorker(python) for _ in range(n_workers)]  # spawned from this thread (parent-death signal)
+    try:
+        for w in workers:  # before any rendering: a missing GPU stops the run here
+            w.select_device(cfg.device)
+    except BaseException:
+        for w in workers:
+            w.close()
+        raise
     jobs: queue.Queue[int] = queue.Queue()
     for i in todo:
         jobs.put(i)
@@ -514,6 +561,7 @@ def _ray_chunk(cfg_dict: dict, indices: list[int], python: str) -> list[tuple[di
     vocab = S.load_vocabulary(cfg.vocab)
     shard_dir = Path(cfg.out) / shard_folder(cfg.shard)
     with RenderWorker(python) as worker:
+        worker.select_device(cfg.device)
         maker = PairMaker(cfg, vocab, worker, shard_dir)
         out = []
         for index in indices:
@@ -590,6 +638,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="Ray cluster address ('auto', 'ray://...') or 'local'")
     p.add_argument("--vocab", type=Path, default=None, help="scene vocabulary YAML (default data_prep/vocabulary.yaml)")
     p.add_argument("--save-masks", action="store_true", help="also save the Object Index masks as .npy")
+    p.add_argument("--device", default="cpu", choices=DEVICES,
+                   help="Cycles device (default cpu); auto = OptiX, CUDA or HIP if present, else cpu")  # fmt: skip
+    p.add_argument(
+        "--difficulty",
+        default="",
+        metavar="KEY=V,...",
+        help="difficulty filters, e.g. min_visible_px=800,max_occluded_fraction=0.5 (default: none)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -603,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
             samples=args.samples, workers=args.workers, threads=args.threads, no_diff_fraction=args.no_diff_fraction,
             shard=parse_shard(args.shard), vocab=args.vocab, ray_address=args.ray_address,
             progress=not args.no_progress, denoise=not args.no_denoise, save_masks=args.save_masks,
+            difficulty_filters=parse_filters(args.difficulty), device=args.device,
         )  # fmt: skip
         stats = generate(cfg)
     except (ValueError, S.VocabularyError, RenderEnvError) as exc:

@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 DEFAULT_VOCAB_PATH = Path(__file__).with_name("vocabulary.yaml")
-CHANGE_TYPES = ("size", "shape", "material", "color", "removal", "addition")
+# The paper's six, then opt-in types (weight 0 in vocabulary.yaml unless you raise it).
+CHANGE_TYPES = ("size", "shape", "material", "color", "removal", "addition", "move")
 PRIMITIVES = ("cube", "sphere", "cylinder", "cone")
 LIGHT_TYPES = ("AREA", "SUN")
 SPEC_VERSION = 1
@@ -61,6 +62,9 @@ class Vocabulary:
             "max_untouched_visibility_change": g["max_untouched_visibility_change"],
             "untouched_change_floor_px": g["untouched_change_floor_px"],
             "frame_margin_px": g["frame_margin_px"],
+            "unlabeled_intensity": g["unlabeled_change_intensity"],
+            "unlabeled_min_px": max(g["unlabeled_blob_floor"], math.ceil(g["unlabeled_blob_fraction"] * area)),
+            "unlabeled_dilate_px": g["unlabeled_box_dilation_px"],
         }
 
 
@@ -115,6 +119,10 @@ GATE_KEYS = {
     "max_untouched_visibility_change": (0.0, 10.0, False),
     "untouched_change_floor_px": (0, 10**9, True),
     "frame_margin_px": (0, 10**6, True),
+    "unlabeled_change_intensity": (0, 254, True),
+    "unlabeled_blob_fraction": (0.0, 1.0, False),
+    "unlabeled_blob_floor": (1, 10**9, True),
+    "unlabeled_box_dilation_px": (0, 10**6, True),
     "max_attempts_per_pair": (1, 10**6, True),
 }
 
@@ -411,7 +419,7 @@ def sample_edits(vocab: Vocabulary, scene: dict, k: int, seed: int, weights: dic
     for _ in range(k):
         allowed = ["addition"]
         if free:
-            allowed.append("removal")
+            allowed += ["removal", "move"]
             allowed += [t for t, (_, table) in attr_of.items() if len(table) > 1]
         t = _pick_type(rng, weights, allowed)
         if t is None:
@@ -424,19 +432,43 @@ def sample_edits(vocab: Vocabulary, scene: dict, k: int, seed: int, weights: dic
         if t == "removal":
             edits.append({"type": "removal", "object_id": oid})
             continue
+        if t == "move":  # the new spot is drawn once every other edit is known (below)
+            edits.append({"type": "move", "object_id": oid, "from": [by_id[oid]["x"], by_id[oid]["y"]]})
+            continue
         attr, table = attr_of[t]
         old = by_id[oid][attr]
         new = rng.choice(sorted(v for v in table if v != old))
         edits.append({"type": t, "object_id": oid, "attribute": attr, "from": old, "to": new})
-    # Additions are placed after all other edits are known, so that they avoid the objects of B.
+    # Moves and additions are placed after all other edits are known, so that they avoid the objects of B.
     return _place_additions(vocab, scene, edits, rng)
 
 
+def _place_move(vocab, rng, obj, others):
+    """A new spot for `obj`: clear of every other object of B (footprint gap, and the margin if it can) and
+    of its own old footprint, so that the move is visible and the A and B silhouettes differ."""
+    attrs = (obj["shape"], obj["color"], obj["material"], obj["size"])
+    ghost = dict(obj, id=-1)  # the old spot: the moved object must not overlap where it was
+    for check_margin in (True, False):  # in a crowded scene the footprint gap suffices
+        new = _place(vocab, rng, obj["id"], [*others, ghost], attrs, check_margin)
+        if new is not None:
+            return dict(new, rotation_deg=obj["rotation_deg"])  # same object, only its position changes
+    return None
+
+
 def _place_additions(vocab, scene, edits, rng):
-    b_objects = [o for o in apply_edits(vocab, scene, [e for e in edits if e["type"] != "addition"])["objects"]]
+    pending = ("addition", "move")
+    b_objects = [o for o in apply_edits(vocab, scene, [e for e in edits if e["type"] not in pending])["objects"]]
     out = []
     for e in edits:
-        if e["type"] == "addition":
+        if e["type"] == "move":
+            old = next(o for o in b_objects if o["id"] == e["object_id"])
+            others = [o for o in b_objects if o["id"] != e["object_id"]]
+            new = _place_move(vocab, rng, old, others)
+            if new is None:
+                raise SamplingError(f"no free spot to move object {e['object_id']} to")
+            b_objects = [*others, new]
+            e = dict(e, to=[new["x"], new["y"]])
+        elif e["type"] == "addition":
             # An added object keeps the margin if it can; in a crowded scene the footprint gap suffices.
             obj = _place(vocab, rng, e["object_id"], b_objects) or _place(
                 vocab, rng, e["object_id"], b_objects, check_margin=False
@@ -461,6 +493,14 @@ def apply_edits(vocab: Vocabulary, scene: dict, edits: list[dict]) -> dict:
             if "object" not in e:
                 continue  # not placed yet (internal use by sample_edits)
             objs[oid] = resolve_object(vocab, {"id": oid, **e["object"]})
+        elif t == "move":
+            if "to" not in e:
+                continue  # not placed yet (internal use by sample_edits)
+            o = dict(objs[oid])
+            if [o["x"], o["y"]] != list(e["from"]) or list(e["from"]) == list(e["to"]):
+                raise ValueError(f"edit {e} does not apply to object {o}")
+            o["x"], o["y"] = e["to"]
+            objs[oid] = resolve_object(vocab, o)
         else:
             o = dict(objs[oid])
             if o[e["attribute"]] != e["from"] or e["from"] == e["to"]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -20,6 +20,7 @@ class Run:
     num: int
     seed: int
     no_diff_fraction: float
+    difficulty: dict = field(default_factory=dict)  # filters on the recorded difficulty (off when empty)
 
     def k_values(self) -> set[int]:
         low, high = parse_k(self.k)
@@ -83,7 +84,7 @@ def _run(raw, stage_defaults: dict, where: str, max_differences: int) -> Run:
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping {{k, num, seed}}, got {raw!r}")
     merged = {**stage_defaults, **raw}
-    unknown = set(raw) - {"k", "num", "seed", "no_diff_fraction"}
+    unknown = set(raw) - {"k", "num", "seed", "no_diff_fraction", "difficulty"}
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
     for key in ("k", "num", "seed"):
@@ -103,7 +104,10 @@ def _run(raw, stage_defaults: dict, where: str, max_differences: int) -> Run:
     fraction = float(merged.get("no_diff_fraction", 0.0))
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"{where}: no_diff_fraction must be in [0, 1), got {fraction}")
-    return Run(k=str(merged["k"]).replace(" ", ""), num=num, seed=seed, no_diff_fraction=fraction)
+    difficulty = check_difficulty_filters(merged.get("difficulty"), f"{where}.difficulty")
+    return Run(
+        k=str(merged["k"]).replace(" ", ""), num=num, seed=seed, no_diff_fraction=fraction, difficulty=difficulty
+    )
 
 
 def load_curriculum(path: Path | str = STAGES_FILE) -> Curriculum:
@@ -124,7 +128,7 @@ def load_curriculum(path: Path | str = STAGES_FILE) -> Curriculum:
         where = f"{path}: stages.{name}"
         if not isinstance(body, dict) or not isinstance(body.get("splits"), dict) or not body["splits"]:
             raise ValueError(f"{where}: needs a non-empty 'splits:' mapping")
-        defaults = {key: body[key] for key in ("k", "no_diff_fraction") if key in body}
+        defaults = {key: body[key] for key in ("k", "no_diff_fraction", "difficulty") if key in body}
         splits = {}
         for split, runs in body["splits"].items():
             runs = runs if isinstance(runs, list) else [runs]
@@ -220,3 +224,50 @@ def load_source_mixes(path: Path | str = STAGES_FILE) -> dict[str, SourceMix]:
         mixes[str(name)] = SourceMix(dict(fractions), local("coco"), local("images"),
                                      tuple(categories) if categories else None, local("settings"))  # fmt: skip
     return mixes
+
+
+# ------------------------------------------------------------------------------------ difficulty filters
+# Optional per-stage filters on the difficulty fields the generator records per difference (see the dataset
+# card). A candidate pair with one difference outside a bound is rejected and redrawn (reason
+# "difficulty_filter"), so K and the split size are kept. A bound never applies to a field that is null for
+# that difference (e.g. delta_e00 of a shape change).
+DIFFICULTY_FILTERS = {
+    "min_visible_px": ("visible_px", min),
+    "max_visible_px": ("visible_px", max),
+    "max_occluded_fraction": ("occluded_fraction", max),
+    "min_changed_px": ("changed_px", min),
+    "min_delta_e00": ("delta_e00", min),
+    "min_box_fraction": ("box_fraction", min),
+    "max_box_fraction": ("box_fraction", max),
+    "min_border_px": ("border_px", min),
+}
+
+
+def check_difficulty_filters(filters: dict | None, where: str = "difficulty") -> dict:
+    """Validated copy of a filter mapping ({} when None); ValueError naming the bad key."""
+    if filters is None:
+        return {}
+    if not isinstance(filters, dict):
+        raise ValueError(f"{where}: expected a mapping of filters, got {filters!r}")
+    out = {}
+    for key, value in filters.items():
+        if key not in DIFFICULTY_FILTERS:
+            raise ValueError(f"{where}.{key}: unknown filter (known: {', '.join(DIFFICULTY_FILTERS)})")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(f"{where}.{key}: expected a number >= 0, got {value!r}")
+        out[key] = value
+    return out
+
+
+def difficulty_failure(filters: dict, differences: list[dict]) -> str | None:
+    """Why a pair's differences fail the filters (None if they pass)."""
+    for d in differences:
+        values = {**d.get("difficulty", {}), "changed_px": d.get("changed_px")}
+        for key, bound in filters.items():
+            field, kind = DIFFICULTY_FILTERS[key]
+            value = values.get(field)
+            if value is None:
+                continue
+            if (kind is min and value < bound) or (kind is max and value > bound):
+                return f"{d['type']} of object {d['object_id']}: {field} {value} fails {key}={bound}"
+    return None

@@ -33,7 +33,7 @@ from recipes.dig.models import ModelSpec, load_model_spec
 
 DATA_SOURCE = "dig"
 ABILITY = "grounding"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: extra_info carries difficulty and num_objects_a/b
 METADATA_KEY = b"dig"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFAULT_ROW_GROUP = 16  # rows per row group (~7 MB of PNGs at 480x320): peak RSS flat from 200 to 2,000 pairs
@@ -54,6 +54,13 @@ WRITER_OPTIONS = {
     "write_statistics": ["extra_info.index", "extra_info.num_differences"],
 }
 
+# Per difference, aligned with the boxes: how hard it is to see (data_prep/README.md, "Difficulty").
+DIFFICULTY_FIELDS = (
+    ("visible_px", pa.int64()), ("visible_px_a", pa.int64()), ("visible_px_b", pa.int64()),
+    ("occluded_fraction", pa.float64()), ("changed_px", pa.int64()), ("delta_e00", pa.float64()),
+    ("size_ratio", pa.float64()), ("box_fraction", pa.float64()), ("border_px", pa.int64()),
+)  # fmt: skip
+DIFFICULTY_TYPE = pa.struct(list(DIFFICULTY_FIELDS))
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("min_pixels", pa.int64()), ("max_pixels", pa.int64())])
 SCHEMA = pa.schema(
     [
@@ -74,6 +81,9 @@ SCHEMA = pa.schema(
                     ("types", pa.list_(pa.string())),
                     ("width", pa.int64()),
                     ("height", pa.int64()),
+                    ("difficulty", pa.list_(DIFFICULTY_TYPE)),
+                    ("num_objects_a", pa.int64()),
+                    ("num_objects_b", pa.int64()),
                 ]
             ),
         ),
@@ -102,6 +112,8 @@ class PairRecord:
     height: int
     boxes: list[list[float]]
     types: list[str]
+    difficulty: tuple[dict, ...] = ()  # per box; fields the generator did not record are None
+    num_objects: tuple[int | None, int | None] = (None, None)  # objects in A and in B
 
 
 def read_manifest(pairs_dir: Path, limit: int | None = None) -> list[PairRef]:
@@ -184,7 +196,11 @@ def load_pair(ref: PairRef, allowed_k: set[int] | None = None) -> PairRecord:
     for png in (png_a, png_b):
         if not png.is_file():
             raise PairError(f"{where}: image {png} missing")
-    return PairRecord(ref.pair_id, png_a, png_b, width, height, boxes, types)
+    difficulty = tuple(
+        {name: ({**d, **(d.get("difficulty") or {})}).get(name) for name, _ in DIFFICULTY_FIELDS} for d in differences
+    )
+    num_objects = (record.get("num_objects_a"), record.get("num_objects_b"))
+    return PairRecord(ref.pair_id, png_a, png_b, width, height, boxes, types, difficulty, num_objects)
 
 
 def read_png(record: PairRecord, path: Path) -> bytes:
@@ -230,6 +246,9 @@ def make_row(record: PairRecord, index: int, prompt: list[dict], spec: ModelSpec
             "types": record.types,
             "width": record.width,
             "height": record.height,
+            "difficulty": list(record.difficulty),
+            "num_objects_a": record.num_objects[0],
+            "num_objects_b": record.num_objects[1],
         },
     }
 

@@ -165,6 +165,34 @@ def per_type_summary(samples: list[dict]) -> dict:
     return out
 
 
+def per_difficulty_summary(samples: list[dict], bins: int = 3) -> dict:
+    """GT boxes binned by how many pixels of the changed object are visible (extra_info.difficulty.visible_px,
+    terciles over this eval set: bin 1 = least visible). Box level like per_type: ``n``, ``recall``, ``miou``;
+    ``visible_px`` = [low, high] of the bin. Empty when the rows carry no difficulty."""
+    boxes = []
+    for s in samples:
+        visible = s.get("visible_px") or []
+        if len(visible) != s["num_gt"]:
+            continue
+        partner = {p["gt"]: p for p in s["pairs"]}
+        for j, v in enumerate(visible):
+            if v is not None:
+                p = partner.get(j)
+                boxes.append((v, bool(p and p["match"]), p["iou"] if p else None))
+    if not boxes:
+        return {}
+    edges = np.quantile([b[0] for b in boxes], np.linspace(0, 1, bins + 1))
+    out = {}
+    for i in range(bins):
+        lo, hi = edges[i], edges[i + 1]
+        inside = [b for b in boxes if lo <= b[0] <= hi and (i == bins - 1 or b[0] < hi)]
+        ious = [iou for _, _, iou in inside if iou is not None]
+        out[f"visible_px_bin{i + 1}"] = {"visible_px": [int(lo), int(hi)], "n": len(inside),
+                                         "recall": _mean([float(hit) for _, hit, _ in inside]),
+                                         "miou": _mean(ious) if ious else (0.0 if inside else None)}  # fmt: skip
+    return out
+
+
 def no_difference_summary(samples: list[dict]) -> dict:
     """Pairs with K = 0: hallucination rate = share answered (format ok) with at least one box."""
     empty = [s for s in samples if s["num_gt"] == 0]
@@ -186,6 +214,7 @@ def aggregate(samples: list[dict]) -> dict:
         "overall": summarize(samples),
         "per_k": {str(k): summarize(by_k[k]) for k in sorted(by_k)},
         "per_type": per_type_summary(samples),
+        "per_difficulty": per_difficulty_summary(samples),
         "no_difference": no_difference_summary(samples),
     }
 
@@ -349,6 +378,7 @@ def score_rows(
             "pair_id": pid,
             "num_gt": len(scored.gt_boxes),
             "types": difference_types(r),
+            "visible_px": [d.get("visible_px") for d in (r.get("extra_info") or {}).get("difficulty") or []],
             "response": response,
             **scored.to_json(),
         })  # fmt: skip

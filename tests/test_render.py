@@ -119,6 +119,7 @@ def test_box_rule_matches_masks(vocab, worker, tmp_path, change_type):
         "material": box_b,
         "size": _union(box_a, box_b),
         "shape": _union(box_a, box_b),
+        "move": _union(box_a, box_b),
     }[change_type]
     assert d["box"] == expected
     if change_type == "addition":
@@ -193,3 +194,34 @@ def test_gate_rejects_object_outside_frame(vocab, worker, tmp_path):
     ans = worker.request(_job(vocab, tmp_path, a, b, [{"type": "removal", "object_id": 1}], "frame"))
     assert not ans["accepted"] and ans["reason"] == "out_of_frame"
     assert not Path(tmp_path / "frame_a.png").exists()  # rejected before rendering
+
+
+def test_device_selection_and_a_missing_gpu_stops_before_rendering(worker, tmp_path, capsys):
+    from data_prep.generate import RenderDeviceError, main
+
+    assert worker.select_device("cpu")["device"] == "CPU"
+    auto = worker.select_device("auto")  # the best GPU backend present, else the CPU
+    assert auto["device"] in ("OPTIX", "CUDA", "HIP", "CPU")
+    missing = []
+    for backend in ("hip", "cuda", "optix"):
+        try:
+            worker.select_device(backend)
+        except RenderDeviceError as exc:
+            assert f"--device {backend}: Cycles finds no {backend.upper()} device" in str(exc)
+            missing.append(backend)
+    worker.select_device("cpu")
+    assert missing, "no machine has HIP and CUDA GPUs at once"
+    out = tmp_path / "gpu-run"
+    with pytest.raises(SystemExit) as exc:
+        main(["--num", "2", "--out", str(out), "--width", "64", "--height", "64", "--samples", "1", "--no-denoise",
+              "--no-progress", "--device", missing[0]])  # fmt: skip
+    assert exc.value.code == 2
+    assert f"no {missing[0].upper()} device" in capsys.readouterr().err
+    assert not list(out.rglob("*.png")) and not (out / "manifest.jsonl").exists()  # nothing was rendered
+    # auto falls back to (or finds) a device and the records say which one rendered them.
+    main(["--num", "1", "--out", str(tmp_path / "auto"), "--width", "64", "--height", "64", "--samples", "1",
+          "--no-denoise", "--no-progress", "--device", "auto"])  # fmt: skip
+    (rec,) = [p for p in (tmp_path / "auto").glob("shard-*/s*-*.json")]
+    import json
+
+    assert json.loads(rec.read_text())["renderer"]["device"] == auto["device"]

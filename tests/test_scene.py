@@ -69,6 +69,9 @@ def test_edits_touch_k_distinct_objects_and_really_change(vocab, k):
                 assert oid in objs_a and oid not in objs_b
             elif t == "addition":
                 assert oid not in objs_a and oid in objs_b
+            elif t == "move":
+                moved = {key: v for key, v in objs_b[oid].items() if objs_a[oid][key] != v}
+                assert set(moved) == {"x", "y", "location"}
             else:
                 attr = {"size": "size", "shape": "shape", "material": "material", "color": "color"}[t]
                 assert objs_a[oid][attr] != objs_b[oid][attr]
@@ -89,8 +92,35 @@ def test_change_weights_select_types(vocab):
         edits = S.sample_edits(vocab, a, 3, 11, weights={t: 1.0})
         assert {e["type"] for e in edits} == {t}
     counts = Counter(e["type"] for s in range(300) for e in S.sample_edits(vocab, a, 1, s))
-    assert set(counts) == set(S.CHANGE_TYPES)
+    assert set(counts) == {t for t in S.CHANGE_TYPES if vocab.changes[t] > 0} == set(S.CHANGE_TYPES) - {"move"}
     assert min(counts.values()) > 25  # equal default weights -> roughly uniform
+
+
+def test_move_is_opt_in_and_goes_to_a_free_spot(vocab):
+    assert vocab.changes["move"] == 0.0  # the paper's six stay the default
+    moves = 0
+    for seed in range(40):
+        a = S.sample_scene(vocab, seed)
+        edits = S.sample_edits(vocab, a, 2, seed, weights={"move": 1.0, "addition": 1.0})
+        b = S.apply_edits(vocab, a, edits)
+        assert S.interpenetrating_pairs(b) == []
+        objs_a, objs_b = {o["id"]: o for o in a["objects"]}, {o["id"]: o for o in b["objects"]}
+        for e in edits:
+            if e["type"] != "move":
+                continue
+            moves += 1
+            old, new = objs_a[e["object_id"]], objs_b[e["object_id"]]
+            assert e["from"] == [old["x"], old["y"]] and e["to"] == [new["x"], new["y"]]
+            # It left its own footprint and keeps the footprint gap to every other object of B.
+            assert math.hypot(new["x"] - old["x"], new["y"] - old["y"]) >= 2 * old["radius"]
+            for o in b["objects"]:
+                if o["id"] != new["id"]:
+                    gap = math.hypot(new["x"] - o["x"], new["y"] - o["y"]) - new["radius"] - o["radius"]
+                    assert gap >= vocab.placement["min_gap"] - 1e-6
+            assert vocab.placement["x"][0] <= new["x"] <= vocab.placement["x"][1]
+    assert moves > 20
+    with pytest.raises(ValueError, match="does not apply"):
+        S.apply_edits(vocab, a, [{"type": "move", "object_id": a["objects"][0]["id"], "from": [99, 99], "to": [0, 0]}])
 
 
 def test_additions_do_not_collide(vocab):
@@ -134,7 +164,7 @@ def _write_vocab(tmp_path: Path, mutate) -> Path:
         (lambda r: r["shapes"]["cube"].update(primitive="teapot"), "shapes.cube.primitive"),
         (lambda r: r["sizes"].update(small=0.7), "sizes"),
         (lambda r: r["materials"].update(rubber={"Metallic": 1.0, "Roughness": 0.25}), "materials.rubber"),
-        (lambda r: r["changes"].update(move=1.0), "changes.move"),
+        (lambda r: r["changes"].update(teleport=1.0), "changes.teleport"),
         (lambda r: r.update(changes=dict.fromkeys(S.CHANGE_TYPES, 0)), "changes"),
         (lambda r: r["gates"].pop("min_visible_fraction"), "gates.min_visible_fraction"),
         (lambda r: r["objects_per_scene"].update(min=9, max=3), "objects_per_scene.max"),

@@ -82,7 +82,12 @@ def test_rows_follow_design_section_5(mixed_pairs, tmp_path):
             "types": truth["types"],
             "width": 100,
             "height": 70,
+            # Synthetic records carry only the pixel counts; the other difficulty fields stay null.
+            "difficulty": [{name: d.get(name) for name, _ in to_verl.DIFFICULTY_FIELDS} for d in record["differences"]],
+            "num_objects_a": None,
+            "num_objects_b": None,
         }
+        assert all(x["changed_px"] is not None for x in row["extra_info"]["difficulty"])
     assert sorted(r["extra_info"]["num_differences"] for r in rows) == [1, 1, 2, 2, 3, 3, 4, 4]
     assert to_verl.read_metadata(out)["model"] == "qwen3_vl_8b_thinking"
 
