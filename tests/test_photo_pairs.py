@@ -440,7 +440,8 @@ def test_converts_loads_in_verl_and_the_ground_truth_scores_one(per_type, tmp_pa
         truth = row["reward_model"]["ground_truth"]
         gt = json.loads(truth)
         assert gt["boxes"] == [d["box"] for d in rec["differences"]] and (gt["width"], gt["height"]) == (W, H)
-        answer = json.dumps(from_pixels(gt["boxes"], spec.coord_mode, W, H).tolist() if gt["boxes"] else [])
+        frame = dict(factor=spec.resize_factor, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+        answer = json.dumps(from_pixels(gt["boxes"], spec.coord_mode, W, H, **frame).tolist() if gt["boxes"] else [])
         kwargs = {"coord_mode": spec.coord_mode, "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels,
                   "resize_factor": spec.resize_factor}  # fmt: skip
         assert compute_score("dig", answer, truth, row["extra_info"], **kwargs)["score"] == pytest.approx(1.0)
