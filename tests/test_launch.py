@@ -25,6 +25,7 @@ from PIL import Image
 
 from recipes.dig import launch
 from recipes.dig.models import BASE_MODEL_DIR, load_model_spec, model_names
+from recipes.dig.settings import STAGES, LaunchError, Settings
 
 pytestmark = pytest.mark.verl
 
@@ -44,8 +45,8 @@ def launch_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def dry_settings(tmp_path: Path, stage: int, **kwargs) -> launch.Settings:
-    return launch.Settings(stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True,
+def dry_settings(tmp_path: Path, stage: int, **kwargs) -> Settings:
+    return Settings(stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True,
                            gpus_per_node=8, **kwargs)  # fmt: skip
 
 
@@ -92,7 +93,7 @@ def write_stage_parquet(path: Path, min_pixels: int, max_pixels: int, width: int
 @pytest.mark.parametrize("model", model_names())
 def test_dry_run_every_stage_of_every_model(model, tmp_path):
     spec = load_model_spec(model)
-    for stage in launch.STAGES:
+    for stage in STAGES:
         plan = launch.plan_stage(dry_settings(tmp_path, stage, model=model, assume_previous=True))
         cfg = plan.cfg
         assert (cfg.dig.model_name, cfg.curriculum.stage) == (model, stage)
@@ -162,7 +163,7 @@ def test_training_entry_point_composes_the_dry_run_config(tmp_path):
 
 
 def test_base_model_override_selects_the_model(launch_env):
-    settings = launch.Settings.from_env(1, ["base_model=qwen2_5_vl_7b", "trainer.save_freq=5"])
+    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_7b", "trainer.save_freq=5"])
     assert settings.model == "qwen2_5_vl_7b" and settings.extra_overrides == ["trainer.save_freq=5"]
     settings.gpus_per_node = 8
     assert launch.plan_stage(settings).cfg.dig.model_name == "qwen2_5_vl_7b"
@@ -192,7 +193,7 @@ def test_existing_data_is_checked_and_reported(launch_env):
     assert plan.data.ready and plan.data.build_command is None
     assert any("train.parquet (2 rows" in line for line in plan.data.lines)
     # the default batch of 64 prompts would never fill from 2 rows: refused, with the knob to change
-    with pytest.raises(launch.LaunchError, match=r"2 rows < data.train_batch_size=64"):
+    with pytest.raises(LaunchError, match=r"2 rows < data.train_batch_size=64"):
         launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b"))
 
 

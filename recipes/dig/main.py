@@ -18,7 +18,9 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf, open_dict
 
-from recipes.dig.launch import DONE_MARKER, LaunchError, check_gpu_environment, latest_step
+from recipes.dig.handoff import DONE_MARKER, latest_step
+from recipes.dig.preflight import check_gpu_environment
+from recipes.dig.settings import LaunchError, env_flag, env_text
 
 
 def absolutize_paths(config) -> None:
@@ -59,11 +61,12 @@ def main(config) -> None:
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
-    if config.trainer.device == "cuda" and not os.environ.get("DIG_SKIP_GPU_CHECK"):
-        try:
-            check_gpu_environment()
-        except LaunchError as err:
-            sys.exit(f"[dig] ERROR: {err}")
+    try:
+        skip_gpu_check = env_flag("DIG_SKIP_GPU_CHECK")
+        if config.trainer.device == "cuda" and not skip_gpu_check:
+            check_gpu_environment(env_text("RAY_ADDRESS"))
+    except LaunchError as err:
+        sys.exit(f"[dig] ERROR: {err}")
     auto_set_device(config)
     absolutize_paths(config)
     OmegaConf.resolve(config)  # oc.env and ${dig.*} resolve here, not in a Ray worker with another env
