@@ -294,3 +294,73 @@ def test_training_entry_point_without_gpu_stops_before_ray(tmp_path):
     assert result.returncode != 0
     assert "no GPU visible" in result.stderr
     assert "ray init kwargs" not in result.stdout  # run_ppo never reached ray.init
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One resolved plan for every stage; a copied model file; the attention backend
+
+
+def test_copied_model_file_keeping_the_old_name_is_refused(launch_env, monkeypatch, capsys):
+    """The data dir follows the file name, the experiment (checkpoints, resume) dig.model_name: they must agree."""
+    copy = launch_env / "my_vlm.yaml"
+    shutil.copyfile(BASE_MODEL_DIR / "qwen2_5_vl_3b.yaml", copy)  # model_name: qwen2_5_vl_3b left as is
+    monkeypatch.setenv("MODEL", str(copy))
+    rc, err = run_launch(["--stage", "1"], capsys)
+    assert rc == 2
+    assert "dig.model_name='qwen2_5_vl_3b' differs from the file name 'my_vlm'" in err and str(copy) in err
+
+
+def test_curriculum_stage_settings_keep_the_model_and_seed_only_the_first_stage(launch_env, monkeypatch):
+    monkeypatch.setenv("INIT_MODEL", "/weights/warm_start")
+    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_3b", "trainer.save_freq=5"])
+    per_stage = launch.curriculum_stage_settings(settings, [1, 2, 3])
+    assert [s.stage for s in per_stage] == [1, 2, 3]
+    assert {s.model for s in per_stage} == {"qwen2_5_vl_3b"}
+    assert {tuple(s.extra_overrides) for s in per_stage} == {("trainer.save_freq=5",)}
+    assert [s.init_model for s in per_stage] == ["/weights/warm_start", None, None]
+
+
+def test_curriculum_dry_run_init_model_seeds_the_first_stage_only(launch_env, monkeypatch, capsys):
+    monkeypatch.setenv("INIT_MODEL", "/weights/warm_start")
+    monkeypatch.setenv("MODEL", "qwen2_5_vl_3b")
+    assert launch.main(["--curriculum", "1", "2"]) == 0
+    inits = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dig] init weights: ")]
+    stage1_merged = launch_env / "ckpt" / "dig" / "qwen2_5_vl_3b_stage1" / "hf_merged" / "global_step_LAST"
+    assert inits == [
+        "[dig] init weights: /weights/warm_start [INIT_MODEL (explicit)]",
+        f"[dig] init weights: {stage1_merged} [stage 1 runs first (curriculum); its last step is merged before "
+        "stage 2 starts]",
+    ]
+
+
+EXPECTED_ATTENTION = {  # CPU: flash-attn does not import in the test venv
+    "qwen3_vl_8b_thinking": "sdpa, remove-padding on",
+    "qwen3_vl_4b_thinking": "sdpa, remove-padding on",
+    "qwen3_vl_8b_instruct": "sdpa, remove-padding on",
+    "qwen2_5_vl_7b": "sdpa, remove-padding off",
+    "qwen2_5_vl_3b": "sdpa, remove-padding off",
+}
+
+
+def test_attention_choice_is_printed_and_reaches_verl_for_every_model(launch_env, monkeypatch, capsys):
+    assert set(EXPECTED_ATTENTION) == set(model_names())
+    for model, expected in EXPECTED_ATTENTION.items():
+        monkeypatch.setenv("MODEL", model)
+        assert launch.main(["--stage", "1"]) == 0
+        out = capsys.readouterr().out
+        line = next(line for line in out.splitlines() if line.startswith("[dig] attention: "))
+        assert line.startswith(f"[dig] attention: {expected} (flash-attn does not import: sdpa"), line
+        command = next(line for line in out.splitlines() if line.startswith("[dig] command: "))
+        assert "+actor_rollout_ref.model.override_config.attn_implementation=sdpa" in command
+        padding = "true" if expected.endswith("on") else "false"
+        assert f"actor_rollout_ref.model.use_remove_padding={padding}" in command
+
+
+def test_attention_user_override_wins_and_a_crashing_one_is_refused(launch_env, capsys):
+    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen3_vl_4b_thinking",
+                                          extra_overrides=["+actor_rollout_ref.model.override_config.attn_implementation=eager"]))  # fmt: skip
+    assert plan.cfg.actor_rollout_ref.model.override_config.attn_implementation == "eager"
+    assert "set by the user" in plan.attention.reason
+    with pytest.raises(LaunchError, match=r"attention backend: qwen2_5_vl_3b \(qwen2_5_vl\) with use_remove_padding"):
+        launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b",
+                                       extra_overrides=["actor_rollout_ref.model.use_remove_padding=true"]))  # fmt: skip

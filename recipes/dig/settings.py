@@ -164,3 +164,14 @@ class Settings:
             extra_overrides=overrides,
             python=text("DIG_PYTHON") or sys.executable,
         )
+
+
+def knob_table() -> str:
+    """The Markdown table of docs/launch.md (a test keeps the two equal): ``python -m recipes.dig.settings``."""
+    rows = ["| env var | default | read by | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{k.name}` | {k.default} | {k.reader} | {k.meaning} |" for k in KNOBS]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(knob_table())
