@@ -110,6 +110,12 @@ def test_dry_run_every_stage_of_every_model(model, tmp_path):
         assert actor.use_dynamic_bsz
         rollout = cfg.actor_rollout_ref.rollout
         assert (rollout.name, rollout.mode, rollout.limit_images, rollout.n) == ("vllm", "async", 2, 8)
+        # validation decodes as the model file's dig.decoding says (the model card's sampling; greedy: do_sample off)
+        val, decoding = rollout.val_kwargs, spec.decoding
+        assert (val.temperature, val.top_p, val.top_k, val.n) == (decoding.temperature, decoding.top_p,
+                                                                  decoding.top_k, decoding.n)  # fmt: skip
+        assert val.do_sample == (not decoding.greedy) and rollout.seed == decoding.seed
+        assert decoding.greedy == (spec.family == "qwen2_5_vl") and (decoding.n > 1) == (not decoding.greedy)
         # reward through reward.custom_reward_function, its model kwargs from the model file's dig: block
         reward = cfg.reward.custom_reward_function
         assert (reward.path, reward.name) == ("pkg://reward_fns.dig_reward", "compute_score")

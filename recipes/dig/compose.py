@@ -177,6 +177,12 @@ def check_recipe_invariants(cfg) -> None:
         raise LaunchError(
             f"data.image_patch_size={data.image_patch_size} differs from dig.patch_size={cfg.dig.patch_size}"
         )
+    val = rollout.val_kwargs
+    if bool(val.do_sample) != (val.temperature > 0):
+        raise LaunchError(
+            f"actor_rollout_ref.rollout.val_kwargs: do_sample={val.do_sample} but temperature={val.temperature} "
+            "(0 = greedy); take both from the model file's dig.decoding"
+        )
     if rollout.get("limit_images", None) != 2:
         raise LaunchError("actor_rollout_ref.rollout.limit_images must be 2 (image A and image B per prompt)")
     backends = [trainer.logger] if isinstance(trainer.logger, str) else list(trainer.logger)
