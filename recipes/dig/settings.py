@@ -69,6 +69,8 @@ KNOBS = (
     Knob("RAY_JOIN_TIMEOUT", "`300`", "sbatch only: seconds to wait for every node to join Ray",
          "launch/slurm/dig_grpo.sbatch"),
     Knob("RAY_HEAD_ARGS", "—", "sbatch only: more `ray start --head` arguments", "launch/slurm/dig_grpo.sbatch"),
+    Knob("RAY_WORKER_ARGS", "—", "sbatch only: more `ray start` arguments for the worker nodes",
+         "launch/slurm/dig_grpo.sbatch"),
     Knob("RAY_BIN", "`ray` next to the Python", "sbatch only: the `ray` executable", "launch/slurm/dig_grpo.sbatch"),
 )  # fmt: skip
 KNOB_NAMES = tuple(k.name for k in KNOBS)
