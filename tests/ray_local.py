@@ -35,9 +35,9 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def free_port_range(width: int = 64) -> int:
+def free_port_range(width: int = 64, after: int | None = None) -> int:
     """The first port of `width` consecutive free ports (Ray's worker port range)."""
-    for start in range(20000 + os.getpid() % 20000, 60000, width):
+    for start in range(after or 20000 + os.getpid() % 20000, 60000, width):
         with contextlib.ExitStack() as stack:
             try:
                 for port in range(start, start + width):
