@@ -25,13 +25,12 @@ from PIL import Image
 
 from recipes.dig import launch
 from recipes.dig.models import BASE_MODEL_DIR, load_model_spec, model_names
-from recipes.dig.settings import STAGES, LaunchError, Settings
+from recipes.dig.settings import KNOB_NAMES, STAGES, LaunchError, Settings
 
 pytestmark = pytest.mark.verl
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH_ENV_KEYS = ("MODEL", "NNODES", "GPUS_PER_NODE", "DATA_DIR", "CKPT_DIR", "DRY_RUN", "LOGGER", "INIT_MODEL",
-                   "DIG_ASSUME_PREVIOUS", "SLURM_NNODES", "RAY_ADDRESS")  # fmt: skip
+LAUNCH_ENV_KEYS = KNOB_NAMES  # every variable the launch path reads (recipes/dig/settings.py)
 
 
 @pytest.fixture
@@ -293,7 +292,7 @@ def test_script_refuses_an_interpreter_without_the_stack(tmp_path):
 
 
 def test_training_entry_point_without_gpu_stops_before_ray(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS + ("DIG_SKIP_GPU_CHECK",)}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
     overrides = [f"curriculum.ckpt_dir={tmp_path / 'ckpt'}", f"curriculum.data_dir={tmp_path / 'data'}"]
     result = subprocess.run([sys.executable, "-m", "recipes.dig.main", *overrides], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
