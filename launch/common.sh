@@ -3,14 +3,34 @@
 # Picks the Python, checks that it can run the recipe (or installs the GPU stack with SETUP_ENV=1), and hands
 # over to the one implementation: python -m recipes.dig.launch (config, checks, data, handoff, training).
 #
-# Knobs (environment): MODEL NNODES GPUS_PER_NODE DATA_DIR CKPT_DIR DRY_RUN LOGGER INIT_MODEL
-#                      DIG_PYTHON (interpreter to use) SETUP_ENV=1 (pip-install requirements.txt if missing)
-# Extra arguments are Hydra overrides passed to verl, e.g. trainer.total_epochs=2.
+# Knobs (environment): the table in docs/launch.md (recipes/dig/settings.py parses the launcher's; booleans
+# here use dig_bool, the same truth table). Extra arguments are Hydra overrides passed to verl.
 
 DIG_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export DIG_REPO
 # recipes/ and reward_fns/ importable even without `pip install -e .` (Ray workers inherit this)
 export PYTHONPATH="$DIG_REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+# dig_bool NAME [DEFAULT]: prints 1 or 0 for the boolean knob NAME with recipes/dig/settings.py's truth table
+# (1/true/yes, 0/false/no, any case; unset or empty: DEFAULT, else 0); anything else: an error naming NAME.
+dig_bool() {
+  local name=$1 raw value
+  raw=${!name:-}
+  value=$(printf '%s' "$raw" | tr -d '[:space:]' | tr '[:upper:]' '[:lower:]')
+  case "$value" in
+    "") echo "${2:-0}" ;;
+    1 | true | yes) echo 1 ;;
+    0 | false | no) echo 0 ;;
+    *) echo "[dig] ERROR: $name='$raw': expected one of 1/true/yes/0/false/no" >&2; return 1 ;;
+  esac
+}
+
+# dig_ray_gpus: GPUs each node's Ray declares: GPUS_PER_NODE (or SLURM's count), 0 for a dry run without GPUs.
+dig_ray_gpus() {
+  local dry_run slurm_gpus=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
+  dry_run=$(dig_bool DRY_RUN) || return 1
+  if [ "$dry_run" = 1 ] && [ -z "${slurm_gpus##*:}" ]; then echo 0; else echo "${GPUS_PER_NODE:-0}"; fi
+}
 
 dig_python() {
   if [ -n "${DIG_PYTHON:-}" ]; then
@@ -28,13 +48,15 @@ dig_check_env() {
   # find_spec: locate without importing (importing verl costs seconds; the launcher imports it anyway)
   local probe='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("verl", "hydra", "recipes.dig.launch", "reward_fns")))'
   # Blender renders the data in its own venv (bpy pins numpy<2): build it on request when it is missing
-  if [ "${SETUP_ENV:-0}" = 1 ] && [ -z "${DIG_RENDER_PYTHON:-}" ] && [ ! -x "$DIG_REPO/.venv-render/bin/python" ]; then
+  local setup_env
+  setup_env=$(dig_bool SETUP_ENV) || return 1
+  if [ "$setup_env" = 1 ] && [ -z "${DIG_RENDER_PYTHON:-}" ] && [ ! -x "$DIG_REPO/.venv-render/bin/python" ]; then
     bash "$DIG_REPO/scripts/setup_env.sh" render || return 1
   fi
   if "$py" -c "$probe" 2>/dev/null; then
     return 0
   fi
-  if [ "${SETUP_ENV:-0}" = 1 ]; then
+  if [ "$setup_env" = 1 ]; then
     echo "[dig] setting up the training environment in $py (requirements.txt)" >&2
     "$py" -m pip install -r "$DIG_REPO/requirements.txt" && "$py" -m pip install -e "$DIG_REPO" --no-deps || return 1
     "$py" -c "$probe" && return 0

@@ -25,12 +25,12 @@ from PIL import Image
 
 from recipes.dig import launch
 from recipes.dig.models import BASE_MODEL_DIR, load_model_spec, model_names
+from recipes.dig.settings import KNOB_NAMES, STAGES, LaunchError, Settings
 
 pytestmark = pytest.mark.verl
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH_ENV_KEYS = ("MODEL", "NNODES", "GPUS_PER_NODE", "DATA_DIR", "CKPT_DIR", "DRY_RUN", "LOGGER", "INIT_MODEL",
-                   "DIG_ASSUME_PREVIOUS", "SLURM_NNODES", "RAY_ADDRESS")  # fmt: skip
+LAUNCH_ENV_KEYS = KNOB_NAMES  # every variable the launch path reads (recipes/dig/settings.py)
 
 
 @pytest.fixture
@@ -44,8 +44,8 @@ def launch_env(tmp_path, monkeypatch):
     return tmp_path
 
 
-def dry_settings(tmp_path: Path, stage: int, **kwargs) -> launch.Settings:
-    return launch.Settings(stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True,
+def dry_settings(tmp_path: Path, stage: int, **kwargs) -> Settings:
+    return Settings(stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True,
                            gpus_per_node=8, **kwargs)  # fmt: skip
 
 
@@ -92,7 +92,7 @@ def write_stage_parquet(path: Path, min_pixels: int, max_pixels: int, width: int
 @pytest.mark.parametrize("model", model_names())
 def test_dry_run_every_stage_of_every_model(model, tmp_path):
     spec = load_model_spec(model)
-    for stage in launch.STAGES:
+    for stage in STAGES:
         plan = launch.plan_stage(dry_settings(tmp_path, stage, model=model, assume_previous=True))
         cfg = plan.cfg
         assert (cfg.dig.model_name, cfg.curriculum.stage) == (model, stage)
@@ -109,6 +109,12 @@ def test_dry_run_every_stage_of_every_model(model, tmp_path):
         assert actor.use_dynamic_bsz
         rollout = cfg.actor_rollout_ref.rollout
         assert (rollout.name, rollout.mode, rollout.limit_images, rollout.n) == ("vllm", "async", 2, 8)
+        # validation decodes as the model file's dig.decoding says (the model card's sampling; greedy: do_sample off)
+        val, decoding = rollout.val_kwargs, spec.decoding
+        assert (val.temperature, val.top_p, val.top_k, val.n) == (decoding.temperature, decoding.top_p,
+                                                                  decoding.top_k, decoding.n)  # fmt: skip
+        assert val.do_sample == (not decoding.greedy) and rollout.seed == decoding.seed
+        assert decoding.greedy == (spec.family == "qwen2_5_vl") and (decoding.n > 1) == (not decoding.greedy)
         # reward through reward.custom_reward_function, its model kwargs from the model file's dig: block
         reward = cfg.reward.custom_reward_function
         assert (reward.path, reward.name) == ("pkg://reward_fns.dig_reward", "compute_score")
@@ -162,7 +168,7 @@ def test_training_entry_point_composes_the_dry_run_config(tmp_path):
 
 
 def test_base_model_override_selects_the_model(launch_env):
-    settings = launch.Settings.from_env(1, ["base_model=qwen2_5_vl_7b", "trainer.save_freq=5"])
+    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_7b", "trainer.save_freq=5"])
     assert settings.model == "qwen2_5_vl_7b" and settings.extra_overrides == ["trainer.save_freq=5"]
     settings.gpus_per_node = 8
     assert launch.plan_stage(settings).cfg.dig.model_name == "qwen2_5_vl_7b"
@@ -192,7 +198,7 @@ def test_existing_data_is_checked_and_reported(launch_env):
     assert plan.data.ready and plan.data.build_command is None
     assert any("train.parquet (2 rows" in line for line in plan.data.lines)
     # the default batch of 64 prompts would never fill from 2 rows: refused, with the knob to change
-    with pytest.raises(launch.LaunchError, match=r"2 rows < data.train_batch_size=64"):
+    with pytest.raises(LaunchError, match=r"2 rows < data.train_batch_size=64"):
         launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b"))
 
 
@@ -286,10 +292,80 @@ def test_script_refuses_an_interpreter_without_the_stack(tmp_path):
 
 
 def test_training_entry_point_without_gpu_stops_before_ray(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS + ("DIG_SKIP_GPU_CHECK",)}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
     overrides = [f"curriculum.ckpt_dir={tmp_path / 'ckpt'}", f"curriculum.data_dir={tmp_path / 'data'}"]
     result = subprocess.run([sys.executable, "-m", "recipes.dig.main", *overrides], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode != 0
     assert "no GPU visible" in result.stderr
     assert "ray init kwargs" not in result.stdout  # run_ppo never reached ray.init
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One resolved plan for every stage; a copied model file; the attention backend
+
+
+def test_copied_model_file_keeping_the_old_name_is_refused(launch_env, monkeypatch, capsys):
+    """The data dir follows the file name, the experiment (checkpoints, resume) dig.model_name: they must agree."""
+    copy = launch_env / "my_vlm.yaml"
+    shutil.copyfile(BASE_MODEL_DIR / "qwen2_5_vl_3b.yaml", copy)  # model_name: qwen2_5_vl_3b left as is
+    monkeypatch.setenv("MODEL", str(copy))
+    rc, err = run_launch(["--stage", "1"], capsys)
+    assert rc == 2
+    assert "dig.model_name='qwen2_5_vl_3b' differs from the file name 'my_vlm'" in err and str(copy) in err
+
+
+def test_curriculum_stage_settings_keep_the_model_and_seed_only_the_first_stage(launch_env, monkeypatch):
+    monkeypatch.setenv("INIT_MODEL", "/weights/warm_start")
+    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_3b", "trainer.save_freq=5"])
+    per_stage = launch.curriculum_stage_settings(settings, [1, 2, 3])
+    assert [s.stage for s in per_stage] == [1, 2, 3]
+    assert {s.model for s in per_stage} == {"qwen2_5_vl_3b"}
+    assert {tuple(s.extra_overrides) for s in per_stage} == {("trainer.save_freq=5",)}
+    assert [s.init_model for s in per_stage] == ["/weights/warm_start", None, None]
+
+
+def test_curriculum_dry_run_init_model_seeds_the_first_stage_only(launch_env, monkeypatch, capsys):
+    monkeypatch.setenv("INIT_MODEL", "/weights/warm_start")
+    monkeypatch.setenv("MODEL", "qwen2_5_vl_3b")
+    assert launch.main(["--curriculum", "1", "2"]) == 0
+    inits = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dig] init weights: ")]
+    stage1_merged = launch_env / "ckpt" / "dig" / "qwen2_5_vl_3b_stage1" / "hf_merged" / "global_step_LAST"
+    assert inits == [
+        "[dig] init weights: /weights/warm_start [INIT_MODEL (explicit)]",
+        f"[dig] init weights: {stage1_merged} [stage 1 runs first (curriculum); its last step is merged before "
+        "stage 2 starts]",
+    ]
+
+
+EXPECTED_ATTENTION = {  # CPU: flash-attn does not import in the test venv
+    "qwen3_vl_8b_thinking": "sdpa, remove-padding on",
+    "qwen3_vl_4b_thinking": "sdpa, remove-padding on",
+    "qwen3_vl_8b_instruct": "sdpa, remove-padding on",
+    "qwen2_5_vl_7b": "sdpa, remove-padding off",
+    "qwen2_5_vl_3b": "sdpa, remove-padding off",
+}
+
+
+def test_attention_choice_is_printed_and_reaches_verl_for_every_model(launch_env, monkeypatch, capsys):
+    assert set(EXPECTED_ATTENTION) == set(model_names())
+    for model, expected in EXPECTED_ATTENTION.items():
+        monkeypatch.setenv("MODEL", model)
+        assert launch.main(["--stage", "1"]) == 0
+        out = capsys.readouterr().out
+        line = next(line for line in out.splitlines() if line.startswith("[dig] attention: "))
+        assert line.startswith(f"[dig] attention: {expected} (flash-attn does not import: sdpa"), line
+        command = next(line for line in out.splitlines() if line.startswith("[dig] command: "))
+        assert "+actor_rollout_ref.model.override_config.attn_implementation=sdpa" in command
+        padding = "true" if expected.endswith("on") else "false"
+        assert f"actor_rollout_ref.model.use_remove_padding={padding}" in command
+
+
+def test_attention_user_override_wins_and_a_crashing_one_is_refused(launch_env, capsys):
+    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen3_vl_4b_thinking",
+                                          extra_overrides=["+actor_rollout_ref.model.override_config.attn_implementation=eager"]))  # fmt: skip
+    assert plan.cfg.actor_rollout_ref.model.override_config.attn_implementation == "eager"
+    assert "set by the user" in plan.attention.reason
+    with pytest.raises(LaunchError, match=r"attention backend: qwen2_5_vl_3b \(qwen2_5_vl\) with use_remove_padding"):
+        launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b",
+                                       extra_overrides=["actor_rollout_ref.model.use_remove_padding=true"]))  # fmt: skip

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from recipes.dig import launch
+from recipes.dig.handoff import DONE_MARKER, is_merged, run_merge
 from recipes.dig.main import write_done_marker
+from recipes.dig.settings import LaunchError, Settings
 
 pytestmark = pytest.mark.verl
 
@@ -71,8 +73,8 @@ def stage1_run(tmp_path_factory):
     return root, exp_dir
 
 
-def settings(root: Path, stage: int, **kwargs) -> launch.Settings:
-    return launch.Settings(stage=stage, model=MODEL, ckpt_dir=root / "ckpt", data_dir=root / "data", dry_run=True,
+def settings(root: Path, stage: int, **kwargs) -> Settings:
+    return Settings(stage=stage, model=MODEL, ckpt_dir=root / "ckpt", data_dir=root / "data", dry_run=True,
                            gpus_per_node=8, **kwargs)  # fmt: skip
 
 
@@ -83,12 +85,12 @@ def test_handoff_chooses_last_step_merges_once(stage1_run):
     assert (actor_dir / "model_world_size_1_rank_0.pt").is_file() and (actor_dir / "huggingface").is_dir()
 
     # checkpoints but no done marker: stage 1 is still running (or died): stage 2 must not start from it
-    with pytest.raises(launch.LaunchError, match=f"stage 1 checkpoint missing.*global_step_{LAST_STEP}"):
+    with pytest.raises(LaunchError, match=f"stage 1 checkpoint missing.*global_step_{LAST_STEP}"):
         launch.plan_stage(settings(root, 2))
 
     stage1 = launch.plan_stage(settings(root, 1))
     write_done_marker(stage1.cfg)  # what recipes/dig/main.py does once the training loop returns
-    assert json.loads((exp_dir / launch.DONE_MARKER).read_text())["global_step"] == LAST_STEP
+    assert json.loads((exp_dir / DONE_MARKER).read_text())["global_step"] == LAST_STEP
     assert launch.status(settings(root, 1)) == 0 and launch.status(settings(root, 2)) == 1
 
     plan = launch.plan_stage(settings(root, 2))
@@ -99,8 +101,8 @@ def test_handoff_chooses_last_step_merges_once(stage1_run):
     assert plan.handoff.merge_command[plan.handoff.merge_command.index("--local_dir") + 1] == str(actor_dir)
     assert "merged now" in plan.handoff.note and not merged.exists()  # a dry run does not merge
 
-    launch.run_merge(plan.handoff)  # verl's real FSDP -> HF merger
-    assert launch.is_merged(merged) and (merged / "config.json").is_file()
+    run_merge(plan.handoff)  # verl's real FSDP -> HF merger
+    assert is_merged(merged) and (merged / "config.json").is_file()
     assert sorted(p.name for p in merged.parent.iterdir()) == [merged.name]  # no temp dir left behind
     from tiny_qwen import build_tiny_model
     from transformers import AutoModelForImageTextToText
@@ -117,7 +119,7 @@ def test_handoff_chooses_last_step_merges_once(stage1_run):
     assert again.handoff.init_path == str(merged)
     assert {p: p.stat().st_mtime_ns for p in merged.iterdir()} == stamp
 
-    with pytest.raises(launch.LaunchError, match="stage 2 checkpoint missing"):
+    with pytest.raises(LaunchError, match="stage 2 checkpoint missing"):
         launch.plan_stage(settings(root, 3))
     explicit = launch.plan_stage(settings(root, 3, init_model=str(merged)))
     assert explicit.cfg.actor_rollout_ref.model.path == str(merged)
@@ -126,7 +128,7 @@ def test_handoff_chooses_last_step_merges_once(stage1_run):
 @pytest.mark.slow
 def test_curriculum_skips_finished_stage(stage1_run):
     root, exp_dir = stage1_run
-    if not (exp_dir / launch.DONE_MARKER).exists():  # when run alone
+    if not (exp_dir / DONE_MARKER).exists():  # when run alone
         write_done_marker(launch.plan_stage(settings(root, 1)).cfg)
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "INIT_MODEL", "STAGES", "LOGGER")}
     env.update(DRY_RUN="1", MODEL=MODEL, CKPT_DIR=str(root / "ckpt"), DATA_DIR=str(root / "data"))

@@ -32,7 +32,10 @@ def test_reward_through_verl_reward_loop(tmp_path):
     build_tiny_tokenizer("qwen2_5_vl").save_pretrained(tokenizer_dir)
     workdir = tmp_path / "elsewhere"  # not the repo: the loader must not rely on the cwd
     workdir.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    # immune to ambient clusters: the probe starts its own (address="local", own temp dir), even with RAY_ADDRESS
+    # pointing at a dead one (as a stale ray_current_cluster file from an earlier `ray start` would)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH="", RAY_ADDRESS="127.0.0.1:9")
     proc = subprocess.run(
         [sys.executable, str(PROBE), str(REPO / "reward_fns" / "dig_reward.py"), str(tokenizer_dir), json.dumps(CASES)],
         cwd=workdir,

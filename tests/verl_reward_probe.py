@@ -9,7 +9,9 @@ path a training step takes. Prints one JSON object on the last line.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 
 
 def main() -> None:
@@ -59,7 +61,12 @@ def main() -> None:
     }
     data = DataProto.from_dict(tensors=batch, non_tensors=non_tensor)
 
+    # a private cluster in its own temp dir: never an ambient one (RAY_ADDRESS, or a stale ray_current_cluster
+    # file that an earlier `ray start` left in Ray's default temp dir)
+    temp_dir = tempfile.mkdtemp(prefix="dig_ray_")
     ray.init(
+        address="local",
+        _temp_dir=temp_dir,
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
@@ -70,6 +77,7 @@ def main() -> None:
         out = manager.compute_rm_score(data)
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     rm_scores = out.batch["rm_scores"]
     print(
         json.dumps(

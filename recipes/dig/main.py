@@ -18,7 +18,9 @@ from pathlib import Path
 import hydra
 from omegaconf import OmegaConf, open_dict
 
-from recipes.dig.launch import DONE_MARKER, LaunchError, check_gpu_environment, latest_step
+from recipes.dig.handoff import DONE_MARKER, latest_step
+from recipes.dig.preflight import check_gpu_environment
+from recipes.dig.settings import LaunchError, env_flag, env_text
 
 
 def absolutize_paths(config) -> None:
@@ -52,6 +54,28 @@ def write_done_marker(config) -> None:
     print(f"[dig] stage {config.curriculum.stage} finished at global_step_{step}: {marker}")
 
 
+# What a worker raises when CUDA or vLLM is missing (a CPU rehearsal against a Ray cluster that declares GPUs).
+GPU_BOUNDARY_MARKERS = ("CUDA", "cuda", "NVIDIA", "NCCL", "nccl", "vllm", "vLLM")
+
+
+def gpu_boundary(err: BaseException) -> str | None:
+    """One line naming the stop when training failed for want of CUDA/vLLM on this machine; None otherwise."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    causes, seen = [], err
+    while seen is not None and len(causes) < 10:
+        causes.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    lines = [line.strip() for c in causes for line in str(c).splitlines() if line.strip()]
+    hit = next((line for line in reversed(lines) if any(m in line for m in GPU_BOUNDARY_MARKERS)), None)
+    if hit is None:
+        return None
+    return (f"training stopped at the GPU boundary: verl's workers need CUDA/vLLM, which this machine lacks "
+            f"({hit[:300]})")  # fmt: skip
+
+
 @hydra.main(config_path="config", config_name="dig_grpo", version_base=None)
 def main(config) -> None:
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
@@ -59,18 +83,25 @@ def main(config) -> None:
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
-    if config.trainer.device == "cuda" and not os.environ.get("DIG_SKIP_GPU_CHECK"):
-        try:
-            check_gpu_environment()
-        except LaunchError as err:
-            sys.exit(f"[dig] ERROR: {err}")
+    try:
+        skip_gpu_check = env_flag("DIG_SKIP_GPU_CHECK")
+        if config.trainer.device == "cuda" and not skip_gpu_check:
+            check_gpu_environment(env_text("RAY_ADDRESS"))
+    except LaunchError as err:
+        sys.exit(f"[dig] ERROR: {err}")
     auto_set_device(config)
     absolutize_paths(config)
     OmegaConf.resolve(config)  # oc.env and ${dig.*} resolve here, not in a Ray worker with another env
     validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     if not config.trainer.use_v1:
         sys.exit("[dig] ERROR: trainer.use_v1=false (legacy trainer) is not supported by this recipe")
-    run_ppo(config, task_runner_class=TaskRunnerV1)
+    try:
+        run_ppo(config, task_runner_class=TaskRunnerV1)
+    except Exception as err:
+        stop = gpu_boundary(err)
+        if stop is None:
+            raise
+        sys.exit(f"[dig] ERROR: {stop}")
     if not config.trainer.val_only:
         write_done_marker(config)
 

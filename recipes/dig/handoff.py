@@ -1,0 +1,123 @@
+"""Stage handoff: the done marker, the latest checkpoint, and stage k's initial weights (stage k-1's last step,
+merged to HF by verl's model merger into a temp dir renamed on success)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from recipes.dig.models import ModelSpec
+from recipes.dig.settings import LaunchError, Settings
+
+# Written by recipes/dig/main.py when a stage's training loop returned normally.
+DONE_MARKER = "dig_stage_done.json"
+# Merged HF weights of <experiment>/global_step_N live in <experiment>/hf_merged/global_step_N.
+MERGED_DIRNAME = "hf_merged"
+
+
+@dataclass
+class Handoff:
+    """Where stage k's initial weights come from."""
+
+    init_path: str
+    # human-readable origin: base model / existing merge / merge to run / explicit INIT_MODEL
+    note: str
+    merge_command: list[str] | None = None
+    merge_target: Path | None = None
+
+
+def experiment_dir(cfg) -> Path:
+    return Path(cfg.trainer.default_local_dir)
+
+
+def latest_step(exp_dir: Path) -> int | None:
+    tracker = exp_dir / "latest_checkpointed_iteration.txt"
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise LaunchError(f"{tracker}: expected a step number, found {text!r}")
+    return int(text)
+
+
+def stage_done(exp_dir: Path) -> dict | None:
+    marker = exp_dir / DONE_MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())
+
+
+def merged_dir(exp_dir: Path, step: int) -> Path:
+    return exp_dir / MERGED_DIRNAME / f"global_step_{step}"
+
+
+def is_merged(target: Path) -> bool:
+    """A finished merge: the rename from the temp dir happened, so config and weights are all there."""
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
+def merge_command(python: str, actor_dir: Path, target: Path) -> list[str]:
+    return [python, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir", str(actor_dir),
+            "--target_dir", str(target)]  # fmt: skip
+
+
+def plan_handoff(settings: Settings, stage: int, prev_cfg, spec: ModelSpec) -> Handoff:
+    """Stage 1: the base model. Stage k: stage k-1's last step, merged to HF (merge planned if not done yet)."""
+    if settings.init_model:
+        return Handoff(settings.init_model, "INIT_MODEL (explicit)")
+    if stage == 1:
+        return Handoff(spec.hf_path, f"base model {spec.hf_path}")
+    prev_dir = experiment_dir(prev_cfg)
+    prev_script = f"launch/grpo_stage{stage - 1}.sh"
+    done = stage_done(prev_dir)
+    if done is None:
+        if settings.assume_previous:
+            return Handoff(
+                str(prev_dir / MERGED_DIRNAME / "global_step_LAST"),
+                f"stage {stage - 1} runs first (curriculum); its last step is merged before stage {stage} starts",
+            )
+        step = latest_step(prev_dir)
+        state = f"its latest checkpoint is global_step_{step}" if step else "it has no checkpoint"
+        raise LaunchError(
+            f"stage {stage - 1} checkpoint missing: {prev_dir} has no {DONE_MARKER} ({state}). Run (or resume) "
+            f"{prev_script} with the same MODEL/CKPT_DIR first, or set INIT_MODEL=<HF dir> to start stage {stage} "
+            f"from given weights"
+        )
+    step = int(done["global_step"])
+    actor_dir = prev_dir / f"global_step_{step}" / "actor"
+    target = merged_dir(prev_dir, step)
+    if is_merged(target):
+        return Handoff(str(target), f"stage {stage - 1} global_step_{step}, already merged")
+    if not (actor_dir / "fsdp_config.json").is_file() or not any(actor_dir.glob("model_world_size_*_rank_0.pt")):
+        raise LaunchError(
+            f"stage {stage - 1} checkpoint missing: {actor_dir} lacks fsdp_config.json / model_world_size_*_rank_0.pt "
+            f"(deleted? {DONE_MARKER} says global_step_{step} is the last step)"
+        )
+    return Handoff(
+        str(target),
+        f"stage {stage - 1} global_step_{step}, merged now (not merged yet)",
+        merge_command=merge_command(settings.python, actor_dir, target),
+        merge_target=target,
+    )
+
+
+def run_merge(handoff: Handoff) -> None:
+    """verl's FSDP->HF merger into a temp dir, then rename: a killed merge never looks finished."""
+    assert handoff.merge_command and handoff.merge_target
+    target = handoff.merge_target
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = handoff.merge_command[:-1] + [str(tmp)]
+    print(f"[dig] merging: {shlex.join(command)}", flush=True)
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0 or not is_merged(tmp):
+        raise LaunchError(f"model merge failed (rc={result.returncode}): {shlex.join(command)}")
+    if target.exists():  # a concurrent merge finished first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)

@@ -1,0 +1,220 @@
+"""Checks before anything slow: the reward through verl's loader, the data (or the command that builds it) and
+its prompt budget, and the GPU environment of a real run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from recipes.dig.models import ModelSpec
+from recipes.dig.settings import REPO_ROOT, LaunchError, Settings
+
+# What data_prep.build will render (data, not code: pair counts and image size per stage live there).
+STAGES_FILE = REPO_ROOT / "data_prep" / "stages.yaml"
+DEFAULT_PAIRS_PER_SPLIT = {"train": 1600, "val": 200}  # the paper's split sizes, used if stages.yaml is absent
+RENDER_SEC_PER_PAIR = 4.5  # 480x320, 16 spp: measured wall time per pair on a 2-core box
+REQUIRED_COLUMNS = ("data_source", "prompt", "images", "ability", "reward_model", "extra_info")
+# Text part of a prompt (instruction + chat template) in tokens: a generous bound for the budget check.
+PROMPT_TEXT_TOKENS = 300
+
+
+def check_reward_kwargs(cfg, spec: ModelSpec) -> None:
+    """The reward must see the same frame and pixel bounds the parquet was written with."""
+    from omegaconf import OmegaConf
+
+    from reward_fns.dig_reward import check_reward_kwargs as validate_knobs
+
+    kwargs = OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs, resolve=True)
+    try:  # compute_score never raises, so a typo'd knob would be silently ignored for a whole run
+        validate_knobs(**kwargs)
+    except ValueError as err:
+        raise LaunchError(f"reward.custom_reward_function.reward_kwargs: {err}") from err
+    for key, want in spec.reward_kwargs().items():
+        if kwargs.get(key) != want:
+            raise LaunchError(
+                f"reward.custom_reward_function.reward_kwargs.{key}={kwargs.get(key)!r} but the model file says "
+                f"dig.{key}={want!r}; set it in the model file's dig: block, not on the command line"
+            )
+
+
+def load_reward(cfg):
+    """Load compute_score through verl's own loader and score one malformed answer (must not raise)."""
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    path = cfg.reward.custom_reward_function.path
+    try:
+        fn = get_custom_reward_fn(cfg)
+    except Exception as err:
+        raise LaunchError(
+            f"reward.custom_reward_function.path={path}: cannot load: {type(err).__name__}: {err}"
+        ) from err
+    if fn is None:
+        raise LaunchError("reward.custom_reward_function.path is not set")
+    ground_truth = json.dumps({"boxes": [[10, 10, 20, 20]], "width": 64, "height": 64})
+    try:
+        result = fn(data_source="dig", solution_str="no boxes here", ground_truth=ground_truth, extra_info={})
+    except Exception as err:
+        raise LaunchError(
+            f"reward {path}: compute_score raised on a malformed answer: {type(err).__name__}: {err}"
+        ) from err
+    if not (isinstance(result, dict) and "score" in result) and not isinstance(result, int | float):
+        raise LaunchError(
+            f"reward {path}: compute_score returned {type(result).__name__}; verl needs a float or a dict with 'score'"
+        )
+    return result
+
+
+@dataclass
+class DataReport:
+    ready: bool
+    lines: list[str]
+    build_command: list[str] | None = None
+
+
+def data_files(cfg) -> dict[str, Path]:
+    files = {}
+    for split, key in (("train", "train_files"), ("val", "val_files")):
+        value = cfg.data[key]
+        paths = [value] if isinstance(value, str) else list(value)
+        for i, p in enumerate(paths):
+            files[split if i == 0 else f"{split}{i}"] = Path(p)
+    return files
+
+
+def prompt_token_bound(width: int, height: int, spec: ModelSpec) -> int:
+    """Upper bound of a two-image prompt in tokens: image tokens after smart_resize + text."""
+    from reward_fns.geometry import resized_size
+
+    h, w = resized_size(height, width, spec.resize_factor, spec.min_pixels, spec.max_pixels)
+    return 2 * (h * w) // (spec.resize_factor**2) + PROMPT_TEXT_TOKENS
+
+
+def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:
+        raise LaunchError(f"data file {path}: not a readable parquet file: {err}") from err
+    missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+    if missing:
+        raise LaunchError(
+            f"data file {path}: missing column(s) {missing} of the verl layout; rebuild with data_prep.build"
+        )
+    rows = pf.metadata.num_rows
+    if rows == 0:
+        raise LaunchError(f"data file {path}: 0 rows")
+    first = next(pf.iter_batches(batch_size=1, columns=["images", "extra_info"])).to_pylist()[0]
+    image = (first["images"] or [{}])[0] or {}
+    for key in ("min_pixels", "max_pixels"):
+        if image.get(key) is not None and image.get(key) != getattr(spec, key):
+            raise LaunchError(
+                f"data file {path}: images carry {key}={image.get(key)} but MODEL={spec.model_name} uses "
+                f"{getattr(spec, key)}; the data was built for another model: use a DATA_DIR per model"
+            )
+    sizes = pf.read(columns=["extra_info"]).column("extra_info").to_pylist()
+    worst = max(prompt_token_bound(int(e["width"]), int(e["height"]), spec) for e in sizes if e and e.get("width"))
+    if worst > cfg.data.max_prompt_length:
+        raise LaunchError(
+            f"data file {path}: a two-image prompt needs up to ~{worst} tokens but data.max_prompt_length="
+            f"{cfg.data.max_prompt_length}: raise it in the model file or lower dig.max_pixels"
+        )
+    return f"{path} ({rows} rows, prompts <= ~{worst} tokens of {cfg.data.max_prompt_length})"
+
+
+def planned_render(stage: int) -> dict:
+    """Pairs per split and image size data_prep.build renders for a stage, from data_prep/stages.yaml."""
+    import yaml
+
+    plan = {"pairs": dict(DEFAULT_PAIRS_PER_SPLIT), "width": 480, "height": 320}
+    if not STAGES_FILE.is_file():
+        return plan
+    doc = yaml.safe_load(STAGES_FILE.read_text()) or {}
+    render = doc.get("render") or {}
+    plan["width"], plan["height"] = int(render.get("width", 480)), int(render.get("height", 320))
+    splits = ((doc.get("stages") or {}).get(str(stage)) or {}).get("splits") or {}
+    for split, runs in splits.items():
+        runs = runs if isinstance(runs, list) else [runs]
+        plan["pairs"][split] = sum(int(run.get("num", 0)) for run in runs)
+    return plan
+
+
+def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: str) -> DataReport:
+    files = data_files(cfg)
+    missing = {split: p for split, p in files.items() if not p.is_file()}
+    lines = [f"data {split}: {inspect_parquet(p, cfg, spec)}" for split, p in files.items() if split not in missing]
+    if "train" not in missing:
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(files["train"]).metadata.num_rows
+        if rows < cfg.data.train_batch_size:  # verl's train loader drops the last partial batch
+            raise LaunchError(
+                f"data file {files['train']}: {rows} rows < data.train_batch_size={cfg.data.train_batch_size}, so "
+                "no training step would run; build more pairs or lower data.train_batch_size"
+            )
+    if not missing:
+        return DataReport(True, lines)
+    data_dir = Path(cfg.curriculum.data_dir)
+    expected = {
+        "train": data_dir / f"stage{stage}" / "train.parquet",
+        "val": data_dir / f"stage{stage}" / "val.parquet",
+    }
+    if any(files.get(s) != p for s, p in expected.items() if s in missing):
+        raise LaunchError(f"data file(s) not found: {', '.join(str(p) for p in missing.values())} (set by an override)")
+    plan = planned_render(stage)
+    pairs = sum(plan["pairs"].get(split, 0) for split in missing)
+    workers = settings.data_workers or 1
+    seconds = pairs * RENDER_SEC_PER_PAIR / workers
+    worst = prompt_token_bound(plan["width"], plan["height"], spec)
+    if worst > cfg.data.max_prompt_length:
+        raise LaunchError(
+            f"data.max_prompt_length={cfg.data.max_prompt_length} is below the ~{worst} tokens of a two-image prompt "
+            f"at the planned {plan['width']}x{plan['height']} render ({STAGES_FILE.name}): raise it in the model file"
+        )
+    command = [settings.python, "-m", "data_prep.build", "--data-dir", str(data_dir), "--model", model_ref,
+               "--stage", str(stage)]  # fmt: skip
+    if settings.data_workers:
+        command += ["--workers", str(settings.data_workers)]
+    command += settings.data_build_args
+    lines.append(
+        f"data: missing {', '.join(str(p) for p in missing.values())}; the run builds them first with "
+        f"`{shlex.join(command)}`: {pairs} pairs x {RENDER_SEC_PER_PAIR} s/pair (measured at 480x320, 16 spp on "
+        f"2 cores) / {workers} worker(s) = ~{seconds / 3600:.1f} h; prompts <= ~{worst} tokens of {cfg.data.max_prompt_length}"
+    )
+    return DataReport(False, lines, command)
+
+
+def check_gpu_environment(ray_address: str | None) -> None:
+    """Before anything slow or Ray: a real run needs vLLM and GPUs (or a Ray cluster that has them)."""
+    if ray_address:
+        return  # GPUs live in the cluster; verl checks trainer.nnodes x n_gpus_per_node against it
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        raise LaunchError("no GPU visible (torch.cuda.device_count() == 0): training needs GPUs. Use DRY_RUN=1 to "
+                          "validate everything on CPU, or set RAY_ADDRESS to a Ray cluster with GPUs")  # fmt: skip
+    if importlib.util.find_spec("vllm") is None:
+        raise LaunchError(
+            "vLLM is not installed in this Python: a training run needs the GPU stack "
+            "(pip install -r requirements.txt && pip install -e . --no-deps). To validate on CPU use DRY_RUN=1"
+        )
+
+
+def wandb_credentials() -> bool:
+    import os
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def default_gpus_per_node(dry_run: bool) -> int:
+    if dry_run:
+        return 8
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
