@@ -35,8 +35,14 @@ dig_check_env() {
     return 0
   fi
   if [ "${SETUP_ENV:-0}" = 1 ]; then
-    echo "[dig] setting up the training environment in $py (requirements.txt)" >&2
-    "$py" -m pip install -r "$DIG_REPO/requirements.txt" && "$py" -m pip install -e "$DIG_REPO" --no-deps || return 1
+    # scripts/setup_gpu.sh installs only into a venv: it builds the repo's .venv-gpu, or updates another venv's
+    # python, and refuses a system interpreter (naming the fix): SETUP_ENV never installs into it
+    echo "[dig] setting up the training environment for $py (bash scripts/setup_gpu.sh)" >&2
+    if [ "$py" = "$DIG_REPO/.venv-gpu/bin/python" ]; then
+      bash "$DIG_REPO/scripts/setup_gpu.sh" >&2 || return 1
+    else
+      bash "$DIG_REPO/scripts/setup_gpu.sh" --into "$py" >&2 || return 1
+    fi
     "$py" -c "$probe" && return 0
   fi
   echo "[dig] ERROR: $py cannot import verl/hydra/recipes: install the training stack" \
