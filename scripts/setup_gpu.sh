@@ -38,7 +38,7 @@ flash_version=${FLASH_ATTN_VERSION:-2.8.3.post2}
 while [ $# -gt 0 ]; do
   case "$1" in
     --venv | --into | --base-python | --flash-attn | --flash-attn-wheel | --requirements)
-      [ $# -ge 2 ] && [ -n "$2" ] || usage_error "$1 needs a value"
+      [ $# -ge 2 ] && [ -n "$2" ] && [ "${2#--}" = "$2" ] || usage_error "$1 needs a value"
       case "$1" in
         --venv) venv=$2 ;; --into) into=$2 ;; --base-python) base_python=$2 ;; --flash-attn) flash_mode=$2 ;;
         --flash-attn-wheel) wheel=$2 ;; --requirements) requirements=$2 ;;
