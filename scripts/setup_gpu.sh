@@ -189,12 +189,19 @@ print("; ".join(bad))' $required 2>/dev/null) || missing="the import check itsel
   [ -z "$missing" ] || fail imports "$py cannot import: $missing" \
     "rerun with --force; if it persists, 'pip check' in $venv names the broken package"
   if [ "$rehearsal" = 0 ]; then
-    "$py" -c 'import torch; print("setup_gpu: torch", torch.__version__, "CUDA", torch.version.cuda,
-          "GPUs visible:", torch.cuda.device_count())' || true
+    "$py" -c '
+import torch
+n = torch.cuda.device_count()
+print("setup_gpu: torch", torch.__version__, "built for CUDA", torch.version.cuda, "| GPUs visible:", n)
+if n == 0:
+    print("setup_gpu: WARNING: torch sees no GPU. Fine on a login node; on a GPU node check nvidia-smi: the"
+          " driver must support CUDA", torch.version.cuda)' || true
   fi
+  # what exactly got installed, to keep next to checkpoints (the stack floats below the four exact pins)
+  "$py" -m pip freeze --exclude-editable >"$venv/requirements-frozen.txt" 2>/dev/null || true
   echo "$flash_result" >"$flash_note"
   echo "$want" >"$stamp_file"
 fi
 if [ "$render" = 1 ]; then run bash "$REPO/scripts/setup_env.sh" render; fi
-say "ready: $py (flash-attn: $flash_result)"
+say "ready: $py (flash-attn: $flash_result; installed versions: $venv/requirements-frozen.txt)"
 [ -n "$into" ] || [ "$venv" = "$REPO/.venv-gpu" ] || say "point the launcher at it: DIG_PYTHON=$py"
