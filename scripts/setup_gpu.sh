@@ -120,7 +120,7 @@ else
 fi
 
 # -- step 2: the pinned stack ---------------------------------------------------------------------------------
-say "step 2/5 stack: $requirements (first time: several minutes, ~10 GB of wheels: torch, vllm, CUDA libraries)"
+say "step 2/5 stack: $requirements (first time: several minutes, several GB of wheels: torch, vllm, CUDA libraries)"
 run "$py" -m pip install -r "$requirements" || fail stack "pip could not install $requirements" \
   "read pip's message above: a network error -> rerun (pip resumes from its cache); a resolver conflict -> a package you added to requirements.txt clashes with the pins"
 

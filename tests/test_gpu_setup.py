@@ -132,6 +132,7 @@ def test_setup_into_a_throwaway_venv_is_idempotent_and_falls_back_without_flash_
     first = with_network_retries(lambda: setup_gpu(*common), "setup_gpu.sh's first run")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "step 4/5 flash-attn: skipped" in first.stdout and (venv / ".dig-gpu-stamp").is_file()
+    assert re.search(r"(?im)^pyyaml==", (venv / "requirements-frozen.txt").read_text())
     python = venv / "bin" / "python"
     # the editable install, imported from outside the checkout
     probe = "import recipes.dig.attention as a, sys; sys.exit(a.__file__.startswith(sys.argv[1]) is False)"
