@@ -75,7 +75,7 @@ if [ -n "$into" ]; then
          "and point DIG_PYTHON at its python" >&2
     exit 2
   fi
-  py=$into
+  py=$(realpath -s "$(command -v "$into")")   # absolute: the import check runs from another directory
   venv=$("$py" -c 'import sys; print(sys.prefix)')
 else
   if [ -e "$venv" ] && [ ! -f "$venv/pyvenv.cfg" ]; then
@@ -83,6 +83,7 @@ else
     echo "setup_gpu: fix: remove it, or pass --venv with another directory" >&2
     exit 2
   fi
+  venv=$(realpath -m "$venv")
   py=$venv/bin/python
 fi
 stamp_file=$venv/.dig-gpu-stamp
@@ -145,7 +146,7 @@ if [ "$flash_mode" != skip ]; then
     say "step 4/5 flash-attn $flash_version: MAX_JOBS=$jobs ($cores cores, ${mem_gb} GB free); a prebuilt wheel" \
         "from flash-attn's releases when one matches, else a CUDA compile (published: 3-5 min on 64 cores with" \
         "ninja, up to 2 h without); log: $log"
-    run "$py" -m pip install -q ninja packaging psutil wheel || fail flash-attn "could not install flash-attn's build tools" \
+    run "$py" -m pip install -q ninja packaging psutil wheel setuptools || fail flash-attn "could not install flash-attn's build tools" \
       "rerun (network), or skip flash-attn with --flash-attn skip"
     flash_cmd=(env "MAX_JOBS=$jobs" "$py" -m pip install --no-build-isolation "flash-attn==$flash_version")
   fi
