@@ -157,3 +157,67 @@ def test_choice_reaches_verl_actor_and_ref_models(tmp_path, model):
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(ImportError, match="FlashAttention2"):
             AutoModelForImageTextToText.from_pretrained(default.local_path, config=default.hf_config)
+
+
+# One text-attention forward of each tiny model after verl's own monkey patch, in a fresh interpreter: verl
+# patches the attention classes themselves, so a patched class must not leak into this test process. The two
+# families patch different classes, so one interpreter serves both.
+_PATCHED_FORWARD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from tiny_qwen import FAMILIES, build_tiny_model
+from verl.models.transformers.monkey_patch import apply_monkey_patch
+
+outcome = {}
+for family in FAMILIES:
+    model = build_tiny_model(family)
+    lm = model.model.language_model
+    hidden = torch.randn(1, 8, lm.config.hidden_size)
+    packed = torch.cat([torch.arange(4), torch.arange(4)]).view(1, 1, 8).expand(3, 1, 8)  # two packed sequences
+    for remove_padding in (False, True):  # False first: it leaves the attention class unpatched
+        apply_monkey_patch(model, use_remove_padding=remove_padding)
+        try:
+            lm.layers[0].self_attn(
+                hidden_states=hidden, attention_mask=None, position_ids=packed,
+                position_embeddings=lm.rotary_emb(hidden, packed),
+            )
+            outcome[f"{family} {remove_padding}"] = "ok"
+        except Exception as error:
+            outcome[f"{family} {remove_padding}"] = f"{type(error).__name__}: {error}"
+print(json.dumps(outcome))
+"""
+
+
+@pytest.fixture(scope="module")
+def patched_forward_outcome():
+    import json
+    import subprocess
+    from pathlib import Path
+
+    assert importlib.util.find_spec("flash_attn") is None
+    tests_dir = str(Path(__file__).parent)
+    result = subprocess.run(
+        [sys.executable, "-c", _PATCHED_FORWARD, tests_dir], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.verl
+@pytest.mark.parametrize("model", ["qwen2_5_vl_3b", "qwen3_vl_8b_thinking"])
+def test_refusal_matches_what_verls_patched_attention_does_without_flash_attn(model, patched_forward_outcome):
+    """The decision's premise, on verl 0.9.1 itself: packed Qwen2.5-VL attention without flash-attn raises a
+    NameError; Qwen3-VL packs on sdpa; neither fails unpacked. choose_attention refuses exactly the failing case."""
+    spec = SPECS[model]
+    outcome = {padding: patched_forward_outcome[f"{spec.family} {padding}"] for padding in (False, True)}
+    assert outcome[False] == "ok"
+    for remove_padding in (False, True):
+        try:
+            choose_attention(spec, flash_attn=False, user_remove_padding=remove_padding)
+            refused = False
+        except AttentionError:
+            refused = True
+        assert refused == (outcome[remove_padding] != "ok"), (remove_padding, outcome)
+    if spec.family in PACKING_NEEDS_FLASH_ATTN:
+        assert outcome[True] == "NameError: name '_flash_use_top_left_mask' is not defined"
