@@ -3,6 +3,8 @@
 # requirements.txt, then flash-attn built against the torch it just installed (or a prebuilt wheel you point
 # to, or, when neither works, no flash-attn: training then runs on sdpa and the launcher says so), an import
 # check of what training needs, and a stamp so a rerun with unchanged inputs takes a second.
+# Its own venv, not the tests' .venv: vLLM 0.24 pins torch 2.11.0, the CPU test stack (scripts/setup_env.sh)
+# torch 2.14.1, and each setup would reinstall the other's torch.
 #
 # Usage: bash scripts/setup_gpu.sh [options]
 #   --venv DIR            venv to build or update (default .venv-gpu: the one the launcher uses with SETUP_ENV=1)
