@@ -32,9 +32,14 @@ dig_ray_gpus() {
   if [ "$dry_run" = 1 ] && [ -z "${slurm_gpus##*:}" ]; then echo 0; else echo "${GPUS_PER_NODE:-0}"; fi
 }
 
+# dig_python: DIG_PYTHON, else the GPU venv (present, or about to be built by SETUP_ENV=1), else the CPU .venv.
 dig_python() {
+  local setup_env
+  setup_env=$(dig_bool SETUP_ENV) || return 1
   if [ -n "${DIG_PYTHON:-}" ]; then
     echo "$DIG_PYTHON"
+  elif [ -x "$DIG_REPO/.venv-gpu/bin/python" ] || [ "$setup_env" = 1 ]; then
+    echo "$DIG_REPO/.venv-gpu/bin/python"
   elif [ -x "$DIG_REPO/.venv/bin/python" ]; then
     echo "$DIG_REPO/.venv/bin/python"
   else
@@ -57,12 +62,18 @@ dig_check_env() {
     return 0
   fi
   if [ "$setup_env" = 1 ]; then
-    echo "[dig] setting up the training environment in $py (requirements.txt)" >&2
-    "$py" -m pip install -r "$DIG_REPO/requirements.txt" && "$py" -m pip install -e "$DIG_REPO" --no-deps || return 1
+    # scripts/setup_gpu.sh installs only into a venv: it builds the repo's .venv-gpu, or updates another venv's
+    # python, and refuses a system interpreter (naming the fix): SETUP_ENV never installs into it
+    echo "[dig] setting up the training environment for $py (bash scripts/setup_gpu.sh)" >&2
+    if [ "$py" = "$DIG_REPO/.venv-gpu/bin/python" ]; then
+      bash "$DIG_REPO/scripts/setup_gpu.sh" >&2 || return 1
+    else
+      bash "$DIG_REPO/scripts/setup_gpu.sh" --into "$py" >&2 || return 1
+    fi
     "$py" -c "$probe" && return 0
   fi
   echo "[dig] ERROR: $py cannot import verl/hydra/recipes: install the training stack" \
-       "(GPU node: SETUP_ENV=1 or 'pip install -r requirements.txt && pip install -e . --no-deps';" \
+       "(GPU node: SETUP_ENV=1 or 'bash scripts/setup_gpu.sh';" \
        "CPU/dry runs: 'bash scripts/setup_env.sh'), or point DIG_PYTHON at an interpreter that has it" >&2
   return 1
 }
