@@ -339,11 +339,11 @@ def test_curriculum_dry_run_init_model_seeds_the_first_stage_only(launch_env, mo
 
 
 EXPECTED_ATTENTION = {  # CPU: flash-attn does not import in the test venv
-    "qwen3_vl_8b_thinking": "sdpa, remove-padding on",
-    "qwen3_vl_4b_thinking": "sdpa, remove-padding on",
-    "qwen3_vl_8b_instruct": "sdpa, remove-padding on",
-    "qwen2_5_vl_7b": "sdpa, remove-padding off",
-    "qwen2_5_vl_3b": "sdpa, remove-padding off",
+    "qwen3_vl_8b_thinking": "sdpa, use_remove_padding=true",
+    "qwen3_vl_4b_thinking": "sdpa, use_remove_padding=true",
+    "qwen3_vl_8b_instruct": "sdpa, use_remove_padding=true",
+    "qwen2_5_vl_7b": "sdpa, use_remove_padding=false",
+    "qwen2_5_vl_3b": "sdpa, use_remove_padding=false",
 }
 
 
@@ -357,7 +357,7 @@ def test_attention_choice_is_printed_and_reaches_verl_for_every_model(launch_env
         assert line.startswith(f"[dig] attention: {expected} (flash-attn does not import: sdpa"), line
         command = next(line for line in out.splitlines() if line.startswith("[dig] command: "))
         assert "+actor_rollout_ref.model.override_config.attn_implementation=sdpa" in command
-        padding = "true" if expected.endswith("on") else "false"
+        padding = "true" if expected.endswith("true") else "false"
         assert f"actor_rollout_ref.model.use_remove_padding={padding}" in command
 
 

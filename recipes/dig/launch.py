@@ -27,12 +27,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from recipes.dig.attention import (
-    ATTN_OVERRIDE_KEY,
-    REMOVE_PADDING_KEY,
     AttentionChoice,
     AttentionError,
     choose_attention,
     flash_attn_available,
+    user_overrides,
 )
 from recipes.dig.compose import (
     check_override_syntax,
@@ -78,25 +77,12 @@ class Plan:
 flash_attn_in = functools.lru_cache(maxsize=None)(flash_attn_available)
 
 
-def user_attention(overrides: list[str]) -> tuple[str | None, bool | None]:
-    """The user's own attention backend / remove-padding overrides (None: not given)."""
-    attn = padding = None
-    for item in overrides:
-        key, _, value = item.partition("=")
-        key = key.lstrip("+")
-        if key == ATTN_OVERRIDE_KEY:
-            attn = value.strip("'\"")
-        elif key == REMOVE_PADDING_KEY:
-            if value.lower() not in ("true", "false"):
-                raise LaunchError(f"override {item!r}: {REMOVE_PADDING_KEY} is a flag; use true/false")
-            padding = value.lower() == "true"
-    return attn, padding
-
-
-def attention_overrides(spec: ModelSpec, settings: Settings) -> tuple[AttentionChoice, list[str]]:
-    user_attn, user_padding = user_attention(settings.extra_overrides)
+def attention_overrides(spec: ModelSpec, settings: Settings, cfg) -> tuple[AttentionChoice, list[str]]:
+    """The backend for this run (``cfg``: the stage composed without it, for the sequence-parallel size)."""
+    sp_size = int(cfg.actor_rollout_ref.actor.get("ulysses_sequence_parallel_size", 1) or 1)
     try:
-        choice = choose_attention(spec, flash_attn_in(settings.python), user_attn, user_padding)
+        user_attn, user_padding = user_overrides(settings.extra_overrides)
+        choice = choose_attention(spec, flash_attn_in(settings.python), user_attn, user_padding, sp_size)
     except AttentionError as err:
         raise LaunchError(f"attention backend: {err}") from err
     given = {o.split("=", 1)[0].lstrip("+") for o in settings.extra_overrides}
@@ -120,11 +106,11 @@ def plan_stage(settings: Settings, overlay_root: Path | None = None) -> Plan:
         prev_cfg = compose(stage_overrides(settings, stage - 1, model_option, overlay) + settings.extra_overrides)
     handoff = plan_handoff(settings, stage, prev_cfg, spec)
 
-    attention, attention_args = attention_overrides(spec, settings)
-    overrides = stage_overrides(settings, stage, model_option, overlay) + attention_args
+    overrides = stage_overrides(settings, stage, model_option, overlay)
     if stage > 1 or settings.init_model:
         overrides.append(f"actor_rollout_ref.model.path={hydra_value(handoff.init_path)}")
-    overrides += settings.extra_overrides
+    attention, attention_args = attention_overrides(spec, settings, compose(overrides + settings.extra_overrides))
+    overrides += attention_args + settings.extra_overrides
     cfg = compose(overrides)
     if settings.extra_overrides:
         check_override_types(compose(overrides[: len(overrides) - len(settings.extra_overrides)]), cfg,
@@ -149,8 +135,7 @@ def describe(plan: Plan) -> str:
         f"[dig] experiment: {cfg.trainer.project_name}/{cfg.trainer.experiment_name} -> {cfg.trainer.default_local_dir}"
         f" (resume_mode={cfg.trainer.resume_mode})",
         f"[dig] init weights: {plan.handoff.init_path} [{plan.handoff.note}]",
-        f"[dig] attention: {plan.attention.attn_implementation}, remove-padding "
-        f"{'on' if plan.attention.use_remove_padding else 'off'} ({plan.attention.reason})",
+        f"[dig] {plan.attention.describe()}",
         f"[dig] validation decoding: {sampling}, n={val.n}",
     ]
     if plan.handoff.merge_command:
