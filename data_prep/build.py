@@ -4,9 +4,9 @@
 
 Layout under ``--data-dir``::
 
-    pairs/stage1/{train,val}/ ...          generator output (DESIGN §3), one folder per generation run
+    pairs/stage1/{train,val}/ ...          generator output (docs/contracts.md, pair record), one folder per generation run
     pairs/test/test/{1-k1,...}/            the test split: one run per K
-    stage1/{train,val}.parquet ... stage3/ verl rows (DESIGN §5) for --model
+    stage1/{train,val}.parquet ... stage3/ verl rows (docs/contracts.md, parquet row) for --model
     test/test.parquet
 
 Stage sizes, K distributions, seeds and the no-difference fraction come from ``data_prep/stages.yaml``. Reruns

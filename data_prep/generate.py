@@ -2,7 +2,7 @@
 
 Runs in the main venv and drives long-lived render workers (``data_prep/render_worker.py``) in the render
 venv as subprocesses (``DIG_RENDER_PYTHON``, default ``<repo>/.venv-render/bin/python``), locally with
-threads or as Ray tasks (``--ray-address``). Output per DESIGN §3: ``<out>/manifest.jsonl``,
+threads or as Ray tasks (``--ray-address``). Output per docs/contracts.md, pair record: ``<out>/manifest.jsonl``,
 ``<out>/stats.json``, ``<out>/<shard folder>/<pair_id>_a.png|_b.png|.json``; atomic writes; reruns resume.
 """
 
@@ -34,7 +34,7 @@ MANIFEST = "manifest.jsonl"
 STATS = "stats.json"
 CONFIG = "config.json"
 
-# Measured on the 2-core machine (docs/render.md, docs/generation.md): 16 spp + OIDN on the colour pass only
+# Measured on the 2-core machine (docs/generation.md): 16 spp + OIDN on the colour pass only
 # (albedo/normal passes left noisy speckle on metals at 16 spp; BALANCED: +0.5 dB PSNR over FAST at the
 # same cost), reduced bounces, no light tree, and a mask pre-pass (-35 % CPU per pair at ~40 % rejections).
 RENDER_DEFAULTS = {

@@ -2,7 +2,7 @@
 
 Templates are data: ``<prompt_variant>.txt`` (``instruct`` / ``thinking``) holds the instruction with a
 ``$coordinate_frame`` slot, filled from ``coords/<coord_mode>.txt``; ``system.txt`` is the optional default system
-prompt. data_prep writes the result into the parquet (DESIGN §5) and eval imports the same functions, so training
+prompt. data_prep writes the result into the parquet (docs/contracts.md, parquet row) and eval imports the same functions, so training
 and evaluation ask the same question.
 """
 
@@ -50,7 +50,7 @@ def resolve_system_prompt(system_prompt: str | None, prompt_dir: Path = PROMPT_D
 
 
 def build_prompt(spec: ModelSpec, system_prompt: str | None = None, prompt_dir: Path = PROMPT_DIR) -> list[dict]:
-    """verl chat messages (DESIGN §5): ``[system?, {"role": "user", "content": "<image><image>" + instruction}]``.
+    """verl chat messages (docs/contracts.md, parquet row): ``[system?, {"role": "user", "content": "<image><image>" + instruction}]``.
 
     Image A is the first ``<image>``, B the second; verl pairs them positionally with the row's ``images`` list.
     """

@@ -180,7 +180,7 @@ def _union(boxes):
 
 
 def evaluate_pair(mask_a, mask_b, img_a, img_b, differences, untouched_ids, gates, silhouettes=None) -> dict:
-    """Boxes per DESIGN §3 and the pixel quality gates. Returns accepted/reason/detail/differences/objects."""
+    """Boxes per docs/contracts.md, pair record and the pixel quality gates. Returns accepted/reason/detail/differences/objects."""
     objs_a, objs_b = mask_objects(mask_a), mask_objects(mask_b)
     masks_only = img_a is None  # pre-pass: visibility gates only
     if not masks_only:

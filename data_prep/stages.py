@@ -1,4 +1,4 @@
-"""Load and check the curriculum definition (``data_prep/stages.yaml``, DESIGN §7)."""
+"""Load and check the curriculum definition (``data_prep/stages.yaml``, docs/contracts.md, curriculum)."""
 
 from __future__ import annotations
 

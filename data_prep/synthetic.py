@@ -1,4 +1,4 @@
-"""Synthetic generator-style output (DESIGN §3) without Blender, for tests and benchmarks of the conversion.
+"""Synthetic generator-style output (docs/contracts.md, pair record) without Blender, for tests and benchmarks of the conversion.
 
 The layout and records match what ``data_prep.generate`` writes (shard folders with ``<id>_a.png``, ``<id>_b.png``,
 ``<id>.json``; ``manifest.jsonl``; ``stats.json``). Images are a soft gradient with coloured rectangles and a

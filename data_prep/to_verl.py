@@ -1,4 +1,4 @@
-"""Convert generator output (DESIGN §3) into one verl parquet file (DESIGN §5).
+"""Convert generator output (docs/contracts.md, pair record) into one verl parquet file (docs/contracts.md, parquet row).
 
     python -m data_prep.to_verl --pairs DIR [DIR ...] --out FILE.parquet --model NAME --stage N --split NAME
 
@@ -157,7 +157,7 @@ def _number(value) -> bool:
 
 
 def load_pair(ref: PairRef, allowed_k: set[int] | None = None) -> PairRecord:
-    """Read and check one pair record (DESIGN §3). Raises PairError naming the pair."""
+    """Read and check one pair record (docs/contracts.md, pair record). Raises PairError naming the pair."""
     where = f"pair {ref.pair_id} ({ref.json_path})"
     try:
         record = json.loads(ref.json_path.read_text(encoding="utf-8"))
@@ -222,7 +222,7 @@ def read_png(record: PairRecord, path: Path) -> bytes:
 
 
 def ground_truth(record: PairRecord) -> str:
-    """DESIGN §6: original pixels, complete on its own."""
+    """docs/contracts.md, reward: original pixels, complete on its own."""
     return json.dumps({"boxes": record.boxes, "width": record.width, "height": record.height, "types": record.types})
 
 

@@ -74,7 +74,7 @@ def _image_item(entry) -> dict:
 
 
 def messages_from_row(prompt: list[dict], images: list) -> list[dict]:
-    """DESIGN §5 ``prompt`` + ``images`` -> content-list messages, ``<image>`` placeholders filled in order."""
+    """docs/contracts.md, parquet row ``prompt`` + ``images`` -> content-list messages, ``<image>`` placeholders filled in order."""
     images = list(images or [])
     used = 0
     messages = []

@@ -40,7 +40,7 @@ METRIC_KEYS = ("precision", "recall", "f1", "miou", "count_accuracy")
 
 
 def read_rows(path: str | Path, columns: list[str] | None = None) -> list[dict]:
-    """Rows of a DiG parquet (DESIGN §5) as dicts; ``columns`` limits what is read (images are large)."""
+    """Rows of a DiG parquet (docs/contracts.md, parquet row) as dicts; ``columns`` limits what is read (images are large)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data: no such parquet file: {path}")
@@ -48,7 +48,9 @@ def read_rows(path: str | Path, columns: list[str] | None = None) -> list[dict]:
     wanted = columns or schema.names
     missing = [c for c in wanted if c not in schema.names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (a DESIGN §5 parquet has {SCORE_COLUMNS})")
+        raise ValueError(
+            f"{path}: missing column(s) {', '.join(missing)} (a parquet row (docs/contracts.md) has {SCORE_COLUMNS})"
+        )
     rows = pq.read_table(path, columns=wanted).to_pylist()
     for i, row in enumerate(rows):
         extra = row.get("extra_info") or {}

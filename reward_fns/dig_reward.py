@@ -1,4 +1,4 @@
-"""verl entry point of the DiG reward (DESIGN §6):
+"""verl entry point of the DiG reward (docs/contracts.md, reward):
 
     reward.custom_reward_function.path=<repo>/reward_fns/dig_reward.py
     reward.custom_reward_function.name=compute_score

@@ -1,4 +1,4 @@
-"""Box geometry and coordinate frames: the one home for both (DESIGN §2, §4).
+"""Box geometry and coordinate frames: the one home for both (docs/contracts.md, coordinate frames).
 
 Boxes are float arrays ``[x0, y0, x1, y1]`` with continuous edges (x1, y1 exclusive), so a box covering
 pixel columns 10..19 is ``[10, 20]`` and its width is ``x1 - x0`` (no +1). Ground truth is stored in
@@ -57,7 +57,7 @@ def pairwise_iou(a, b) -> np.ndarray:
 
 
 def match_boxes(pred, gt, width: float, height: float, *, w_l1: float, w_giou: float):
-    """Hungarian matching on ``w_l1 * L1 - w_giou * GIoU`` (DESIGN §6.5).
+    """Hungarian matching on ``w_l1 * L1 - w_giou * GIoU`` (docs/contracts.md, reward step 5).
 
     Returns ``(pred_idx, gt_idx, iou)`` for the min(N, M) assigned pairs, IoU per pair.
     """
@@ -144,7 +144,7 @@ def frame_scale(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
 ) -> tuple[float, float]:
-    """(sx, sy) such that original pixel = model value * (sx, sy) for ``coord_mode`` (DESIGN §4).
+    """(sx, sy) such that original pixel = model value * (sx, sy) for ``coord_mode`` (docs/contracts.md, coordinate frames).
     ``abs_resized`` needs the model's resize factor and pixel bounds; the other frames ignore them."""
     if coord_mode == "rel1000":
         return width / 1000.0, height / 1000.0

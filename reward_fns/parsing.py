@@ -1,4 +1,4 @@
-"""Answer extraction and box-list parsing (DESIGN §6 steps 1-2). Shared by the reward and eval.
+"""Answer extraction and box-list parsing (docs/contracts.md, reward steps 1-2). Shared by the reward and eval.
 
 Model text is data, never code: it is scanned with a bracket matcher and parsed with ``json.loads``
 only, and the work is capped before parsing so a hostile or runaway response costs microseconds.

@@ -1,4 +1,4 @@
-"""DiG reward: format + Hungarian matching + F1 + IoU, exactly per DESIGN §6.
+"""DiG reward: format + Hungarian matching + F1 + IoU, exactly per docs/contracts.md (reward).
 
 verl loads it through the thin entry file ``reward_fns/dig_reward.py``; every knob (``reward_fns.knobs``) is a
 keyword argument, settable as ``reward.custom_reward_function.reward_kwargs.<knob>``.

@@ -1,4 +1,4 @@
-"""Box geometry and coordinate frames (DESIGN §4): hand-checked values and round trips through the reward."""
+"""Box geometry and coordinate frames (docs/contracts.md, coordinate frames): hand-checked values and round trips through the reward."""
 
 from __future__ import annotations
 

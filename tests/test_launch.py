@@ -56,7 +56,7 @@ def png_bytes(width: int, height: int) -> bytes:
 
 
 def write_stage_parquet(path: Path, min_pixels: int, max_pixels: int, width: int = 64, height: int = 48) -> None:
-    """Two rows in the DESIGN §5 layout (plain image structs with per-image pixel bounds)."""
+    """Two rows in the parquet row layout of docs/contracts.md (plain image structs with per-image pixel bounds)."""
     png = png_bytes(width, height)
     rows = [
         {

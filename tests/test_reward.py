@@ -1,4 +1,4 @@
-"""DESIGN §6, rule by rule, with expected values computed by hand in the comments."""
+"""docs/contracts.md, reward, rule by rule, with expected values computed by hand in the comments."""
 
 from __future__ import annotations
 

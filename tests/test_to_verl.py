@@ -1,4 +1,4 @@
-"""data_prep.to_verl: rows per DESIGN §5, loaded by the real verl 0.9.1 RLHFDataset; bad input; atomic writes."""
+"""data_prep.to_verl: rows per docs/contracts.md, parquet row, loaded by the real verl 0.9.1 RLHFDataset; bad input; atomic writes."""
 
 from __future__ import annotations
 
