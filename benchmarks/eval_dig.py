@@ -30,7 +30,7 @@ from eval import dig  # noqa: E402
 from recipes.dig.models import load_model_spec  # noqa: E402
 from reward_fns import geometry  # noqa: E402
 
-TYPES = ("color", "material", "size", "shape", "addition", "removal")
+TYPES = ("color", "material", "size", "shape", "addition", "removal", "move")
 
 
 def build(tmp: Path, pairs: int, spec) -> tuple[Path, Path]:

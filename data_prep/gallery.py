@@ -21,6 +21,8 @@ TYPE_COLORS = {
     "color": (255, 255, 0),
     "removal": (255, 40, 40),
     "addition": (40, 255, 40),
+    "move": (0, 120, 255),  # opt-in change type (vocabulary weight 0 by default)
+    "replacement": (160, 80, 255),  # photo pairs only
 }
 DEFAULT_COLOR = (255, 255, 255)
 

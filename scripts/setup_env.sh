@@ -6,8 +6,8 @@
 #                 length filter drop every row), verl[verl-core]==0.9.1, this package (editable) + dev tools,
 #                 lmms-eval 0.7.3 without its dependencies (read by tests/test_eval_harness.py).
 #   .venv-render  Python 3.11: bpy==5.0.1 (Blender 5.0; pins numpy<2, hence its own venv) + this package.
-# GPU training nodes use requirements.txt instead (vllm, flash-attn) plus the render venv:
-#   bash scripts/setup_env.sh render      (what SETUP_ENV=1 bash launch/... runs when data must be rendered)
+# GPU training nodes use bash scripts/setup_gpu.sh instead (.venv-gpu: requirements.txt, then flash-attn) plus
+# the render venv: bash scripts/setup_env.sh render   (both run by SETUP_ENV=1 bash launch/... when missing)
 # Usage: bash scripts/setup_env.sh [all|test|render]   (default all)
 set -euo pipefail
 target=${1:-all}
