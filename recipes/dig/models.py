@@ -53,7 +53,7 @@ class ModelSpec:
     decoding: Decoding
 
     def reward_kwargs(self) -> dict:
-        """The reward knobs that depend on the model (DESIGN §4: same bounds as the parquet)."""
+        """The reward knobs that depend on the model (docs/contracts.md, coordinate frames: same bounds as the parquet)."""
         return {
             "coord_mode": self.coord_mode,
             "resize_factor": self.resize_factor,

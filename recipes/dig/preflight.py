@@ -28,7 +28,7 @@ def check_reward_kwargs(cfg, spec: ModelSpec) -> None:
     from reward_fns.dig_reward import check_reward_kwargs as validate_knobs
 
     kwargs = OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs, resolve=True)
-    try:  # compute_score never raises, so a typo'd knob would be silently ignored for a whole run
+    try:  # the same check compute_score makes, but here, before any GPU is requested
         validate_knobs(**kwargs)
     except ValueError as err:
         raise LaunchError(f"reward.custom_reward_function.reward_kwargs: {err}") from err
@@ -126,19 +126,23 @@ def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
 
 
 def planned_render(stage: int) -> dict:
-    """Pairs per split and image size data_prep.build renders for a stage, from data_prep/stages.yaml."""
-    import yaml
+    """Pairs per split, image size and pair sources data_prep.build renders for a stage (data_prep/stages.yaml,
+    read by data_prep.stages: the one loader of that file)."""
+    from data_prep.stages import load_curriculum, load_source_mixes
 
-    plan = {"pairs": dict(DEFAULT_PAIRS_PER_SPLIT), "width": 480, "height": 320}
+    plan = {"pairs": dict(DEFAULT_PAIRS_PER_SPLIT), "width": 480, "height": 320, "sources": "100 % rendered"}
     if not STAGES_FILE.is_file():
         return plan
-    doc = yaml.safe_load(STAGES_FILE.read_text()) or {}
-    render = doc.get("render") or {}
-    plan["width"], plan["height"] = int(render.get("width", 480)), int(render.get("height", 320))
-    splits = ((doc.get("stages") or {}).get(str(stage)) or {}).get("splits") or {}
-    for split, runs in splits.items():
-        runs = runs if isinstance(runs, list) else [runs]
-        plan["pairs"][split] = sum(int(run.get("num", 0)) for run in runs)
+    try:
+        curriculum = load_curriculum(STAGES_FILE)
+        definition = curriculum.stage(stage)
+        plan["sources"] = load_source_mixes(STAGES_FILE)[definition.name].describe()
+    except ValueError as err:
+        raise LaunchError(str(err)) from err
+    plan["width"] = int(curriculum.render.get("width", 480))
+    plan["height"] = int(curriculum.render.get("height", 320))
+    for split, runs in definition.splits.items():
+        plan["pairs"][split] = sum(run.num for run in runs)
     return plan
 
 
@@ -182,7 +186,8 @@ def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: 
     lines.append(
         f"data: missing {', '.join(str(p) for p in missing.values())}; the run builds them first with "
         f"`{shlex.join(command)}`: {pairs} pairs x {RENDER_SEC_PER_PAIR} s/pair (measured at 480x320, 16 spp on "
-        f"2 cores) / {workers} worker(s) = ~{seconds / 3600:.1f} h; prompts <= ~{worst} tokens of {cfg.data.max_prompt_length}"
+        f"2 cores) / {workers} worker(s) = ~{seconds / 3600:.1f} h; sources {plan['sources']}; prompts <= ~{worst} "
+        f"tokens of {cfg.data.max_prompt_length}"
     )
     return DataReport(False, lines, command)
 
