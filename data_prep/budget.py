@@ -28,6 +28,8 @@ import yaml
 from data_prep.prompts import build_vision_messages
 from recipes.dig.models import ModelSpec, load_model_spec, model_file
 
+# Text part of a prompt (instruction + chat template) in tokens: a generous bound for the offline estimate.
+PROMPT_TEXT_TOKENS = 300
 DEFAULT_MAX_PROMPT_LENGTH = 512  # verl's legacy_data.yaml default, used when the model file sets none
 # The processor's files: configs, tokenizer, chat template; no weights.
 PROCESSOR_FILES = ("*.json", "*.txt", "*.jinja")
@@ -61,10 +63,18 @@ def load_processor(spec: ModelSpec, processor: str | None = None):
         ) from err
 
 
+def prompt_token_bound(width: int, height: int, spec: ModelSpec) -> int:
+    """Upper bound of a two-image prompt in tokens without a processor: image tokens after smart_resize (exact)
+    plus PROMPT_TEXT_TOKENS. The launch dry run checks data.max_prompt_length with it."""
+    from reward_fns.geometry import resized_size
+
+    h, w = resized_size(height, width, spec.resize_factor, spec.min_pixels, spec.max_pixels)
+    return 2 * (h * w) // (spec.resize_factor**2) + PROMPT_TEXT_TOKENS
+
+
 def offline_estimate(spec: ModelSpec, image_size: tuple[int, int], max_prompt_length: int) -> dict:
     """The launch dry run's bound without a processor: two images' tokens from smart_resize (exact) plus its fixed
     allowance for instruction and chat template."""
-    from recipes.dig.launch import PROMPT_TEXT_TOKENS, prompt_token_bound
     from reward_fns.geometry import resized_size
 
     width, height = image_size

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from data_prep import budget
-from recipes.dig.launch import prompt_token_bound
+from data_prep.budget import prompt_token_bound
 from recipes.dig.models import load_model_spec, model_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.budget import prompt_token_bound
 from recipes.dig.models import ModelSpec
 from recipes.dig.settings import REPO_ROOT, LaunchError, Settings
 
@@ -17,8 +18,6 @@ STAGES_FILE = REPO_ROOT / "data_prep" / "stages.yaml"
 DEFAULT_PAIRS_PER_SPLIT = {"train": 1600, "val": 200}  # the paper's split sizes, used if stages.yaml is absent
 RENDER_SEC_PER_PAIR = 4.5  # 480x320, 16 spp: measured wall time per pair on a 2-core box
 REQUIRED_COLUMNS = ("data_source", "prompt", "images", "ability", "reward_model", "extra_info")
-# Text part of a prompt (instruction + chat template) in tokens: a generous bound for the budget check.
-PROMPT_TEXT_TOKENS = 300
 
 
 def check_reward_kwargs(cfg, spec: ModelSpec) -> None:
@@ -82,14 +81,6 @@ def data_files(cfg) -> dict[str, Path]:
         for i, p in enumerate(paths):
             files[split if i == 0 else f"{split}{i}"] = Path(p)
     return files
-
-
-def prompt_token_bound(width: int, height: int, spec: ModelSpec) -> int:
-    """Upper bound of a two-image prompt in tokens: image tokens after smart_resize + text."""
-    from reward_fns.geometry import resized_size
-
-    h, w = resized_size(height, width, spec.resize_factor, spec.min_pixels, spec.max_pixels)
-    return 2 * (h * w) // (spec.resize_factor**2) + PROMPT_TEXT_TOKENS
 
 
 def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
