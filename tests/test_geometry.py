@@ -225,3 +225,10 @@ def test_matching_l1_normalises_x_by_width_and_y_by_height(extra_gt):
     gt_tall = [[130, 100, 230, 200], [100, 140, 200, 240]] + [[280, 400, 290, 410]] * extra_gt
     _, cols, _ = geometry.match_boxes(pred, gt_tall, 320, 480, w_l1=1.0, w_giou=0.0)
     assert cols.tolist() == [1]
+
+
+def test_model_files_know_the_same_coordinate_frames_as_the_geometry():
+    """recipes/dig/models.py repeats the frame names (it must import without numpy): they must not drift."""
+    from recipes.dig import models
+
+    assert models.COORD_MODES == geometry.COORD_MODES

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from reward_fns.geometry import COORD_MODES
-
 BASE_MODEL_DIR = Path(__file__).resolve().parent / "config" / "base_model"
 DEFAULT_MODEL = "qwen3_vl_8b_thinking"
+# reward_fns.geometry.COORD_MODES, repeated so that this module needs no numpy (a test checks they agree)
+COORD_MODES = ("rel1000", "abs_resized", "abs", "rel1")
 ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
 
 
