@@ -110,14 +110,19 @@ def _run(raw, stage_defaults: dict, where: str, max_differences: int) -> Run:
     )
 
 
-def load_curriculum(path: Path | str = STAGES_FILE) -> Curriculum:
-    path = Path(path)
+def read_stages_yaml(path: Path):
+    """The parsed stages file; errors name the file."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError as err:
         raise FileNotFoundError(f"stages file not found: {path}") from err
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {err}") from err
+
+
+def load_curriculum(path: Path | str = STAGES_FILE) -> Curriculum:
+    path = Path(path)
+    raw = read_stages_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
         raise ValueError(f"{path}: needs a 'stages:' mapping")
     max_differences = int(raw.get("max_differences", 4))
@@ -200,12 +205,7 @@ def load_source_mixes(path: Path | str = STAGES_FILE) -> dict[str, SourceMix]:
     """Per stage name, its source mix: optional ``sources:`` per stage, optional top-level ``photo:`` block
     (``coco``, ``images``, ``categories``, ``settings``; relative paths are relative to the stages file)."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"stages file not found: {path}") from err
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    raw = read_stages_yaml(path)
     photo = raw.get("photo") or {}
     if not isinstance(photo, dict) or set(photo) - {"coco", "images", "categories", "settings"}:
         raise ValueError(f"{path}: 'photo' must be a mapping with keys coco, images, categories, settings")
