@@ -78,6 +78,27 @@ class RenderDeviceError(ValueError):
 DEVICES = ("cpu", "cuda", "optix", "hip", "auto")  # --device; checked again by the render worker
 
 
+def validate_run_flags(config, min_size: int) -> None:
+    """The flags every pair source shares (num, k, seed, width/height, workers, no-diff fraction, shard): a
+    ValueError naming the bad flag, before anything is read or written."""
+    if not isinstance(config.num, int) or config.num < 0:
+        raise ValueError(f"--num: expected an integer >= 0, got {config.num!r}")
+    S.parse_k(config.k)
+    if not isinstance(config.seed, int) or config.seed < 0:
+        raise ValueError(f"--seed: expected an integer >= 0, got {config.seed!r}")
+    for name in ("width", "height"):
+        v = getattr(config, name)
+        if not isinstance(v, int) or not min_size <= v <= 8192:
+            raise ValueError(f"--{name}: expected an integer in [{min_size}, 8192], got {v!r}")
+    if not isinstance(config.workers, int) or config.workers < 1:
+        raise ValueError(f"--workers: expected an integer >= 1, got {config.workers!r}")
+    if not 0.0 <= float(config.no_diff_fraction) <= 1.0:
+        raise ValueError(f"--no-diff-fraction: expected a number in [0, 1], got {config.no_diff_fraction!r}")
+    i, n = config.shard
+    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard: expected i/N with 0 <= i < N, got {i}/{n}")
+
+
 @dataclass
 class GenerateConfig:
     out: Path
@@ -103,26 +124,11 @@ class GenerateConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad flag, before any expensive work."""
-        if not isinstance(self.num, int) or self.num < 0:
-            raise ValueError(f"--num: expected an integer >= 0, got {self.num!r}")
-        S.parse_k(self.k)
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"--seed: expected an integer >= 0, got {self.seed!r}")
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or not 16 <= v <= 8192:
-                raise ValueError(f"--{name}: expected an integer in [16, 8192], got {v!r}")
+        validate_run_flags(self, min_size=16)
         if not isinstance(self.samples, int) or not 1 <= self.samples <= 65536:
             raise ValueError(f"--samples: expected an integer in [1, 65536], got {self.samples!r}")
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise ValueError(f"--workers: expected an integer >= 1, got {self.workers!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"--threads: expected an integer >= 1, got {self.threads!r}")
-        if not 0.0 <= float(self.no_diff_fraction) <= 1.0:
-            raise ValueError(f"--no-diff-fraction: expected a number in [0, 1], got {self.no_diff_fraction!r}")
-        i, n = self.shard
-        if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
-            raise ValueError(f"--shard: expected i/N with 0 <= i < N, got {i}/{n}")
         self.difficulty_filters = check_difficulty_filters(self.difficulty_filters, "--difficulty")
         if self.device not in DEVICES:
             raise ValueError(f"--device: expected one of {', '.join(DEVICES)}, got {self.device!r}")

@@ -123,22 +123,7 @@ class PhotoConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad flag, before anything is read or written."""
-        if not isinstance(self.num, int) or self.num < 0:
-            raise ValueError(f"--num: expected an integer >= 0, got {self.num!r}")
-        S.parse_k(self.k)
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"--seed: expected an integer >= 0, got {self.seed!r}")
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or not 32 <= v <= 8192:
-                raise ValueError(f"--{name}: expected an integer in [32, 8192], got {v!r}")
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise ValueError(f"--workers: expected an integer >= 1, got {self.workers!r}")
-        if not 0.0 <= float(self.no_diff_fraction) <= 1.0:
-            raise ValueError(f"--no-diff-fraction: expected a number in [0, 1], got {self.no_diff_fraction!r}")
-        i, n = self.shard
-        if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
-            raise ValueError(f"--shard: expected i/N with 0 <= i < N, got {i}/{n}")
+        G.validate_run_flags(self, min_size=32)  # pastes need room: 32 px, not the renderer's 16
         if self.change_weights is not None:
             bad = set(self.change_weights) - set(EDIT_TYPES)
             if bad:
