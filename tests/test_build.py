@@ -206,3 +206,25 @@ def test_real_generator_64px_1spp_into_verl_rows(tmp_path, capsys):
         assert (truth["width"], truth["height"]) == (64, 64)
     assert B.main(argv) == 0  # rerun: nothing to do
     assert [json.loads(line)["event"] for line in capsys.readouterr().out.splitlines()] == ["skip", "skip"]
+
+
+def test_stage_difficulty_filters_and_device_reach_the_generator(tmp_path):
+    """A stage's `difficulty:` bounds and --device go into every generator run of that stage (and only it)."""
+    stages = yaml.safe_load(STAGES_FILE.read_text())
+    stages["stages"]["1"]["difficulty"] = {"min_visible_px": 800, "max_occluded_fraction": 0.5}
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(stages))
+    seen = []
+
+    def generator(cfg):
+        seen.append((Path(cfg.out).parts[-2], cfg.difficulty_filters, cfg.device))
+        return synthetic.generate(cfg)
+
+    options = B.BuildOptions(width=48, height=32, progress=False, device="cuda")
+    B.build(tmp_path / "data", MODEL, ["1", "2"], small(path=path), options, generator, log=lambda e: None)
+    assert seen == [
+        ("stage1", {"min_visible_px": 800, "max_occluded_fraction": 0.5}, "cuda"),
+        ("stage1", {"min_visible_px": 800, "max_occluded_fraction": 0.5}, "cuda"),
+        ("stage2", {}, "cuda"),
+        ("stage2", {}, "cuda"),
+    ]
