@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dig_common.models import load_model_spec  # noqa: E402
 from eval import dig  # noqa: E402
-from recipes.dig.models import load_model_spec  # noqa: E402
 from reward_fns import geometry  # noqa: E402
 
 TYPES = ("color", "material", "size", "shape", "addition", "removal", "move")

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep.fileio import atomic_write_text
 from data_prep.gallery import _font, draw_boxes, load_records, pair_boxes
 from data_prep.render_worker import unlabeled_blobs
+from dig_common.fileio import atomic_write_text
 
 
 @dataclass(frozen=True)

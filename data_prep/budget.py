@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.prompts import build_vision_messages
-from recipes.dig.models import ModelSpec, load_model_spec, model_file
+from dig_common.models import ModelSpec, load_model_spec, model_file
+from dig_common.prompts import build_vision_messages
 
 # Text part of a prompt (instruction + chat template) in tokens: a generous bound for the offline estimate.
 PROMPT_TEXT_TOKENS = 300

@@ -37,7 +37,7 @@ from data_prep.stages import (
     load_curriculum,
     load_source_mixes,
 )
-from recipes.dig.models import load_model_spec
+from dig_common.models import load_model_spec
 
 TEST_STAGE = "test"
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from data_prep import scene as S
-from data_prep.fileio import TMP_MARK, atomic_write_text
 from data_prep.stages import check_difficulty_filters, difficulty_failure
+from dig_common.fileio import TMP_MARK, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_SCRIPT = Path(__file__).resolve().with_name("render_worker.py")

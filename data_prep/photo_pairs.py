@@ -31,9 +31,9 @@ from scipy import ndimage
 
 from data_prep import generate as G
 from data_prep import scene as S
-from data_prep.fileio import atomic_write_bytes, atomic_write_text
 from data_prep.photo_coco import CocoSet, PhotoDataError, file_sha256, load_coco
 from data_prep.photo_compose import Compositor, luma, mask_box, saturation
+from dig_common.fileio import atomic_write_bytes, atomic_write_text
 
 PHOTO_SETTINGS_FILE = Path(__file__).with_name("photo.yaml")
 SOURCE = "photo"

@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_prep.prompts import build_prompt
 from data_prep.stages import STAGES_FILE, load_curriculum
-from recipes.dig.models import ModelSpec, load_model_spec
+from dig_common.models import ModelSpec, load_model_spec
+from dig_common.prompts import build_prompt
 
 DATA_SOURCE = "dig"
 ABILITY = "grounding"

@@ -6,7 +6,7 @@ Both backends prepare it the way verl's agent loop does for rollouts: ``qwen_vl_
 with the model's patch size (the same smart_resize the reward assumes for ``abs_resized``), then the
 processor's chat template; answers are decoded with ``skip_special_tokens=True`` like verl's reward input.
 
-Decoding comes from the base-model file's ``dig.decoding`` (``recipes.dig.models.Decoding``): greedy for
+Decoding comes from the base-model file's ``dig.decoding`` (``dig_common.models.Decoding``): greedy for
 Qwen2.5-VL, the model card's sampling with a fixed seed for Qwen3-VL, its ``max_new_tokens`` as the budget.
 ``generate_n`` returns ``n`` samples per request and which of them stopped at the token limit.
 """
@@ -22,7 +22,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from recipes.dig.models import Decoding, ModelSpec
+from dig_common.models import Decoding, ModelSpec
 
 IMAGE_SPLIT = re.compile(r"(<image>)")
 PROMPT_TOKEN_BUDGET = 8192  # two images at the configs' max_pixels plus the instruction fit well inside

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from data_prep.fileio import atomic_write_text
+from dig_common.fileio import atomic_write_text
+from dig_common.models import load_model_spec
 from eval.backends import eval_decoding
 from eval.scoring import ScoredAnswer, reward_knobs, score_response
-from recipes.dig.models import load_model_spec
 
 SCORE_COLUMNS = ["data_source", "reward_model", "extra_info"]
 METRIC_KEYS = ("precision", "recall", "f1", "miou", "count_accuracy")

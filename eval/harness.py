@@ -28,9 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.fileio import atomic_write_text
+from dig_common.fileio import atomic_write_text
+from dig_common.models import Decoding, ModelSpec, load_model_spec
 from eval.backends import PROMPT_TOKEN_BUDGET
-from recipes.dig.models import Decoding, ModelSpec, load_model_spec
 
 BENCHMARKS_FILE = Path(__file__).resolve().parent / "benchmarks.yaml"
 HARNESSES = ("lmms_eval", "vlmevalkit")

@@ -35,11 +35,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_prep.fileio import atomic_write_text
-from data_prep.prompts import PROMPT_DIR
+from dig_common.fileio import atomic_write_text
+from dig_common.models import ModelSpec, load_model_spec
+from dig_common.paths import PROMPT_DIR
 from eval.dig import read_predictions
 from eval.scoring import reward_knobs
-from recipes.dig.models import ModelSpec, load_model_spec
 from reward_fns import geometry
 from reward_fns.knobs import RewardKnobs
 from reward_fns.parsing import ParseError

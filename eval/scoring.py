@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from recipes.dig.models import ModelSpec
+from dig_common.models import ModelSpec
 from reward_fns import scoring
 from reward_fns.knobs import RewardKnobs, check_reward_kwargs
 

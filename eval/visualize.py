@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from data_prep.gallery import draw_box
+from dig_common.drawing import draw_box
+from dig_common.models import load_model_spec
 from eval.scoring import reward_knobs, score_response
-from recipes.dig.models import load_model_spec
 
 GT_COLOR = (40, 200, 60)
 PRED_COLOR = (230, 40, 40)

@@ -176,7 +176,7 @@ fi
 
 # -- step 5: the imports training needs -----------------------------------------------------------------------
 required="hydra recipes.dig.launch reward_fns data_prep"
-[ "$rehearsal" = 1 ] && required="recipes.dig.models recipes.dig.attention reward_fns data_prep"
+[ "$rehearsal" = 1 ] && required="dig_common.models recipes.dig.attention reward_fns data_prep"
 [ "$rehearsal" = 1 ] || required="torch vllm verl $required"
 say "step 5/5 imports: $required"
 if [ "$dry" = 0 ]; then

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from dig_common.models import load_model_spec, model_names
 from recipes.dig.attention import (
     ATTN_OVERRIDE_KEY,
     PACKING_NEEDS_FLASH_ATTN,
@@ -22,7 +23,6 @@ from recipes.dig.attention import (
     flash_attn_available,
     user_overrides,
 )
-from recipes.dig.models import load_model_spec, model_names
 
 SPECS = {name: load_model_spec(name) for name in model_names()}
 QWEN25, QWEN3 = SPECS["qwen2_5_vl_7b"], SPECS["qwen3_vl_8b_thinking"]

@@ -15,7 +15,7 @@ import yaml
 
 from data_prep import budget
 from data_prep.budget import prompt_token_bound
-from recipes.dig.models import load_model_spec, model_file
+from dig_common.models import load_model_spec, model_file
 
 REPO = Path(__file__).resolve().parents[1]
 

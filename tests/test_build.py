@@ -12,7 +12,7 @@ import yaml
 from data_prep import build as B
 from data_prep import synthetic
 from data_prep.stages import STAGES_FILE, load_curriculum
-from recipes.dig.models import load_model_spec
+from dig_common.models import load_model_spec
 
 MODEL = "qwen3_vl_8b_thinking"
 SMALL = B.BuildOptions(width=48, height=32, progress=False)

@@ -13,9 +13,9 @@ from data_prep import scene as S
 from data_prep import stages
 from data_prep.generate import GenerateConfig, generate, main
 from data_prep.render_worker import delta_e_ciede2000, hull_area, srgb8_to_lab
+from dig_common.models import load_model_spec
 from eval import dig
 from eval.scoring import reward_knobs
-from recipes.dig.models import load_model_spec
 from reward_fns import geometry
 
 # Sharma, Wu & Dalal (2005), test data for CIEDE2000: (Lab 1, Lab 2, dE00).

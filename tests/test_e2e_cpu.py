@@ -15,9 +15,9 @@ import pytest
 from tiny_qwen import build_tiny_model, build_tiny_processor, save_tiny_checkpoint
 
 from data_prep import to_verl
+from dig_common.models import load_model_spec
 from eval import dig
 from eval.backends import HFBackend, prepare
-from recipes.dig.models import load_model_spec
 from reward_fns import geometry
 from reward_fns.dig_reward import RESULT_KEYS
 

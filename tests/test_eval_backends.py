@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dig_common.models import load_model_spec
 from eval import backends
-from recipes.dig.models import load_model_spec
 
 
 def png(color) -> bytes:
@@ -167,7 +167,7 @@ def test_generate_to_file_appends_and_resumes(tmp_path):
 
 def test_docs_decoding_table_matches_the_model_files():
     """docs/eval.md lists each model file's eval decoding; a changed file must change the table."""
-    from recipes.dig.models import model_names
+    from dig_common.models import model_names
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "eval.md").read_text()
     for name in model_names():

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dig_common.models import load_model_spec
 from eval import dig
 from eval.scoring import reward_knobs, score_response
-from recipes.dig.models import load_model_spec
 from reward_fns import geometry
 from reward_fns.dig_reward import compute_score
 

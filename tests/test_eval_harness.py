@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dig_common.models import load_model_spec
 from eval import harness
 from eval.refcoco import DATASETS as REFCOCO_DATASETS
-from recipes.dig.models import load_model_spec
 
 PAPER_LIST = {"hallusionbench", "vstar", "mmvp", "cv_bench", "mmstar", "mmbench", "ai2d", "pope"}
 LMMS_EVAL_VERSION = "0.7.3"

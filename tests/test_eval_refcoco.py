@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dig_common.models import load_model_spec
 from eval import refcoco
 from eval.scoring import reward_knobs
-from recipes.dig.models import load_model_spec
 from reward_fns import geometry
 
 SIZE = 112  # a multiple of 28 inside Qwen2.5-VL's bounds: its resized frame equals the original pixels

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from dig_common.models import load_model_spec
 from eval import dig, visualize
-from recipes.dig.models import load_model_spec
 from reward_fns import geometry
 
 W, H = 100, 50

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qwen_vl_utils import smart_resize
 
-from recipes.dig.models import load_model_spec, model_names
+from dig_common.models import load_model_spec, model_names
 from reward_fns import geometry
 from reward_fns.dig_reward import compute_score
 
@@ -228,7 +228,7 @@ def test_matching_l1_normalises_x_by_width_and_y_by_height(extra_gt):
 
 
 def test_model_files_know_the_same_coordinate_frames_as_the_geometry():
-    """recipes/dig/models.py repeats the frame names (it must import without numpy): they must not drift."""
-    from recipes.dig import models
+    """dig_common/models.py repeats the frame names (it must import without numpy): they must not drift."""
+    from dig_common import models
 
     assert models.COORD_MODES == geometry.COORD_MODES

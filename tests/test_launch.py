@@ -23,8 +23,9 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dig_common.models import load_model_spec, model_names
+from dig_common.paths import BASE_MODEL_DIR
 from recipes.dig import launch
-from recipes.dig.models import BASE_MODEL_DIR, load_model_spec, model_names
 from recipes.dig.settings import KNOB_NAMES, STAGES, LaunchError, Settings
 
 pytestmark = pytest.mark.verl

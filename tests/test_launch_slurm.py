@@ -28,8 +28,8 @@ from ray_local import free_port_range, free_ports, ray_processes
 from test_launch import LAUNCH_ENV_KEYS, write_stage_parquet
 from tiny_qwen import save_tiny_checkpoint
 
+from dig_common.models import load_model_spec
 from recipes.dig.handoff import DONE_MARKER
-from recipes.dig.models import load_model_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.verl]
 

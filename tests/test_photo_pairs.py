@@ -417,7 +417,7 @@ def test_converts_loads_in_verl_and_the_ground_truth_scores_one(per_type, tmp_pa
     from tiny_qwen import build_tiny_processor
 
     from data_prep.budget import max_prompt_length_of
-    from recipes.dig.models import load_model_spec
+    from dig_common.models import load_model_spec
     from reward_fns.dig_reward import compute_score
     from reward_fns.geometry import from_pixels
 

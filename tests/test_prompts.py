@@ -1,4 +1,4 @@
-"""data_prep.prompts (templates per frame / variant, system prompt) and data_prep.budget (prompt-length check)."""
+"""dig_common.prompts (templates per frame / variant, system prompt) and data_prep.budget (prompt-length check)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import pytest
 
 from data_prep import budget as budget_mod
-from data_prep import prompts, to_verl
+from data_prep import to_verl
 from data_prep.synthetic import write_pairs
-from recipes.dig.models import load_model_spec, model_names
+from dig_common import prompts
+from dig_common.models import load_model_spec, model_names
 
 FRAME_PHRASES = {
     "rel1000": "0-1000 scale",

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dig_common.models import load_model_spec
 from eval import refcoco
 from eval import scoring as eval_scoring
-from recipes.dig.models import load_model_spec
 from reward_fns import geometry, parsing, scoring
 from reward_fns.dig_reward import RESULT_KEYS, RewardKnobs, check_reward_kwargs, compute_score
 

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from data_prep import to_verl
-from data_prep.prompts import build_prompt
 from data_prep.synthetic import write_pairs
-from recipes.dig.models import load_model_spec, model_names
+from dig_common.models import load_model_spec, model_names
+from dig_common.prompts import build_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -273,7 +273,7 @@ def verl_on_cpu() -> Iterator[None]:
 
 
 def family_spec(family: str):
-    from recipes.dig.models import load_model_spec
+    from dig_common.models import load_model_spec
 
     return load_model_spec(MODELS[family])
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 
-from recipes.dig.models import ATTN_IMPLEMENTATIONS, ModelSpec
+from dig_common.models import ATTN_IMPLEMENTATIONS, ModelSpec
 
 # Families whose verl-patched attention needs flash-attn once sequences are packed (remove-padding).
 PACKING_NEEDS_FLASH_ATTN = ("qwen2_vl", "qwen2_5_vl")

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from recipes.dig.models import ModelSpec, load_model_spec, model_file
+from dig_common.models import ModelSpec, load_model_spec, model_file
 from recipes.dig.settings import REPO_ROOT, LaunchError, Settings
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"

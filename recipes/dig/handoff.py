@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.dig.models import ModelSpec
+from dig_common.models import ModelSpec
 from recipes.dig.settings import LaunchError, Settings
 
 # Written by recipes/dig/main.py when a stage's training loop returned normally.

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dig_common.models import ModelSpec
 from recipes.dig.attention import (
     AttentionChoice,
     AttentionError,
@@ -44,7 +45,6 @@ from recipes.dig.compose import (
     validate,
 )
 from recipes.dig.handoff import DONE_MARKER, Handoff, experiment_dir, plan_handoff, run_merge, stage_done
-from recipes.dig.models import ModelSpec
 from recipes.dig.preflight import (
     DataReport,
     check_data,

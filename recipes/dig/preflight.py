@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.budget import prompt_token_bound
-from recipes.dig.models import ModelSpec
+from dig_common.models import ModelSpec
 from recipes.dig.settings import REPO_ROOT, LaunchError, Settings
 
 # What data_prep.build will render (data, not code: pair counts and image size per stage live there).

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recipes.dig.models import DEFAULT_MODEL
+from dig_common.models import DEFAULT_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = (1, 2, 3)

@@ -12,10 +12,11 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from recipes.dig.models import ModelSpec
+from dig_common.paths import PROMPT_DIR
 
-PROMPT_DIR = Path(__file__).resolve().parent.parent / "recipes" / "dig" / "prompts"
+if TYPE_CHECKING:
+    from dig_common.models import ModelSpec
+
 IMAGE_PLACEHOLDER = "<image>"
 # Use the default system prompt file (recipes/dig/prompts/system.txt) rather than a literal text.
 DEFAULT_SYSTEM = "default"

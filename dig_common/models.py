@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-BASE_MODEL_DIR = Path(__file__).resolve().parent / "config" / "base_model"
+from dig_common.paths import BASE_MODEL_DIR
+
 DEFAULT_MODEL = "qwen3_vl_8b_thinking"
 # reward_fns.geometry.COORD_MODES, repeated so that this module needs no numpy (a test checks they agree)
 COORD_MODES = ("rel1000", "abs_resized", "abs", "rel1")
