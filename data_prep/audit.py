@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_prep.gallery import _font, draw_boxes, load_records, pair_boxes
+from data_prep.manifest import read_manifest
 from data_prep.render_worker import unlabeled_blobs
 from dig_common.fileio import atomic_write_text
 
@@ -184,22 +185,16 @@ def audit(pairs_dir: Path, rule: AuditRule = AuditRule(), gallery: Path | None =
     records = load_records(pairs_dir)
     if not records:
         raise ValueError(f"--pairs: no pair records found in {pairs_dir}")
-    manifest_mismatch = []
-    manifest = pairs_dir / "manifest.jsonl"
     by_id = {rec["pair_id"]: rec for _, rec in records}
-    if manifest.exists():
-        for line in manifest.read_text().splitlines():
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rec = by_id.get(m.get("pair_id"))
-            if (
-                rec is None
-                or m.get("num_differences") != len(rec["differences"])
-                or m.get("types") != [d["type"] for d in rec["differences"]]
-            ):
-                manifest_mismatch.append(m.get("pair_id"))
+    manifest_mismatch = []
+    for entry in read_manifest(pairs_dir, required=False).entries:
+        rec = by_id.get(entry.pair_id)
+        if (
+            rec is None
+            or entry.num_differences != len(rec["differences"])
+            or list(entry.types or ()) != [d["type"] for d in rec["differences"]]
+        ):
+            manifest_mismatch.append(entry.pair_id)
     results, rows = [], []
     for path, rec in records:
         pa, pb = _image_paths(path, rec)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from data_prep import to_verl
 from data_prep.generate import DEVICES
+from data_prep.manifest import manifest_path, read_manifest
 from data_prep.stages import (
     RENDERED_ONLY,
     STAGES_FILE,
@@ -95,18 +96,8 @@ def parquet_path(data_dir: Path, stage: Stage, split: str) -> Path:
 
 def manifest_size(pairs_dir: Path, num: int) -> int:
     """How many of the run's first ``num`` pairs the manifest already lists."""
-    manifest = pairs_dir / "manifest.jsonl"
-    if not manifest.is_file():
-        return 0
-    indices = set()
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        try:
-            index = json.loads(line).get("index")
-        except json.JSONDecodeError:
-            continue  # torn line of a killed run
-        if isinstance(index, int) and index < num:
-            indices.add(index)
-    return len(indices)
+    entries = read_manifest(pairs_dir, required=False).entries
+    return sum(1 for e in entries if e.index is not None and e.index < num)
 
 
 def _generator_config(run: Run, out: Path, options: BuildOptions):
@@ -181,7 +172,7 @@ def check_test_seeds_disjoint(data_dir: Path, curriculum: Curriculum) -> None:
     test_seeds: dict[int, str] = {}
     for split in test_stage.splits:
         for pairs_dir in run_dirs(data_dir, test_stage, split) + photo_run_dirs(data_dir, test_stage, split):
-            if (pairs_dir / "manifest.jsonl").is_file():
+            if manifest_path(pairs_dir).is_file():
                 test_seeds.update(pair_seeds(pairs_dir))
     if not test_seeds:
         return
@@ -190,7 +181,7 @@ def check_test_seeds_disjoint(data_dir: Path, curriculum: Curriculum) -> None:
             continue
         for split in stage.splits:
             for pairs_dir in run_dirs(data_dir, stage, split) + photo_run_dirs(data_dir, stage, split):
-                if not (pairs_dir / "manifest.jsonl").is_file():
+                if not manifest_path(pairs_dir).is_file():
                     continue
                 shared = [(seed, pid) for seed, pid in pair_seeds(pairs_dir).items() if seed in test_seeds]
                 if shared:

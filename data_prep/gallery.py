@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from data_prep.manifest import read_manifest
 from dig_common.drawing import draw_box
 
 TYPE_COLORS = {
@@ -91,18 +92,11 @@ def pair_boxes(record: dict) -> tuple[list[dict], list[dict]]:
 
 def load_records(pairs_dir: Path, limit: int | None = None) -> list[tuple[Path, dict]]:
     """Pair records of a run, in manifest order (or all *.json pair files if there is no manifest)."""
-    pairs_dir = Path(pairs_dir)
-    manifest = pairs_dir / "manifest.jsonl"
-    if manifest.exists():
-        paths = []
-        for line in manifest.read_text().splitlines():
-            try:
-                paths.append(pairs_dir / json.loads(line)["json"])
-            except (json.JSONDecodeError, KeyError):
-                continue
-        paths.sort()
+    manifest = read_manifest(pairs_dir, required=False)
+    if manifest.entries:
+        paths = sorted(manifest.record_path(e) for e in manifest.entries)
     else:
-        paths = sorted(p for p in pairs_dir.rglob("*.json") if p.name not in ("stats.json", "config.json"))
+        paths = sorted(p for p in Path(pairs_dir).rglob("*.json") if p.name not in ("stats.json", "config.json"))
     out = []
     for p in paths[:limit] if limit else paths:
         out.append((p, json.loads(p.read_text())))

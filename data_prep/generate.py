@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from data_prep import scene as S
+from data_prep.manifest import append_entry, end_torn_line, read_manifest
 from data_prep.stages import check_difficulty_filters, difficulty_failure
-from dig_common.fileio import TMP_MARK, atomic_write_text
+from dig_common.fileio import TMP_MARK, atomic_write_text, temp_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_SCRIPT = Path(__file__).resolve().with_name("render_worker.py")
-MANIFEST = "manifest.jsonl"
 STATS = "stats.json"
 CONFIG = "config.json"
 
@@ -291,8 +291,7 @@ class PairMaker:
         k = plan_k(cfg, index)
         delta = {"candidates": 0, "rejected": collections.Counter(), "render_cpu_s": 0.0}
         final_a, final_b = self.shard_dir / f"{pid}_a.png", self.shard_dir / f"{pid}_b.png"
-        token = f"{TMP_MARK}{os.getpid()}-{threading.get_ident()}.png"
-        tmp_a, tmp_b = final_a.with_name(final_a.name + token), final_b.with_name(final_b.name + token)
+        tmp_a, tmp_b = temp_path(final_a, ".png"), temp_path(final_b, ".png")
         for attempt in range(self.vocab.gates["max_attempts_per_pair"]):
             cand_seed = S.derive_seed("candidate", cfg.seed, index, attempt)
             delta["candidates"] += 1
@@ -413,19 +412,9 @@ class RunState:
             atomic_write_text(path, json.dumps(want, indent=1))
 
     def _read_manifest(self) -> set[str]:
-        path = self.out / MANIFEST
-        done = set()
-        if path.exists():
-            text = path.read_text()
-            for line in text.splitlines():
-                with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-                    rec = json.loads(line)
-                    if (self.out / rec["json"]).exists():
-                        done.add(rec["pair_id"])
-            if text and not text.endswith("\n"):  # a torn last line: start a fresh one
-                with open(path, "a") as f:
-                    f.write("\n")
-        return done
+        manifest = read_manifest(self.out, required=False)
+        end_torn_line(self.out)
+        return {e.pair_id for e in manifest.entries if manifest.record_path(e).exists()}
 
     def _read_stats(self) -> dict:
         path = self.shard_dir / STATS
@@ -447,12 +436,7 @@ class RunState:
         with self.lock:
             if record["pair_id"] in self.done:
                 return
-            line = (json.dumps(record) + "\n").encode()
-            fd = os.open(self.out / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+            append_entry(self.out, record)
             self.done.add(record["pair_id"])
             st = self.stats
             st["accepted"] += 1

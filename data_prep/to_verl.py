@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data_prep import manifest as manifest_mod
 from data_prep.stages import STAGES_FILE, load_curriculum
 from dig_common.models import ModelSpec, load_model_spec
 from dig_common.prompts import build_prompt
@@ -117,39 +118,21 @@ class PairRecord:
 
 
 def read_manifest(pairs_dir: Path, limit: int | None = None) -> list[PairRef]:
-    """Entries of ``<pairs_dir>/manifest.jsonl``, sorted by pair_id so the row order does not depend on workers.
+    """The pairs of a pair set, sorted by pair_id so the row order does not depend on workers.
 
     ``limit``: keep only pairs whose generator ``index`` is below it (a run asked for fewer pairs than the folder
-    holds). A line that is not JSON is a write torn by a killed generator; the generator re-makes that pair and
-    appends a complete line, so such lines are skipped (and counted on stderr), as the generator itself does.
+    holds). Torn lines (data_prep.manifest) are skipped and counted on stderr.
     """
-    manifest = pairs_dir / "manifest.jsonl"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} not found: --pairs must be a generator output directory")
-    refs: dict[str, PairRef] = {}
-    torn = 0
-    with manifest.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                torn += 1
-                continue
-            try:
-                pair_id, json_path = str(entry["pair_id"]), pairs_dir / entry["json"]
-                k, index = entry.get("num_differences"), entry.get("index")
-            except (KeyError, TypeError) as err:
-                raise ValueError(f"{manifest}:{number}: manifest line lacks {err}: {line.strip()[:200]}") from err
-            if pair_id in refs and refs[pair_id].json_path != json_path:
-                raise ValueError(f"{manifest}:{number}: pair {pair_id} listed twice with different records")
-            if limit is not None and index is not None and int(index) >= limit:
-                continue
-            refs[pair_id] = PairRef(pairs_dir, pair_id, json_path, None if k is None else int(k))
-    if torn:
-        print(f"warning: {manifest}: skipped {torn} torn line(s) (pairs a killed run did not finish)", file=sys.stderr)
-    return [refs[pair_id] for pair_id in sorted(refs)]
+    manifest = manifest_mod.read_manifest(pairs_dir)
+    if manifest.torn:
+        skipped = f"skipped {manifest.torn} torn line(s) (pairs a killed run did not finish)"
+        print(f"warning: {manifest.path}: {skipped}", file=sys.stderr)
+    refs = [
+        PairRef(pairs_dir, e.pair_id, manifest.record_path(e), e.num_differences)
+        for e in manifest.entries
+        if limit is None or e.index is None or e.index < limit
+    ]
+    return sorted(refs, key=lambda ref: ref.pair_id)
 
 
 def _number(value) -> bool:

@@ -14,10 +14,11 @@ from pathlib import Path
 TMP_MARK = ".tmp-"
 
 
-def temp_path(path: Path) -> Path:
-    """A sibling temp name for ``path`` (same folder, so the final rename is atomic)."""
+def temp_path(path: Path, suffix: str = "") -> Path:
+    """A sibling temp name for ``path`` (same folder, so the final rename is atomic). ``suffix`` for writers that
+    need one (Blender picks the image format from it)."""
     path = Path(path)
-    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}{suffix}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
