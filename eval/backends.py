@@ -117,30 +117,34 @@ def prepare(processor, messages: list[dict], patch_size: int) -> tuple[str, list
     return text, list(images or [])
 
 
-class HFBackend:
+class DecodingBackend:
+    """What both backends share: the model file's decoding with the command line's overrides
+    (``decoding_overrides``: ``eval_decoding``'s max_new_tokens, temperature, seed, n) and ``generate``."""
+
+    def __init__(self, spec: ModelSpec, **decoding_overrides):
+        self.spec = spec
+        self.decoding = eval_decoding(spec, **decoding_overrides)
+
+    def generate(self, requests: list[list[dict]]) -> list[str]:
+        return [g.texts[0] for g in self.generate_n(requests)]
+
+    def generate_n(self, requests: list[list[dict]]) -> list[Generation]:
+        raise NotImplementedError
+
+
+class HFBackend(DecodingBackend):
     """transformers ``generate`` with the model file's decoding. Works on CPU (slowly) for small models and tests.
 
     HF ``generate`` has no presence penalty (Qwen3-VL Instruct's card asks for 1.5): it is left out, with a
     warning; the vLLM backend applies it."""
 
     def __init__(
-        self,
-        model_path,
-        spec: ModelSpec,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        batch_size: int = 4,
-        seed: int | None = None,
-        model=None,
-        processor=None,
-        device: str | None = None,
-        n: int | None = 1,
+        self, model_path, spec: ModelSpec, batch_size: int = 4, model=None, processor=None, device=None, **decoding
     ):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.spec = spec
-        self.decoding = eval_decoding(spec, max_new_tokens, temperature, seed, n)
+        super().__init__(spec, **decoding)
         self.max_new_tokens = self.decoding.max_new_tokens
         self.batch_size = batch_size
         if self.decoding.presence_penalty and not self.decoding.greedy:
@@ -167,9 +171,6 @@ class HFBackend:
             "top_k": max(dec.top_k, 0),  # -1 (off) is 0 for transformers
             "num_return_sequences": dec.n,
         }
-
-    def generate(self, requests: list[list[dict]]) -> list[str]:
-        return [g.texts[0] for g in self.generate_n(requests)]
 
     def generate_n(self, requests: list[list[dict]]) -> list[Generation]:
         import torch
@@ -205,7 +206,7 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-class VLLMBackend:
+class VLLMBackend(DecodingBackend):
     """vLLM offline engine: batched, two images per prompt (``limit_mm_per_prompt``), the model file's
     sampling (presence penalty included), n samples per prompt. GPU only."""
 
@@ -213,21 +214,18 @@ class VLLMBackend:
         self,
         model_path,
         spec: ModelSpec,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
         tensor_parallel_size: int = 1,
-        seed: int | None = None,
         gpu_memory_utilization: float = 0.85,
         max_images: int = 2,
         max_model_len: int | None = None,
-        n: int | None = 1,
+        **decoding,
     ):
         require_backend("vllm")
         from transformers import AutoProcessor
         from vllm import LLM, SamplingParams
 
-        self.spec = spec
-        self.decoding = dec = eval_decoding(spec, max_new_tokens, temperature, seed, n)
+        super().__init__(spec, **decoding)
+        dec = self.decoding
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.llm = LLM(
             model=str(model_path),
@@ -239,9 +237,6 @@ class VLLMBackend:
             seed=dec.seed,
         )
         self.sampling = SamplingParams(**vllm_sampling_kwargs(dec))
-
-    def generate(self, requests: list[list[dict]]) -> list[str]:
-        return [g.texts[0] for g in self.generate_n(requests)]
 
     def generate_n(self, requests: list[list[dict]]) -> list[Generation]:
         prompts = []
@@ -300,9 +295,10 @@ def build_backend(
 ) -> Backend:
     """A backend decoding as the model file says; arguments left None keep the file's values."""
     check_generation(name, model_path, spec)
+    decoding = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "n": n}
     if name == "vllm":
-        return VLLMBackend(model_path, spec, max_new_tokens, temperature, tensor_parallel_size, seed, n=n)
-    return HFBackend(model_path, spec, max_new_tokens, temperature, seed=seed, n=n)
+        return VLLMBackend(model_path, spec, tensor_parallel_size, **decoding)
+    return HFBackend(model_path, spec, **decoding)
 
 
 def read_done(path: Path, key: str) -> set[str]:

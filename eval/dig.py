@@ -408,6 +408,18 @@ def sibling(out: Path, suffix: str) -> Path:
     return out.with_name(out.stem + suffix)
 
 
+def write_results(out: Path, results: dict, table: str, samples: list[dict], tool: str) -> None:
+    """An eval's three files, each atomically: ``out`` (``results`` with the ``table`` under "markdown"), the
+    table as ``<stem>.md`` and one scored sample per line in ``<stem>.samples.jsonl`` (eval.dig, eval.refcoco)."""
+    results["markdown"] = table
+    written = [out, sibling(out, ".md"), sibling(out, ".samples.jsonl")]
+    atomic_write_text(written[0], json.dumps(results, indent=2))
+    atomic_write_text(written[1], table)
+    atomic_write_text(written[2], "".join(json.dumps(s) + "\n" for s in samples))
+    print(table)
+    print(f"{tool}: wrote {', '.join(map(str, written))}", file=sys.stderr)
+
+
 def generate_predictions(args, spec, out: Path) -> Path:
     """Run the backend over the pairs that have no answer yet; answers are appended as batches finish."""
     from eval.backends import dig_request, generate_to_file, read_done
@@ -463,13 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampling": sampling_summary(samples),
         "truncation": truncation_summary(responses, truncated, spec.require_think),
     }
-    table = markdown(results) + sampling_markdown(results)
-    results["markdown"] = table
-    atomic_write_text(out, json.dumps(results, indent=2))
-    atomic_write_text(sibling(out, ".md"), table)
-    atomic_write_text(sibling(out, ".samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
-    print(table)
-    print(f"eval.dig: wrote {out}, {sibling(out, '.md')}, {sibling(out, '.samples.jsonl')}", file=sys.stderr)
+    write_results(out, results, markdown(results) + sampling_markdown(results), samples, "eval.dig")
     return 0
 
 

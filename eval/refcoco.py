@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,10 +36,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from dig_common.cli import CliError, cli_main
-from dig_common.fileio import atomic_write_text
 from dig_common.models import ModelSpec, load_model_spec
 from dig_common.prompts import coordinate_frame
-from eval.dig import read_predictions, sibling
+from eval.dig import read_predictions, sibling, write_results
 from eval.options import add_generation_args, add_model_arg, backend_from_args, check_generation_args
 from eval.scoring import reward_knobs
 from reward_fns import geometry
@@ -249,13 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "coord_mode": spec.coord_mode,
         "splits": {name: summarize(scores) for name, scores in per_split.items()},
     }
-    table = markdown(results["splits"])
-    results["markdown"] = table
-    atomic_write_text(out, json.dumps(results, indent=2))
-    atomic_write_text(sibling(out, ".md"), table)
-    atomic_write_text(sibling(out, ".samples.jsonl"), "".join(json.dumps(d) + "\n" for d in details))
-    print(table)
-    print(f"eval.refcoco: wrote {out}", file=sys.stderr)
+    write_results(out, results, markdown(results["splits"]), details, "eval.refcoco")
     return 0
 
 
