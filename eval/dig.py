@@ -39,6 +39,7 @@ from eval.options import (
     backend_from_args,
     check_generation_args,
     parse_reward_kwargs,
+    positive_int,
 )
 from eval.scoring import ScoredAnswer, reward_knobs, score_response
 
@@ -447,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward-kwargs", default="{}", help="JSON object of reward knob overrides")
     parser.add_argument("--allow-missing", action="store_true", help="score pairs without a prediction as failures")
     add_generation_args(parser, 'JSON lines {"pair_id", "response"}', batch_size=64)
-    parser.add_argument("--samples", type=int, default=None, help="answers per pair; default: dig.decoding.n")
+    parser.add_argument("--samples", type=positive_int, default=None, help="answers per pair; default: dig.decoding.n")
     return parser
 
 

@@ -34,7 +34,7 @@ from dig_common.cli import CliError, cli_main
 from dig_common.fileio import atomic_write_text
 from dig_common.models import Decoding, ModelSpec, load_model_spec
 from eval.backends import BACKENDS, PROMPT_TOKEN_BUDGET, require_backend
-from eval.options import add_model_arg, require_file
+from eval.options import add_model_arg, positive_int, require_file
 
 PROG = "python -m eval.harness"
 
@@ -573,10 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.choices["run"]
     run.add_argument("--model-path", required=True, metavar="DIR", help="HF checkpoint folder (e.g. merged stage 3)")
     run.add_argument("--backend", choices=BACKENDS, default="vllm")
-    run.add_argument("--num-processes", type=int, default=1)
-    run.add_argument("--tensor-parallel-size", type=int, default=1)
-    run.add_argument("--batch-size", type=int, default=1)
-    run.add_argument("--limit", type=int, default=None, help="at most N samples per task (smoke runs)")
+    run.add_argument("--num-processes", type=positive_int, default=1)
+    run.add_argument("--tensor-parallel-size", type=positive_int, default=1)
+    run.add_argument("--batch-size", type=positive_int, default=1)
+    run.add_argument("--limit", type=positive_int, default=None, help="at most N samples per task (smoke runs)")
     run.add_argument("--vlmevalkit-dir", default=os.environ.get("VLMEVALKIT_DIR"), help="VLMEvalKit checkout")
     run.add_argument(
         "--allow-unjudged", action="store_true", help="run benchmarks that need a judge without one (loud warning)"

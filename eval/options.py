@@ -13,6 +13,17 @@ from dig_common.models import DEFAULT_MODEL, Decoding, ModelSpec
 from eval.backends import BACKENDS, Backend, build_backend, check_generation, eval_decoding
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` for counts (batch sizes, samples, limits): a bad value is argparse's flag error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_arg(parser: argparse.ArgumentParser, purpose: str = "") -> None:
     parser.add_argument(
         "--model",
@@ -30,11 +41,13 @@ def add_generation_args(parser: argparse.ArgumentParser, predictions_help: str, 
     source.add_argument("--predictions", metavar="FILE", help=predictions_help)
     source.add_argument("--model-path", metavar="DIR", help="Hugging Face checkpoint folder to generate answers with")
     parser.add_argument("--backend", choices=BACKENDS, default="vllm", help="vllm (GPU) or hf (transformers, CPU too)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="requests per generation batch")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: dig.decoding.max_new_tokens")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help="requests per generation batch")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=None, help="default: dig.decoding.max_new_tokens"
+    )
     parser.add_argument("--temperature", type=float, default=None, help="default: dig.decoding.temperature")
     parser.add_argument("--seed", type=int, default=None, help="default: dig.decoding.seed")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel size")
+    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1, help="vLLM tensor parallel size")
 
 
 def generation_options(args: argparse.Namespace, n: int | None) -> dict:

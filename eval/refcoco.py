@@ -39,7 +39,7 @@ from dig_common.cli import CliError, cli_main
 from dig_common.models import ModelSpec, load_model_spec
 from dig_common.prompts import coordinate_frame
 from eval.dig import read_predictions, sibling, write_results
-from eval.options import add_generation_args, add_model_arg, backend_from_args, check_generation_args
+from eval.options import add_generation_args, add_model_arg, backend_from_args, check_generation_args, positive_int
 from eval.scoring import reward_knobs
 from reward_fns import geometry
 from reward_fns.knobs import RewardKnobs
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--splits", default="all", help="comma list of <dataset>:<split>, or 'all' (8 splits)")
     add_model_arg(parser)
     parser.add_argument("--out", required=True, metavar="FILE", help="results JSON; siblings .md, .samples.jsonl")
-    parser.add_argument("--limit", type=int, default=None, help="at most N samples per split (smoke runs)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="at most N samples per split (smoke runs)")
     add_generation_args(parser, 'JSON lines {"id", "response"}', batch_size=256)
     return parser
 

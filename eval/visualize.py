@@ -28,7 +28,7 @@ from dig_common.cli import cli_main
 from dig_common.drawing import draw_box
 from dig_common.fileio import atomic_output, atomic_write_text
 from dig_common.models import load_model_spec
-from eval.options import add_model_arg, require_file
+from eval.options import add_model_arg, positive_int, require_file
 from eval.scoring import reward_knobs, score_response
 
 PROG = "python -m eval.visualize"
@@ -226,9 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, metavar="FILE", help="the parquet the pairs come from (for the images)")
     add_model_arg(parser, purpose=", to re-score verl dumps")
     parser.add_argument("--out-dir", required=True, metavar="DIR", help="gallery folder (contact sheet, page, tiles)")
-    parser.add_argument("--limit", type=int, default=48, help="at most N pairs in the gallery")
+    parser.add_argument("--limit", type=positive_int, default=48, help="at most N pairs in the gallery")
     parser.add_argument("--sort", choices=SORTS, default="order")
-    parser.add_argument("--columns", type=int, default=4)
+    parser.add_argument("--columns", type=positive_int, default=4)
     return parser
 
 

@@ -150,6 +150,10 @@ def test_flag_syntax_stays_with_argparse(tmp_path, capsys, data):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("usage: python -m eval.dig")
     assert "one of the arguments --predictions --model-path is required" in err
+    for tool, argv in ((dig, ["--samples", "0"]), (visualize, ["--limit", "-1"]), (harness, ["run", "--limit", "0"])):
+        with pytest.raises(SystemExit) as exit_:
+            tool.main(argv)
+        assert exit_.value.code == 2 and "must be at least 1, got" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- eval.refcoco
