@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dig_common.models import load_model_spec  # noqa: E402
+from dig_common.models import DEFAULT_MODEL, load_model_spec  # noqa: E402
 from eval import dig  # noqa: E402
 from reward_fns import geometry  # noqa: E402
 
@@ -44,17 +44,17 @@ def build(tmp: Path, pairs: int, spec) -> tuple[Path, Path]:
         boxes = np.stack([x0, y0, x0 + rng.uniform(20, 80, k), y0 + rng.uniform(20, 70, k)], 1).round(1)
         types = [str(t) for t in rng.choice(TYPES, k)]
         gt = json.dumps({"boxes": boxes.tolist(), "width": width, "height": height, "types": types})
-        rows.append({"data_source": "dig", "reward_model": {"style": "rule", "ground_truth": gt},
-                     "extra_info": {"split": "test", "index": i, "pair_id": f"p{i:05d}", "stage": "test",
-                                    "num_differences": k, "types": types, "width": width, "height": height}})  # fmt: skip
+        extra = {"split": "test", "index": i, "pair_id": f"p{i:05d}", "stage": "test", "num_differences": k}
+        extra.update(types=types, width=width, height=height)
+        rows.append({"data_source": "dig", "reward_model": {"style": "rule", "ground_truth": gt}, "extra_info": extra})
         n_pred = max(1, k - int(rng.integers(0, 2)))  # sometimes one difference is missed
         pred = boxes[:n_pred] + rng.normal(0, 3, (n_pred, 4))
         frame = dict(factor=spec.resize_factor, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
-        model = geometry.from_pixels(np.clip(pred, 0, [width, height, width, height]), spec.coord_mode, width, height,
-                                     **frame).round().astype(int)  # fmt: skip
+        clipped = np.clip(pred, 0, [width, height, width, height])
+        model = geometry.from_pixels(clipped, spec.coord_mode, width, height, **frame).round().astype(int)
         body = json.dumps([{"bbox_2d": b, "label": t} for b, t in zip(model.tolist(), types, strict=False)])
-        answers.append({"pair_id": f"p{i:05d}", "response": "<think>" + "compare A and B. " * 40 + "</think>\n"
-                        f"```json\n{body}\n```"})  # fmt: skip
+        thought = "<think>" + "compare A and B. " * 40 + "</think>\n"
+        answers.append({"pair_id": f"p{i:05d}", "response": f"{thought}```json\n{body}\n```"})
     data = tmp / "test.parquet"
     pq.write_table(pa.Table.from_pylist(rows), data)
     preds = tmp / "answers.jsonl"
@@ -66,7 +66,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model", default="qwen3_vl_8b_thinking")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"base-model name or YAML path (default {DEFAULT_MODEL})"
+    )
     args = parser.parse_args()
     spec = load_model_spec(args.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,14 +77,22 @@ def main() -> int:
         for r in range(args.repeats):
             out = Path(tmp) / f"r{r}" / "results.json"
             start = time.perf_counter()
-            dig.main(["--data", str(data), "--predictions", str(preds), "--model", spec.model_name, "--out", str(out)])
+            argv = ["--data", str(data), "--predictions", str(preds), "--model", spec.model_name, "--out", str(out)]
+            if dig.main(argv) != 0:
+                return 2  # eval.dig printed why
             times.append(time.perf_counter() - start)
         f1 = json.loads(out.read_text())["overall"]["f1"]
     wall = statistics.median(times)
-    print(json.dumps({"benchmark": "eval_dig_scoring", "pairs": args.pairs, "model": spec.model_name,
-                      "wall_s": round(wall, 3), "pairs_per_s": round(args.pairs / wall, 1),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                      "overall_f1_of_synthetic_answers": round(f1, 3)}))  # fmt: skip
+    figures = {
+        "benchmark": "eval_dig_scoring",
+        "pairs": args.pairs,
+        "model": spec.model_name,
+        "wall_s": round(wall, 3),
+        "pairs_per_s": round(args.pairs / wall, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "overall_f1_of_synthetic_answers": round(f1, 3),
+    }
+    print(json.dumps(figures))
     return 0
 
 

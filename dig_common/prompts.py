@@ -29,10 +29,15 @@ def _read_template(path: Path, what: str) -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
+def coordinate_frame(spec: ModelSpec, prompt_dir: Path = PROMPT_DIR) -> str:
+    """The sentence that tells the model its box frame (``coords/<coord_mode>.txt``); eval.refcoco asks with it too."""
+    return _read_template(prompt_dir / "coords" / f"{spec.coord_mode}.txt", "coord_mode")
+
+
 def build_instruction(spec: ModelSpec, prompt_dir: Path = PROMPT_DIR) -> str:
     """The user instruction text (no image placeholders) for the model's prompt variant and coordinate frame."""
     template = Template(_read_template(prompt_dir / f"{spec.prompt_variant}.txt", "prompt_variant"))
-    frame = _read_template(prompt_dir / "coords" / f"{spec.coord_mode}.txt", "coord_mode")
+    frame = coordinate_frame(spec, prompt_dir)
     try:
         return template.substitute(coordinate_frame=frame)
     except (KeyError, ValueError) as err:

@@ -13,7 +13,9 @@ Qwen2.5-VL, the model card's sampling with a fixed seed for Qwen3-VL, its ``max_
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -22,8 +24,11 @@ from typing import Protocol
 
 from PIL import Image
 
+from dig_common.checkpoints import check_checkpoint
+from dig_common.cli import CliError
 from dig_common.models import Decoding, ModelSpec
 
+BACKENDS = ("vllm", "hf")
 IMAGE_SPLIT = re.compile(r"(<image>)")
 PROMPT_TOKEN_BUDGET = 8192  # two images at the configs' max_pixels plus the instruction fit well inside
 
@@ -112,25 +117,42 @@ def prepare(processor, messages: list[dict], patch_size: int) -> tuple[str, list
     return text, list(images or [])
 
 
-class HFBackend:
+class DecodingBackend:
+    """What both backends share: the model file's decoding with the command line's overrides
+    (``decoding_overrides``: ``eval_decoding``'s max_new_tokens, temperature, seed, n) and ``generate``."""
+
+    def __init__(self, spec: ModelSpec, **decoding_overrides):
+        self.spec = spec
+        self.decoding = eval_decoding(spec, **decoding_overrides)
+
+    def generate(self, requests: list[list[dict]]) -> list[str]:
+        return [g.texts[0] for g in self.generate_n(requests)]
+
+    def generate_n(self, requests: list[list[dict]]) -> list[Generation]:
+        raise NotImplementedError
+
+
+class HFBackend(DecodingBackend):
     """transformers ``generate`` with the model file's decoding. Works on CPU (slowly) for small models and tests.
 
     HF ``generate`` has no presence penalty (Qwen3-VL Instruct's card asks for 1.5): it is left out, with a
     warning; the vLLM backend applies it."""
 
-    def __init__(self, model_path, spec: ModelSpec, max_new_tokens: int | None = None,
-                 temperature: float | None = None, batch_size: int = 4, seed: int | None = None, model=None,
-                 processor=None, device: str | None = None, n: int | None = 1):  # fmt: skip
+    def __init__(
+        self, model_path, spec: ModelSpec, batch_size: int = 4, model=None, processor=None, device=None, **decoding
+    ):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.spec = spec
-        self.decoding = eval_decoding(spec, max_new_tokens, temperature, seed, n)
+        super().__init__(spec, **decoding)
         self.max_new_tokens = self.decoding.max_new_tokens
         self.batch_size = batch_size
         if self.decoding.presence_penalty and not self.decoding.greedy:
-            print(f"eval.backends: HF generate has no presence_penalty; {self.decoding.presence_penalty} is "
-                  "not applied (use --backend vllm for the model card's sampling)", file=sys.stderr)  # fmt: skip
+            print(
+                f"eval.backends: HF generate has no presence_penalty; {self.decoding.presence_penalty} is "
+                "not applied (use --backend vllm for the model card's sampling)",
+                file=sys.stderr,
+            )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.processor = processor or AutoProcessor.from_pretrained(model_path)
         if model is None:
@@ -149,9 +171,6 @@ class HFBackend:
             "top_k": max(dec.top_k, 0),  # -1 (off) is 0 for transformers
             "num_return_sequences": dec.n,
         }
-
-    def generate(self, requests: list[list[dict]]) -> list[str]:
-        return [g.texts[0] for g in self.generate_n(requests)]
 
     def generate_n(self, requests: list[list[dict]]) -> list[Generation]:
         import torch
@@ -187,25 +206,26 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-class VLLMBackend:
+class VLLMBackend(DecodingBackend):
     """vLLM offline engine: batched, two images per prompt (``limit_mm_per_prompt``), the model file's
     sampling (presence penalty included), n samples per prompt. GPU only."""
 
-    def __init__(self, model_path, spec: ModelSpec, max_new_tokens: int | None = None,
-                 temperature: float | None = None, tensor_parallel_size: int = 1, seed: int | None = None,
-                 gpu_memory_utilization: float = 0.85, max_images: int = 2, max_model_len: int | None = None,
-                 n: int | None = 1):  # fmt: skip
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError as err:
-            raise ImportError(
-                "the vllm backend needs vLLM (a GPU install: `pip install -r requirements.txt`); "
-                "use --backend hf to generate with transformers instead"
-            ) from err
+    def __init__(
+        self,
+        model_path,
+        spec: ModelSpec,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_images: int = 2,
+        max_model_len: int | None = None,
+        **decoding,
+    ):
+        require_backend("vllm")
         from transformers import AutoProcessor
+        from vllm import LLM, SamplingParams
 
-        self.spec = spec
-        self.decoding = dec = eval_decoding(spec, max_new_tokens, temperature, seed, n)
+        super().__init__(spec, **decoding)
+        dec = self.decoding
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.llm = LLM(
             model=str(model_path),
@@ -217,9 +237,6 @@ class VLLMBackend:
             seed=dec.seed,
         )
         self.sampling = SamplingParams(**vllm_sampling_kwargs(dec))
-
-    def generate(self, requests: list[list[dict]]) -> list[str]:
-        return [g.texts[0] for g in self.generate_n(requests)]
 
     def generate_n(self, requests: list[list[dict]]) -> list[Generation]:
         prompts = []
@@ -247,27 +264,60 @@ def vllm_sampling_kwargs(dec: Decoding) -> dict:
     }
 
 
-def build_backend(name: str, model_path, spec: ModelSpec, *, max_new_tokens: int | None = None,
-                  temperature: float | None = None, tensor_parallel_size: int = 1, seed: int | None = None,
-                  n: int | None = 1) -> Backend:  # fmt: skip
+def require_backend(name: str) -> None:
+    """A CliError unless backend ``name`` can run here (vLLM is a GPU install, absent from the CPU venv)."""
+    if name not in BACKENDS:
+        raise CliError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise CliError(
+            "--backend vllm: vLLM is not installed in this environment (a GPU install: "
+            "`pip install -r requirements.txt`); --backend hf generates with transformers instead"
+        )
+
+
+def check_generation(backend: str, model_path, spec: ModelSpec) -> Path:
+    """What can be wrong with generating from ``model_path``, checked before any model loads or GPU is touched:
+    the backend is installed, the folder is a checkpoint with its processor files."""
+    require_backend(backend)
+    return check_checkpoint(model_path, spec.hf_path)
+
+
+def build_backend(
+    name: str,
+    model_path,
+    spec: ModelSpec,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    tensor_parallel_size: int = 1,
+    seed: int | None = None,
+    n: int | None = 1,
+) -> Backend:
     """A backend decoding as the model file says; arguments left None keep the file's values."""
-    if not Path(model_path).is_dir():
-        raise FileNotFoundError(f"--model-path: not a folder: {model_path}")
+    check_generation(name, model_path, spec)
+    decoding = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "n": n}
     if name == "vllm":
-        return VLLMBackend(model_path, spec, max_new_tokens, temperature, tensor_parallel_size, seed, n=n)
-    if name == "hf":
-        return HFBackend(model_path, spec, max_new_tokens, temperature, seed=seed, n=n)
-    raise ValueError(f"--backend must be vllm or hf, got {name!r}")
+        return VLLMBackend(model_path, spec, tensor_parallel_size, **decoding)
+    return HFBackend(model_path, spec, **decoding)
 
 
 def read_done(path: Path, key: str) -> set[str]:
     """Ids already answered in a predictions file (for resuming)."""
-    import json
-
     if not path.exists():
         return set()
+    done = set()
     with open(path) as handle:
-        return {str(json.loads(line)[key]) for line in handle if line.strip()}
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                done.add(str(json.loads(line)[key]))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{path}:{number}: not a predictions line with {key!r} ({err}); a run killed mid-write leaves "
+                    "a cut last line: delete it and rerun to resume"
+                ) from err
+    return done
 
 
 def generate_to_file(backend: Backend, batches, path: Path, key: str) -> int:
@@ -275,8 +325,6 @@ def generate_to_file(backend: Backend, batches, path: Path, key: str) -> int:
     ``path`` after each batch, skipping ids already there: an interrupted run resumes. A backend with
     ``generate_n`` also writes ``"responses"`` (all its samples, ``response`` is the first) and
     ``"truncated"`` (which stopped at the token limit). Returns the count."""
-    import json
-
     done = read_done(path, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0

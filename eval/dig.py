@@ -1,9 +1,12 @@
 """DiG held-out evaluation: score answers on the test parquet, per K and per change type.
 
     # answers produced elsewhere, one {"pair_id", "response"} per line
-    python -m eval.dig --data test.parquet --predictions answers.jsonl --model qwen3_vl_8b_thinking --out results.json
+    python -m eval.dig --data test.parquet --predictions answers.jsonl --model MODEL --out results.json
     # generate them from a checkpoint first (vLLM on GPU, HF transformers anywhere)
-    python -m eval.dig --data test.parquet --model-path CKPT --backend vllm --model qwen3_vl_8b_thinking --out results.json
+    python -m eval.dig --data test.parquet --model-path CKPT --backend vllm --model MODEL --out results.json
+
+``--model`` defaults to ``dig_common.models.DEFAULT_MODEL``. Bad input (a missing file, an unknown model, a
+checkpoint without its processor files, vLLM not installed) is one ``python -m eval.dig: error:`` line, exit 2.
 
 Writes ``results.json`` (sections ``overall``, ``per_k``, ``per_type``, ``no_difference``), ``results.md``
 (the same as a markdown table) and ``results.samples.jsonl`` (one scored pair per line: predicted and GT
@@ -27,11 +30,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from dig_common.cli import cli_main
 from dig_common.fileio import atomic_write_text
 from dig_common.models import load_model_spec
-from eval.backends import eval_decoding
+from eval.options import (
+    add_generation_args,
+    add_model_arg,
+    backend_from_args,
+    check_generation_args,
+    parse_reward_kwargs,
+    positive_int,
+)
 from eval.scoring import ScoredAnswer, reward_knobs, score_response
 
+PROG = "python -m eval.dig"
 SCORE_COLUMNS = ["data_source", "reward_model", "extra_info"]
 METRIC_KEYS = ("precision", "recall", "f1", "miou", "count_accuracy")
 
@@ -189,9 +201,12 @@ def per_difficulty_summary(samples: list[dict], bins: int = 3) -> dict:
         lo, hi = edges[i], edges[i + 1]
         inside = [b for b in boxes if lo <= b[0] <= hi and (i == bins - 1 or b[0] < hi)]
         ious = [iou for _, _, iou in inside if iou is not None]
-        out[f"visible_px_bin{i + 1}"] = {"visible_px": [int(lo), int(hi)], "n": len(inside),
-                                         "recall": _mean([float(hit) for _, hit, _ in inside]),
-                                         "miou": _mean(ious) if ious else (0.0 if inside else None)}  # fmt: skip
+        out[f"visible_px_bin{i + 1}"] = {
+            "visible_px": [int(lo), int(hi)],
+            "n": len(inside),
+            "recall": _mean([float(hit) for _, hit, _ in inside]),
+            "miou": _mean(ious) if ious else (0.0 if inside else None),
+        }
     return out
 
 
@@ -339,8 +354,8 @@ def sampling_markdown(results: dict) -> str:
         )
     lines = [f"Decoding: {mode}; {spread['n']} sample(s) per pair."]
     if spread["n"] > 1:
-        cells = [f"{name} {_pct(spread['mean'][k])} ± {_pct(spread['std'][k])}" for k, name in
-                 (("f1", "F1"), ("miou", "mIoU"), ("recall", "recall"), ("count_accuracy", "count acc"))]  # fmt: skip
+        shown = (("f1", "F1"), ("miou", "mIoU"), ("recall", "recall"), ("count_accuracy", "count acc"))
+        cells = [f"{name} {_pct(spread['mean'][k])} ± {_pct(spread['std'][k])}" for k, name in shown]
         lines.append(f"Mean ± std over the {spread['n']} samples: " + ", ".join(cells) + " %.")
     if trunc["n"]:
         parts = []
@@ -376,14 +391,16 @@ def score_rows(
         scored: ScoredAnswer = score_response(response if response is not None else "", ground_truth(r), knobs)
         if response is None:
             scored.error = "no prediction"
-        samples.append({
-            "pair_id": pid,
-            "num_gt": len(scored.gt_boxes),
-            "types": difference_types(r),
-            "visible_px": [d.get("visible_px") for d in (r.get("extra_info") or {}).get("difficulty") or []],
-            "response": response,
-            **scored.to_json(),
-        })  # fmt: skip
+        samples.append(
+            {
+                "pair_id": pid,
+                "num_gt": len(scored.gt_boxes),
+                "types": difference_types(r),
+                "visible_px": [d.get("visible_px") for d in (r.get("extra_info") or {}).get("difficulty") or []],
+                "response": response,
+                **scored.to_json(),
+            }
+        )
     return samples
 
 
@@ -392,9 +409,21 @@ def sibling(out: Path, suffix: str) -> Path:
     return out.with_name(out.stem + suffix)
 
 
+def write_results(out: Path, results: dict, table: str, samples: list[dict], tool: str) -> None:
+    """An eval's three files, each atomically: ``out`` (``results`` with the ``table`` under "markdown"), the
+    table as ``<stem>.md`` and one scored sample per line in ``<stem>.samples.jsonl`` (eval.dig, eval.refcoco)."""
+    results["markdown"] = table
+    written = [out, sibling(out, ".md"), sibling(out, ".samples.jsonl")]
+    atomic_write_text(written[0], json.dumps(results, indent=2))
+    atomic_write_text(written[1], table)
+    atomic_write_text(written[2], "".join(json.dumps(s) + "\n" for s in samples))
+    print(table)
+    print(f"{tool}: wrote {', '.join(map(str, written))}", file=sys.stderr)
+
+
 def generate_predictions(args, spec, out: Path) -> Path:
     """Run the backend over the pairs that have no answer yet; answers are appended as batches finish."""
-    from eval.backends import build_backend, dig_request, generate_to_file, read_done
+    from eval.backends import dig_request, generate_to_file, read_done
 
     pred_path = sibling(out, ".predictions.jsonl")
     done = read_done(pred_path, "pair_id")
@@ -402,9 +431,7 @@ def generate_predictions(args, spec, out: Path) -> Path:
     print(f"eval.dig: {len(done)} answers on file, {len(todo)} to generate with {args.backend}", flush=True)
     if not todo:
         return pred_path
-    backend = build_backend(args.backend, args.model_path, spec, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, tensor_parallel_size=args.tensor_parallel_size,
-                            seed=args.seed, n=args.samples)  # fmt: skip
+    backend = backend_from_args(args, spec, n=args.samples)
     batches = (
         [(pair_id(r), dig_request(r)) for r in batch if pair_id(r) not in done]
         for batch in iter_row_batches(args.data, args.batch_size)
@@ -413,45 +440,29 @@ def generate_predictions(args, spec, out: Path) -> Path:
     return pred_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.dig", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="test parquet (data_prep.to_verl output)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--predictions", help='JSON lines {"pair_id", "response"}')
-    source.add_argument("--model-path", help="HF checkpoint folder to generate answers with")
-    parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
-    parser.add_argument("--model", default="qwen3_vl_8b_thinking", help="base-model config name or YAML path")
-    parser.add_argument("--out", required=True, help="results JSON path")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, metavar="FILE", help="test parquet (data_prep.to_verl output)")
+    add_model_arg(parser)
+    parser.add_argument("--out", required=True, metavar="FILE", help="results JSON; siblings .md, .samples.jsonl")
     parser.add_argument("--reward-kwargs", default="{}", help="JSON object of reward knob overrides")
     parser.add_argument("--allow-missing", action="store_true", help="score pairs without a prediction as failures")
-    parser.add_argument("--batch-size", type=int, default=64)
-    # decoding: the model file's dig.decoding unless given here (greedy Qwen2.5-VL, model-card sampling Qwen3-VL)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: dig.decoding.max_new_tokens")
-    parser.add_argument("--temperature", type=float, default=None, help="default: dig.decoding.temperature")
-    parser.add_argument("--seed", type=int, default=None, help="default: dig.decoding.seed")
-    parser.add_argument("--samples", type=int, default=None, help="answers per pair; default: dig.decoding.n")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    args = parser.parse_args(argv)
+    add_generation_args(parser, 'JSON lines {"pair_id", "response"}', batch_size=64)
+    parser.add_argument("--samples", type=positive_int, default=None, help="answers per pair; default: dig.decoding.n")
+    return parser
+
+
+@cli_main(PROG)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     # Everything that can be wrong with the inputs fails here, before a model is loaded.
     spec = load_model_spec(args.model)
-    try:
-        overrides = json.loads(args.reward_kwargs)
-    except json.JSONDecodeError as err:
-        parser.error(f"--reward-kwargs is not JSON: {err}")
-    knobs = reward_knobs(spec, **overrides)
-    try:
-        decoding = eval_decoding(spec, args.max_new_tokens, args.temperature, args.seed, args.samples)
-    except ValueError as err:
-        parser.error(str(err))
+    knobs = reward_knobs(spec, **parse_reward_kwargs(args.reward_kwargs))
+    decoding = check_generation_args(args, spec, n=args.samples)
     out = Path(args.out)
     rows = read_rows(args.data, SCORE_COLUMNS)
-    if args.predictions:
-        pred_path = Path(args.predictions)
-    else:
-        if not Path(args.model_path).is_dir():
-            parser.error(f"--model-path: not a folder: {args.model_path}")
-        pred_path = generate_predictions(args, spec, out)
+    pred_path = Path(args.predictions) if args.predictions else generate_predictions(args, spec, out)
     responses, truncated = read_sampled_predictions(pred_path)
     samples = score_samples(rows, responses, knobs, args.allow_missing)
 
@@ -465,15 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         "sampling": sampling_summary(samples),
         "truncation": truncation_summary(responses, truncated, spec.require_think),
     }
-    table = markdown(results) + sampling_markdown(results)
-    results["markdown"] = table
-    atomic_write_text(out, json.dumps(results, indent=2))
-    atomic_write_text(sibling(out, ".md"), table)
-    atomic_write_text(sibling(out, ".samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
-    print(table)
-    print(f"eval.dig: wrote {out}, {sibling(out, '.md')}, {sibling(out, '.samples.jsonl')}", file=sys.stderr)
+    write_results(out, results, markdown(results) + sampling_markdown(results), samples, "eval.dig")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

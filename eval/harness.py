@@ -1,6 +1,6 @@
 """Perception benchmarks through the standard harnesses (lmms-eval or VLMEvalKit), collected into one table.
 
-    python -m eval.harness run --harness lmms_eval --model-path CKPT --model qwen3_vl_8b_thinking \
+    python -m eval.harness run --harness lmms_eval --model-path CKPT --model MODEL \
         --out-dir runs/perception [--benchmarks-only mmstar,pope] [--judge-free] [--dry-run]
     python -m eval.harness collect --harness lmms_eval --out-dir runs/perception --out table.json
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import shlex
@@ -28,9 +29,14 @@ from pathlib import Path
 
 import yaml
 
+from dig_common.checkpoints import check_checkpoint
+from dig_common.cli import CliError, cli_main
 from dig_common.fileio import atomic_write_text
 from dig_common.models import Decoding, ModelSpec, load_model_spec
-from eval.backends import PROMPT_TOKEN_BUDGET
+from eval.backends import BACKENDS, PROMPT_TOKEN_BUDGET, require_backend
+from eval.options import add_model_arg, positive_int, require_file
+
+PROG = "python -m eval.harness"
 
 BENCHMARKS_FILE = Path(__file__).resolve().parent / "benchmarks.yaml"
 HARNESSES = ("lmms_eval", "vlmevalkit")
@@ -546,43 +552,66 @@ def markdown_table(table: dict[str, dict], title: str = "this recipe", harness: 
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.harness", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "collect"):
         p = sub.add_parser(name)
         p.add_argument("--harness", choices=HARNESSES, default="lmms_eval")
         p.add_argument(
-            "--out-dir", required=True, help="harness output folder (lmms-eval --output_path / VLMEvalKit --work-dir)"
+            "--out-dir",
+            required=True,
+            metavar="DIR",
+            help="harness output folder (lmms-eval --output_path / VLMEvalKit --work-dir)",
         )
-        p.add_argument("--model", default="qwen3_vl_8b_thinking", help="base-model config name or YAML path")
+        add_model_arg(p)
         p.add_argument("--model-label", default="dig", help="name VLMEvalKit files are written under")
-        p.add_argument("--benchmarks", default=str(BENCHMARKS_FILE))
+        p.add_argument("--benchmarks", default=str(BENCHMARKS_FILE), metavar="FILE", help="benchmark list (YAML)")
         p.add_argument("--benchmarks-only", default=None, help="comma list of benchmark keys")
         p.add_argument("--judge-free", action="store_true", help="judge-free variants where the harness has them")
-        p.add_argument("--out", default=None, help="table JSON (default <out-dir>/perception.json)")
+        p.add_argument("--out", default=None, metavar="FILE", help="table JSON (default <out-dir>/perception.json)")
     run = sub.choices["run"]
-    run.add_argument("--model-path", required=True, help="HF checkpoint folder (e.g. the merged stage-3 model)")
-    run.add_argument("--backend", choices=("hf", "vllm"), default="vllm")
-    run.add_argument("--num-processes", type=int, default=1)
-    run.add_argument("--tensor-parallel-size", type=int, default=1)
-    run.add_argument("--batch-size", type=int, default=1)
-    run.add_argument("--limit", type=int, default=None, help="samples per task (smoke runs)")
+    run.add_argument("--model-path", required=True, metavar="DIR", help="HF checkpoint folder (e.g. merged stage 3)")
+    run.add_argument("--backend", choices=BACKENDS, default="vllm")
+    run.add_argument("--num-processes", type=positive_int, default=1)
+    run.add_argument("--tensor-parallel-size", type=positive_int, default=1)
+    run.add_argument("--batch-size", type=positive_int, default=1)
+    run.add_argument("--limit", type=positive_int, default=None, help="at most N samples per task (smoke runs)")
     run.add_argument("--vlmevalkit-dir", default=os.environ.get("VLMEVALKIT_DIR"), help="VLMEvalKit checkout")
     run.add_argument(
         "--allow-unjudged", action="store_true", help="run benchmarks that need a judge without one (loud warning)"
     )
     run.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def check_run(args: argparse.Namespace, spec: ModelSpec) -> None:
+    """What a run needs, checked before the harness starts (and takes the GPUs): the checkpoint with its
+    processor files always; the harness and the backend installed here unless ``--dry-run`` (which only prints)."""
+    check_checkpoint(args.model_path, spec.hf_path)
+    if args.harness == "vlmevalkit":
+        if not args.vlmevalkit_dir or not (Path(args.vlmevalkit_dir) / "run.py").is_file():
+            raise CliError("--vlmevalkit-dir (or $VLMEVALKIT_DIR) must be a VLMEvalKit checkout holding run.py")
+        if args.backend == "vllm" and args.num_processes > 1:
+            raise CliError("VLMEvalKit with vLLM runs one process over all visible GPUs: drop --num-processes")
+    if args.dry_run:
+        return
+    if args.harness == "lmms_eval" and importlib.util.find_spec("lmms_eval") is None:
+        raise CliError("lmms-eval is not installed in this environment: pip install lmms-eval==0.7.3 (or --dry-run)")
+    require_backend(args.backend)
+
+
+@cli_main(PROG)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    require_file(args.benchmarks, "--benchmarks")
     benchmarks = select_benchmarks(load_benchmarks(args.benchmarks), args.benchmarks_only)
     spec = load_model_spec(args.model)
     out_dir = Path(args.out_dir)
     if args.command == "run":
-        try:
-            plan, warnings = plan_judges(benchmarks, args.harness, args.judge_free, args.allow_unjudged)
-        except JudgeError as err:
-            parser.error(str(err))
+        check_run(args, spec)
+        plan, warnings = plan_judges(benchmarks, args.harness, args.judge_free, args.allow_unjudged)
         for warning in warnings:
             print(f"eval.harness: WARNING: {warning}", file=sys.stderr, flush=True)
         env = None
@@ -599,10 +628,6 @@ def main(argv: list[str] | None = None) -> int:
                 args.limit,
             )
         else:
-            if not args.vlmevalkit_dir or not (Path(args.vlmevalkit_dir) / "run.py").is_file():
-                parser.error("--vlmevalkit-dir (or $VLMEVALKIT_DIR) must be a VLMEvalKit checkout holding run.py")
-            if args.backend == "vllm" and args.num_processes > 1:
-                parser.error("VLMEvalKit with vLLM runs one process over all visible GPUs: drop --num-processes")
             config_path = out_dir / "vlmevalkit_config.json"
             config = vlmevalkit_config(plan, args.model_path, spec, args.model_label, args.backend)
             atomic_write_text(config_path, json.dumps(config, indent=2))
@@ -617,8 +642,10 @@ def main(argv: list[str] | None = None) -> int:
         cwd = args.vlmevalkit_dir if args.harness == "vlmevalkit" else None
         rc = subprocess.call(cmd, cwd=cwd, env=env)
         if rc != 0:
-            print(f"harness exited with {rc}; collecting whatever it wrote", file=sys.stderr)
+            print(f"eval.harness: the harness exited with {rc}; collecting whatever it wrote", file=sys.stderr)
     else:
+        if not out_dir.is_dir():
+            raise CliError(f"--out-dir {out_dir}: no such folder (the harness output of `{PROG} run`)")
         plan = {b.key: b.entry(args.harness, args.judge_free) for b in benchmarks}
     if args.harness == "lmms_eval":
         table = collect_lmms_eval(plan, benchmarks, out_dir, thinking=spec.require_think)
@@ -633,4 +660,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

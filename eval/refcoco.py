@@ -1,12 +1,13 @@
 """RefCOCO / RefCOCO+ / RefCOCOg referring-expression comprehension (REC): Acc@0.5 and mean IoU per split.
 
-    python -m eval.refcoco --root data/refcoco --model qwen3_vl_8b_thinking \
+    python -m eval.refcoco --refcoco-dir data/refcoco --model MODEL \
         (--model-path CKPT --backend vllm | --predictions answers.jsonl) --out runs/refcoco.json
 
-Data layout read: the Hugging Face parquet snapshots lmms-eval 0.7.3 reads, one folder per dataset under ``--root``
-(``huggingface-cli download lmms-lab-encoder/RefCOCO --repo-type dataset --local-dir <root>/RefCOCO``; likewise
-``lmms-lab-encoder/RefCOCOplus`` -> ``<root>/RefCOCOplus`` and ``lmms-lab-encoder/RefCOCOg`` -> ``<root>/RefCOCOg``), files
-``<folder>/data/<split>-*.parquet`` with the columns
+Data layout read: the Hugging Face parquet snapshots lmms-eval 0.7.3 reads, one folder per dataset under
+``--refcoco-dir`` (``huggingface-cli download lmms-lab-encoder/RefCOCO --repo-type dataset --local-dir
+<refcoco-dir>/RefCOCO``; likewise ``lmms-lab-encoder/RefCOCOplus`` -> ``<refcoco-dir>/RefCOCOplus`` and
+``lmms-lab-encoder/RefCOCOg`` -> ``<refcoco-dir>/RefCOCOg``), files ``<folder>/data/<split>-*.parquet`` with the
+columns
 
     question_id: string        image: struct{bytes, path}     question: string (lmms-eval's generic prompt)
     answer: list<string>       (the referring expressions)    bbox: list<float> [x, y, w, h] (COCO, pixels)
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,17 +35,19 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from dig_common.fileio import atomic_write_text
+from dig_common.cli import CliError, cli_main
 from dig_common.models import ModelSpec, load_model_spec
-from dig_common.paths import PROMPT_DIR
-from eval.dig import read_predictions
+from dig_common.prompts import coordinate_frame
+from eval.dig import read_predictions, sibling, write_results
+from eval.options import add_generation_args, add_model_arg, backend_from_args, check_generation_args, positive_int
 from eval.scoring import reward_knobs
 from reward_fns import geometry
 from reward_fns.knobs import RewardKnobs
 from reward_fns.parsing import ParseError
 from reward_fns.scoring import predicted_pixel_boxes
 
-# dataset key -> folder under --root (the lmms-lab-encoder repo name) and its standard splits
+PROG = "python -m eval.refcoco"
+# dataset key -> folder under --refcoco-dir (the lmms-lab-encoder repo name) and its standard splits
 DATASETS = {
     "refcoco": ("RefCOCO", ("val", "testA", "testB")),
     "refcoco+": ("RefCOCOplus", ("val", "testA", "testB")),
@@ -82,14 +84,17 @@ def parse_splits(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def split_files(root: str | Path, dataset: str, split: str) -> list[str]:
-    folder = Path(root) / DATASETS[dataset][0] / "data"
+def download_command(refcoco_dir: str | Path, dataset: str) -> str:
+    folder = DATASETS[dataset][0]
+    return f"huggingface-cli download lmms-lab-encoder/{folder} --repo-type dataset --local-dir {Path(refcoco_dir) / folder}"
+
+
+def split_files(refcoco_dir: str | Path, dataset: str, split: str) -> list[str]:
+    folder = Path(refcoco_dir) / DATASETS[dataset][0] / "data"
     files = sorted(glob.glob(str(folder / f"{split}-*.parquet")))
     if not files:
         raise FileNotFoundError(
-            f"no {folder}/{split}-*.parquet; download it with "
-            f"`huggingface-cli download lmms-lab-encoder/{DATASETS[dataset][0]} --repo-type dataset "
-            f"--local-dir {Path(root) / DATASETS[dataset][0]}`"
+            f"no {folder}/{split}-*.parquet; download it with `{download_command(refcoco_dir, dataset)}`"
         )
     missing = [c for c in COLUMNS if c not in pq.read_schema(files[0]).names]
     if missing:
@@ -97,9 +102,9 @@ def split_files(root: str | Path, dataset: str, split: str) -> list[str]:
     return files
 
 
-def iter_samples(root, dataset: str, split: str, limit: int | None = None) -> Iterator[RecSample]:
+def iter_samples(refcoco_dir, dataset: str, split: str, limit: int | None = None) -> Iterator[RecSample]:
     count = 0
-    for path in split_files(root, dataset, split):
+    for path in split_files(refcoco_dir, dataset, split):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=COLUMNS):
             for row in batch.to_pylist():
                 image = row["image"]
@@ -122,7 +127,7 @@ def iter_samples(root, dataset: str, split: str, limit: int | None = None) -> It
 
 
 def rec_request(sample: RecSample, spec: ModelSpec) -> list[dict]:
-    frame = (PROMPT_DIR / "coords" / f"{spec.coord_mode}.txt").read_text().strip()
+    frame = coordinate_frame(spec)
     label = sample.expression.replace('"', "'")
     text = REC_PROMPT.substitute(expression=label, coordinate_frame=frame, label=label)
     image = Image.open(io.BytesIO(sample.image_bytes)).convert("RGB")
@@ -171,46 +176,51 @@ def markdown(splits: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.refcoco", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", required=True, help="folder holding RefCOCO/, RefCOCOplus/, RefCOCOg/ snapshots")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--refcoco-dir", required=True, metavar="DIR", help="folder holding RefCOCO/, RefCOCOplus/, RefCOCOg/ snapshots"
+    )
     parser.add_argument("--splits", default="all", help="comma list of <dataset>:<split>, or 'all' (8 splits)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--predictions", help='JSON lines {"id", "response"}')
-    source.add_argument("--model-path", help="HF checkpoint folder to generate answers with")
-    parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
-    parser.add_argument("--model", default="qwen3_vl_8b_thinking", help="base-model config name or YAML path")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--limit", type=int, default=None, help="samples per split (smoke runs)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    args = parser.parse_args(argv)
+    add_model_arg(parser)
+    parser.add_argument("--out", required=True, metavar="FILE", help="results JSON; siblings .md, .samples.jsonl")
+    parser.add_argument("--limit", type=positive_int, default=None, help="at most N samples per split (smoke runs)")
+    add_generation_args(parser, 'JSON lines {"id", "response"}', batch_size=256)
+    return parser
 
+
+def check_refcoco_dir(refcoco_dir: str | Path, splits: list[tuple[str, str]]) -> None:
+    """Every asked split is on disk (a missing one names its download command)."""
+    if not Path(refcoco_dir).is_dir():
+        commands = "; ".join(download_command(refcoco_dir, d) for d in dict.fromkeys(d for d, _ in splits))
+        raise CliError(f"--refcoco-dir {refcoco_dir}: no such folder; download the snapshots: {commands}")
+    for dataset, split in splits:
+        split_files(refcoco_dir, dataset, split)
+
+
+@cli_main(PROG)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    # Everything that can be wrong with the inputs fails here, before a model is loaded.
     spec = load_model_spec(args.model)
     knobs = RewardKnobs.of(reward_knobs(spec))
     splits = parse_splits(args.splits)
-    for dataset, split in splits:
-        split_files(args.root, dataset, split)  # fail on a missing split before loading a model
+    check_refcoco_dir(args.refcoco_dir, splits)
+    check_generation_args(args, spec, n=1)
     out = Path(args.out)
     if args.predictions:
         pred_path = Path(args.predictions)
     else:
-        from eval.backends import build_backend, generate_to_file
+        from eval.backends import generate_to_file
 
-        pred_path = out.with_name(out.stem + ".predictions.jsonl")
-        backend = build_backend(
-            args.backend,
-            args.model_path,
-            spec,
-            max_new_tokens=args.max_new_tokens,
-            tensor_parallel_size=args.tensor_parallel_size,
-        )
+        pred_path = sibling(out, ".predictions.jsonl")
+        backend = backend_from_args(args, spec, n=1)
 
         def batches():
             batch = []
             for dataset, split in splits:
-                for sample in iter_samples(args.root, dataset, split, args.limit):
+                for sample in iter_samples(args.refcoco_dir, dataset, split, args.limit):
                     batch.append((sample.id, rec_request(sample, spec)))
                     if len(batch) == args.batch_size:
                         yield batch
@@ -225,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     details = []
     for dataset, split in splits:
         scores = per_split.setdefault(f"{dataset}:{split}", [])
-        for sample in iter_samples(args.root, dataset, split, args.limit):
+        for sample in iter_samples(args.refcoco_dir, dataset, split, args.limit):
             response = predictions.get(sample.id)
             if response is None:
                 raise ValueError(f"{pred_path}: no answer for {sample.id}")
@@ -237,15 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         "coord_mode": spec.coord_mode,
         "splits": {name: summarize(scores) for name, scores in per_split.items()},
     }
-    table = markdown(results["splits"])
-    results["markdown"] = table
-    atomic_write_text(out, json.dumps(results, indent=2))
-    atomic_write_text(out.with_name(out.stem + ".md"), table)
-    atomic_write_text(out.with_name(out.stem + ".samples.jsonl"), "".join(json.dumps(d) + "\n" for d in details))
-    print(table)
-    print(f"eval.refcoco: wrote {out}", file=sys.stderr)
+    write_results(out, results, markdown(results["splits"]), details, "eval.refcoco")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

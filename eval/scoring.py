@@ -9,7 +9,7 @@ draw galleries.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from dig_common.models import ModelSpec
 from reward_fns import scoring
@@ -39,15 +39,7 @@ class ScoredAnswer:
         return self.error is None
 
     def to_json(self) -> dict:
-        return {
-            "metrics": self.metrics,
-            "pred_boxes": self.pred_boxes,
-            "gt_boxes": self.gt_boxes,
-            "width": self.width,
-            "height": self.height,
-            "pairs": self.pairs,
-            "error": self.error,
-        }
+        return asdict(self)
 
 
 def score_response(response: str, ground_truth, knobs: RewardKnobs | Mapping) -> ScoredAnswer:

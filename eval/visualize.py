@@ -1,9 +1,9 @@
 """Gallery of predictions vs ground truth on DiG pairs: a PNG contact sheet and a static HTML page.
 
     # from eval.dig's per-pair output
-    python -m eval.visualize --samples runs/results.samples.jsonl --data test.parquet --out runs/gallery
+    python -m eval.visualize --samples runs/results.samples.jsonl --data test.parquet --out-dir runs/gallery
     # from the generations verl dumps during validation (trainer.validation_data_dir=DIR -> DIR/<step>.jsonl)
-    python -m eval.visualize --verl-dump DIR/40.jsonl --data val.parquet --model qwen3_vl_8b_thinking --out runs/g40
+    python -m eval.visualize --verl-dump DIR/40.jsonl --data val.parquet --model MODEL --out-dir runs/g40
 
 Each tile shows image A and image B side by side: ground-truth boxes in green on both, predicted boxes in
 red on B (a matched prediction, IoU >= threshold, is drawn solid, an unmatched one dashed), with the pair
@@ -18,15 +18,20 @@ import argparse
 import html
 import io
 import json
-import os
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from dig_common.cli import cli_main
 from dig_common.drawing import draw_box
+from dig_common.fileio import atomic_output, atomic_write_text
 from dig_common.models import load_model_spec
+from eval.options import add_model_arg, positive_int, require_file
 from eval.scoring import reward_knobs, score_response
+
+PROG = "python -m eval.visualize"
 
 GT_COLOR = (40, 200, 60)
 PRED_COLOR = (230, 40, 40)
@@ -53,8 +58,16 @@ def load_images(data: str | Path | None) -> tuple[dict[str, tuple[bytes, bytes]]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    out = []
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not a JSON line ({err})") from err
+    return out
 
 
 def samples_from_eval(path: str | Path) -> list[dict]:
@@ -187,50 +200,59 @@ def write_gallery(
     columns: int = 4,
 ) -> dict[str, Path]:
     out_dir = Path(out_dir)
-    (out_dir / "tiles").mkdir(parents=True, exist_ok=True)
     tiles, files = [], []
     for i, s in enumerate(samples):
         tile = render_tile(s, images.get(str(s["pair_id"])))
         name = f"tiles/{i:04d}.png"
-        tile.save(out_dir / name)
+        save_png(tile, out_dir / name)
         tiles.append(tile)
         files.append(name)
     sheet_path, page_path = out_dir / "contact_sheet.png", out_dir / "index.html"
-    tmp = out_dir / "contact_sheet.tmp.png"
-    contact_sheet(tiles, columns).save(tmp)
-    os.replace(tmp, sheet_path)
-    tmp = out_dir / "index.tmp.html"
-    tmp.write_text(html_page(samples, files, title))
-    os.replace(tmp, page_path)
+    save_png(contact_sheet(tiles, columns), sheet_path)
+    atomic_write_text(page_path, html_page(samples, files, title))
     return {"contact_sheet": sheet_path, "html": page_path}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.visualize", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--samples", help="eval.dig *.samples.jsonl")
-    source.add_argument("--verl-dump", help="a <step>.jsonl from trainer.validation_data_dir")
-    parser.add_argument("--data", default=None, help="the parquet the pairs come from (for the images)")
-    parser.add_argument("--model", default="qwen3_vl_8b_thinking", help="base-model config (to re-score verl dumps)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--limit", type=int, default=48)
-    parser.add_argument("--sort", choices=SORTS, default="order")
-    parser.add_argument("--columns", type=int, default=4)
-    args = parser.parse_args(argv)
+def save_png(image: Image.Image, path: Path) -> None:
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")  # the temp name has no .png suffix to guess the format from
 
-    if args.data and not Path(args.data).is_file():
-        parser.error(f"--data: no such file {args.data}")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--samples", metavar="FILE", help="eval.dig *.samples.jsonl")
+    source.add_argument("--verl-dump", metavar="FILE", help="a <step>.jsonl from trainer.validation_data_dir")
+    parser.add_argument("--data", default=None, metavar="FILE", help="the parquet the pairs come from (for the images)")
+    add_model_arg(parser, purpose=", to re-score verl dumps")
+    parser.add_argument("--out-dir", required=True, metavar="DIR", help="gallery folder (contact sheet, page, tiles)")
+    parser.add_argument("--limit", type=positive_int, default=48, help="at most N pairs in the gallery")
+    parser.add_argument("--sort", choices=SORTS, default="order")
+    parser.add_argument("--columns", type=positive_int, default=4)
+    return parser
+
+
+@cli_main(PROG)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    if args.data:
+        require_file(args.data, "--data", "parquet file")
+    if args.samples:
+        require_file(args.samples, "--samples")
+    else:
+        require_file(args.verl_dump, "--verl-dump")
+        knobs = reward_knobs(load_model_spec(args.model))
     images, by_gt = load_images(args.data)
     if args.samples:
         samples, title = samples_from_eval(args.samples), f"DiG predictions: {args.samples}"
     else:
-        knobs = reward_knobs(load_model_spec(args.model))
         samples, title = samples_from_verl_dump(args.verl_dump, knobs, by_gt), f"verl validation: {args.verl_dump}"
     samples = order_samples(samples, args.sort, args.limit)
-    paths = write_gallery(samples, images, args.out, title=title, columns=args.columns)
+    paths = write_gallery(samples, images, args.out_dir, title=title, columns=args.columns)
     print(f"eval.visualize: {len(samples)} pairs -> {paths['contact_sheet']}, {paths['html']}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dig_common.cli import CliError
 from dig_common.models import load_model_spec
 from eval import backends
 
@@ -70,9 +71,8 @@ def test_eval_decoding_is_the_model_file_s_with_overrides():
 
 def test_vllm_sampling_params_follow_the_model_card():
     instruct = backends.eval_decoding(load_model_spec("qwen3_vl_8b_instruct"), n=None)
-    assert backends.vllm_sampling_kwargs(instruct) == {
-        "temperature": 0.7, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5, "max_tokens": 1024, "n": 4, "seed": 0,
-    }  # fmt: skip
+    expected = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5, "max_tokens": 1024}
+    assert backends.vllm_sampling_kwargs(instruct) == {**expected, "n": 4, "seed": 0}
     greedy = backends.eval_decoding(load_model_spec("qwen2_5_vl_3b"))
     assert backends.vllm_sampling_kwargs(greedy) == {"temperature": 0.0, "max_tokens": 1024, "n": 1, "seed": 0}
 
@@ -96,20 +96,21 @@ def test_hf_backend_samples_n_answers_with_the_model_file_s_sampling(monkeypatch
     model = build_tiny_model("qwen3_vl")
     spy = GenerateSpy(model)
     monkeypatch.setattr(model, "generate", spy)
-    backend = backends.HFBackend(None, spec, max_new_tokens=3, model=model, processor=build_tiny_processor("qwen3_vl"),
-                                 batch_size=2, n=2)  # fmt: skip
+    processor = build_tiny_processor("qwen3_vl")
+    backend = backends.HFBackend(None, spec, max_new_tokens=3, model=model, processor=processor, batch_size=2, n=2)
     image = Image.new("RGB", (64, 64), (200, 30, 30))
-    request = [{"role": "user", "content": [{"type": "image", "image": image, "min_pixels": 1024, "max_pixels": 4096},
-                                            {"type": "text", "text": "Find every difference."}]}]  # fmt: skip
+    image_item = {"type": "image", "image": image, "min_pixels": 1024, "max_pixels": 4096}
+    request = [{"role": "user", "content": [image_item, {"type": "text", "text": "Find every difference."}]}]
     first = backend.generate_n([request] * 3)
     assert len(first) == 3 and all(len(g.texts) == 2 and len(g.truncated) == 2 for g in first)
-    assert spy.calls[0] == {"max_new_tokens": 3, "do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 20,
-                            "num_return_sequences": 2}  # fmt: skip
+    sampling = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 20, "num_return_sequences": 2}
+    assert spy.calls[0] == {"max_new_tokens": 3, **sampling}
     assert [g.texts for g in backend.generate_n([request] * 3)] == [g.texts for g in first]  # fixed seed
     assert backend.generate([request] * 3) == [g.texts[0] for g in first]  # the first sample of each
 
-    greedy = backends.HFBackend(None, load_model_spec("qwen2_5_vl_3b"), max_new_tokens=2, model=model,
-                                processor=build_tiny_processor("qwen3_vl"))  # fmt: skip
+    greedy = backends.HFBackend(
+        None, load_model_spec("qwen2_5_vl_3b"), max_new_tokens=2, model=model, processor=processor
+    )
     greedy.spec = spec  # the tiny processor is a Qwen3-VL one: patch 16
     assert len(greedy.generate_n([request])[0].texts) == 1
     assert spy.calls[-1] == {"max_new_tokens": 2, "do_sample": False}
@@ -117,15 +118,16 @@ def test_hf_backend_samples_n_answers_with_the_model_file_s_sampling(monkeypatch
 
 def test_build_backend_checks_inputs(tmp_path):
     spec = load_model_spec("qwen2_5_vl_7b")
-    with pytest.raises(FileNotFoundError, match="--model-path"):
+    with pytest.raises(CliError, match="--model-path .*missing: no such folder"):
         backends.build_backend("hf", tmp_path / "missing", spec)
-    with pytest.raises(ValueError, match="--backend must be vllm or hf"):
+    with pytest.raises(CliError, match="--backend must be one of vllm, hf, got 'tgi'"):
         backends.build_backend("tgi", tmp_path, spec)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_backend_explains_a_missing_vllm(tmp_path):
-    with pytest.raises(ImportError, match="use --backend hf"):
+    """Before the checkpoint is even looked at (tmp_path is not one)."""
+    with pytest.raises(CliError, match="vLLM is not installed .*; --backend hf generates with transformers"):
         backends.build_backend("vllm", tmp_path, load_model_spec("qwen3_vl_8b_thinking"))
 
 
@@ -149,8 +151,8 @@ def test_generate_to_file_keeps_every_sample_and_its_limit_flag(tmp_path):
     request = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
     path = tmp_path / "p.jsonl"
     assert backends.generate_to_file(SamplingEchoBackend(), [[("a", request)]], path, "id") == 1
-    assert json.loads(path.read_text()) == {"id": "a", "response": "0a", "responses": ["0a", "0b"],
-                                            "truncated": [False, True]}  # fmt: skip
+    expected = {"id": "a", "response": "0a", "responses": ["0a", "0b"], "truncated": [False, True]}
+    assert json.loads(path.read_text()) == expected
 
 
 def test_generate_to_file_appends_and_resumes(tmp_path):
@@ -163,6 +165,11 @@ def test_generate_to_file_appends_and_resumes(tmp_path):
     # a rerun over the same ids plus one new one answers only the new one
     assert backends.generate_to_file(backend, [[("a", request), ("d", request)]], path, "id") == 1
     assert len(path.read_text().splitlines()) == 4 and backend.calls == 3
+    # a run killed mid-write leaves a cut last line: resuming names it instead of appending after it
+    with open(path, "a") as handle:
+        handle.write('{"id": "e", "resp')
+    with pytest.raises(ValueError, match=r"p\.jsonl:5: not a predictions line .* delete it and rerun"):
+        backends.generate_to_file(backend, [[("f", request)]], path, "id")
 
 
 def test_docs_decoding_table_matches_the_model_files():

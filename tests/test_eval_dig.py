@@ -12,6 +12,7 @@ import pytest
 
 from dig_common.models import load_model_spec
 from eval import dig
+from eval.options import generation_options
 from eval.scoring import reward_knobs, score_response
 from reward_fns import geometry
 from reward_fns.dig_reward import compute_score
@@ -32,14 +33,16 @@ def gt_json(boxes, types) -> str:
 def write_parquet(path, pairs=PAIRS):
     rows = []
     for i, (pid, (boxes, types)) in enumerate(pairs.items()):
-        rows.append({
-            "data_source": "dig",
-            "prompt": [{"role": "user", "content": "<image><image>Find all differences."}],
-            "ability": "grounding",
-            "reward_model": {"style": "rule", "ground_truth": gt_json(boxes, types)},
-            "extra_info": {"split": "test", "index": i, "pair_id": pid, "stage": 0,
-                           "num_differences": len(boxes), "types": types, "width": W, "height": H},
-        })  # fmt: skip
+        extra = {"split": "test", "index": i, "pair_id": pid, "stage": 0, "num_differences": len(boxes)}
+        rows.append(
+            {
+                "data_source": "dig",
+                "prompt": [{"role": "user", "content": "<image><image>Find all differences."}],
+                "ability": "grounding",
+                "reward_model": {"style": "rule", "ground_truth": gt_json(boxes, types)},
+                "extra_info": {**extra, "types": types, "width": W, "height": H},
+            }
+        )
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 
@@ -130,26 +133,27 @@ def test_cli_writes_results_table_and_samples(tmp_path):
     assert np.allclose(samples[1]["pred_boxes"], PAIRS["p2"][0], atol=1.0)
 
 
-def test_cli_rejects_bad_predictions(tmp_path):
+def test_cli_rejects_bad_predictions(tmp_path, capsys):
     data = write_parquet(tmp_path / "test.parquet")
     # the default model thinks: "[]" without </think> fails format, which --allow-missing rows share
     out = str(tmp_path / "r.json")
     partial = tmp_path / "partial.jsonl"
     partial.write_text(json.dumps({"pair_id": "p1", "response": "<think>ok</think>[]"}) + "\n")
-    with pytest.raises(ValueError, match="2 of 3 pairs have no prediction"):
-        dig.main(["--data", str(data), "--predictions", str(partial), "--out", out])
+
+    def error(*argv) -> str:
+        assert dig.main(["--data", str(data), "--out", out, *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "2 of 3 pairs have no prediction" in error("--predictions", str(partial))
     assert dig.main(["--data", str(data), "--predictions", str(partial), "--out", out, "--allow-missing"]) == 0
     assert json.loads(Path(out).read_text())["overall"]["format_rate"] == pytest.approx(1 / 3)
     stray = tmp_path / "stray.jsonl"
     stray.write_text(json.dumps({"pair_id": "nope", "response": "[]"}) + "\n")
-    with pytest.raises(ValueError, match="not in --data"):
-        dig.main(["--data", str(data), "--predictions", str(stray), "--out", out, "--allow-missing"])
+    assert "not in --data" in error("--predictions", str(stray), "--allow-missing")
     twice = tmp_path / "twice.jsonl"
     twice.write_text((json.dumps({"pair_id": "p1", "response": "[]"}) + "\n") * 2)
-    with pytest.raises(ValueError, match="appears twice"):
-        dig.main(["--data", str(data), "--predictions", str(twice), "--out", out, "--allow-missing"])
-    with pytest.raises(ValueError, match="unknown reward knob"):
-        dig.main(["--data", str(data), "--predictions", str(partial), "--out", out, "--reward-kwargs", '{"iou": 1}'])
+    assert "appears twice" in error("--predictions", str(twice), "--allow-missing")
+    assert "unknown reward knob" in error("--predictions", str(partial), "--reward-kwargs", '{"iou": 1}')
 
 
 def test_cli_reports_mean_and_spread_over_samples_and_the_truncation_rate(tmp_path):
@@ -162,8 +166,9 @@ def test_cli_reports_mean_and_spread_over_samples_and_the_truncation_rate(tmp_pa
     for pid, (boxes, _) in PAIRS.items():
         exact = answer(boxes, spec)
         second = "<think>the cube on the left is" if pid == "p1" else exact  # cut mid-thought
-        lines.append({"pair_id": pid, "response": exact, "responses": [exact, second],
-                      "truncated": [False, pid == "p1"]})  # fmt: skip
+        lines.append(
+            {"pair_id": pid, "response": exact, "responses": [exact, second], "truncated": [False, pid == "p1"]}
+        )
     preds.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "res" / "results.json"
     assert (
@@ -175,8 +180,8 @@ def test_cli_reports_mean_and_spread_over_samples_and_the_truncation_rate(tmp_pa
     assert results["sampling"]["mean"]["f1"] == pytest.approx(5 / 6)
     assert results["sampling"]["std"]["f1"] == pytest.approx(1 / 6)
     assert results["overall"]["f1"] == pytest.approx(5 / 6) and results["overall"]["n"] == 6  # pairs x samples
-    assert results["truncation"] == {"n": 6, "rate": pytest.approx(1 / 6), "hit_limit": pytest.approx(1 / 6),
-                                     "unclosed_think": pytest.approx(1 / 6)}  # fmt: skip
+    sixth = pytest.approx(1 / 6)
+    assert results["truncation"] == {"n": 6, "rate": sixth, "hit_limit": sixth, "unclosed_think": sixth}
     assert results["decoding"] is None  # answers made elsewhere: their decoding is not known here
     md = (tmp_path / "res" / "results.md").read_text()
     assert "Mean ± std over the 2 samples: F1 83.3 ± 16.7" in md
@@ -194,32 +199,30 @@ def test_cli_reports_mean_and_spread_over_samples_and_the_truncation_rate(tmp_pa
 def test_truncation_of_plain_answers_counts_unclosed_thoughts_only():
     responses = {"a": ["<think>x</think>[]"], "b": ["<think>never ends"]}
     flags = {"a": [None], "b": [None]}
-    assert dig.truncation_summary(responses, flags, require_think=True) == {
-        "n": 2, "rate": 0.5, "hit_limit": None, "unclosed_think": 0.5
-    }  # fmt: skip
+    expected = {"n": 2, "rate": 0.5, "hit_limit": None, "unclosed_think": 0.5}
+    assert dig.truncation_summary(responses, flags, require_think=True) == expected
     assert dig.truncation_summary(responses, flags, require_think=False)["rate"] == 0.0
 
 
-def test_generation_decodes_with_the_model_file_by_default(tmp_path, monkeypatch):
-    """eval.dig hands the backend the model file's decoding: no overrides, the file's n samples."""
-    import eval.backends
-
-    seen = {}
-
-    def fake_build(name, model_path, spec, **kwargs):
-        seen.update(kwargs)
-        raise RuntimeError("stop before loading a model")
-
-    monkeypatch.setattr(eval.backends, "build_backend", fake_build)
+def test_generation_decodes_with_the_model_file_by_default(tmp_path, capsys):
+    """eval.dig hands the backend the model file's decoding: no overrides, the file's n samples; a decoding the
+    model file cannot do fails before any checkpoint is looked at."""
     data = write_parquet(tmp_path / "test.parquet")
-    (tmp_path / "ckpt").mkdir()
-    argv = ["--data", str(data), "--model-path", str(tmp_path / "ckpt"), "--backend", "hf", "--out",
-            str(tmp_path / "r.json")]  # fmt: skip
-    with pytest.raises(RuntimeError, match="stop before"):
-        dig.main(argv)
-    assert seen == {"max_new_tokens": None, "temperature": None, "tensor_parallel_size": 1, "seed": None, "n": None}
-    with pytest.raises(SystemExit):
-        dig.main([*argv, "--model", "qwen2_5_vl_7b", "--samples", "4"])  # greedy: four identical samples refused
+    argv = ["--data", str(data), "--model-path", str(tmp_path / "ckpt"), "--backend", "hf"]
+    args = dig.build_parser().parse_args([*argv, "--out", str(tmp_path / "r.json")])
+    assert generation_options(args, args.samples) == {
+        "max_new_tokens": None,
+        "temperature": None,
+        "tensor_parallel_size": 1,
+        "seed": None,
+        "n": None,
+    }
+    # greedy: four identical samples refused, naming the cause (the checkpoint folder does not even exist)
+    assert dig.main([*argv, "--out", str(tmp_path / "r.json"), "--model", "qwen2_5_vl_7b", "--samples", "4"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "python -m eval.dig: error: greedy decoding (temperature 0) with n=4: the samples would be identical\n"
+    )
 
 
 def test_below_threshold_partners_and_format_failures_in_aggregation():

@@ -204,8 +204,9 @@ def test_lmms_eval_command_parses_with_lmms_eval_s_own_parser(model, backend):
         assert {"model", "tensor_parallel_size", "max_new_tokens"} <= init_parameters("models/simple/vllm.py", "VLLM")
         # unknown keys go to vllm.LLM; JSON-looking strings become dicts (models/simple/vllm.py)
         assert json.loads(model_args["mm_processor_kwargs"]) == {
-            "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels
-        }  # fmt: skip
+            "min_pixels": spec.min_pixels,
+            "max_pixels": spec.max_pixels,
+        }
         assert model_args["max_new_tokens"] == dec.max_new_tokens
         assert gen_kwargs.get("presence_penalty", 0.0) == dec.presence_penalty
         assert gen_kwargs.get("seed", dec.seed) == dec.seed and (dec.greedy or "seed" in gen_kwargs)
@@ -291,13 +292,21 @@ def test_judged_benchmarks_are_refused_without_a_key_by_name():
     assert harness.plan_judges(benchmarks, "vlmevalkit", judge_free=True, env=NO_KEY)[1] == []
 
 
-def test_cli_refuses_a_judged_benchmark_and_runs_its_judge_free_variant(tmp_path, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A real (tiny) checkpoint folder: `run` checks --model-path before it builds a command."""
+    from tiny_qwen import save_tiny_checkpoint
+
+    return save_tiny_checkpoint("qwen3_vl", tmp_path_factory.mktemp("ckpt"))
+
+
+def test_cli_refuses_a_judged_benchmark_and_runs_its_judge_free_variant(tmp_path, capsys, monkeypatch, checkpoint):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("API_TYPE", raising=False)
-    base = ["run", "--model-path", "/ckpt", "--out-dir", str(tmp_path), "--dry-run", "--benchmarks-only"]
-    with pytest.raises(SystemExit) as exit_:
-        harness.main([*base, "mmbench,mmstar"])
-    assert exit_.value.code == 2 and "MMBench (mmbench_en_dev) needs an API judge" in capsys.readouterr().err
+    base = ["run", "--model-path", str(checkpoint), "--out-dir", str(tmp_path), "--dry-run", "--benchmarks-only"]
+    assert harness.main([*base, "mmbench,mmstar"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m eval.harness: error: MMBench (mmbench_en_dev) needs an API judge")
     assert harness.main([*base, "mmbench,mmstar", "--judge-free"]) == 0
     assert "--tasks mmbench_en_dev_static,mmstar" in capsys.readouterr().out
 
@@ -313,12 +322,21 @@ def test_vlmevalkit_config_and_command(tmp_path):
     dec = spec.decoding
     assert config["model"] == {
         "dig4b": {
-            "class": "Qwen3VLChat", "model_path": "/ckpt", "min_pixels": spec.min_pixels,
-            "max_pixels": spec.max_pixels, "max_new_tokens": dec.max_new_tokens, "temperature": 1.0,
-            "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.0, "do_sample": True, "use_vllm": True,
-            "presence_penalty": 0.0, "use_custom_prompt": False,
+            "class": "Qwen3VLChat",
+            "model_path": "/ckpt",
+            "min_pixels": spec.min_pixels,
+            "max_pixels": spec.max_pixels,
+            "max_new_tokens": dec.max_new_tokens,
+            "temperature": 1.0,
+            "top_p": 0.95,
+            "top_k": 20,
+            "repetition_penalty": 1.0,
+            "do_sample": True,
+            "use_vllm": True,
+            "presence_penalty": 0.0,
+            "use_custom_prompt": False,
         }
-    }  # fmt: skip
+    }
     assert config["data"] == {
         "HallusionBench": {"class": "ImageYORNDataset", "dataset": "HallusionBench"},
         "CV-Bench-2D": {"class": "CVBench", "dataset": "CV-Bench-2D"},
@@ -330,8 +348,8 @@ def test_vlmevalkit_config_and_command(tmp_path):
     greedy = harness.vlmevalkit_model_entry("/ckpt", load_model_spec("qwen2_5_vl_7b"), "hf")
     assert greedy["class"] == "Qwen2VLChat" and greedy["do_sample"] is False and "presence_penalty" not in greedy
     cmd = harness.vlmevalkit_command("/c.json", "/w", "/vlmeval", num_processes=8, judge_free=True, python="py")
-    assert cmd == ["py", "-m", "torch.distributed.run", "--nproc-per-node=8", "/vlmeval/run.py",
-                   "--config", "/c.json", "--work-dir", "/w", "--mode", "all", "--judge", "exact_matching"]  # fmt: skip
+    flags = ["--config", "/c.json", "--work-dir", "/w", "--mode", "all", "--judge", "exact_matching"]
+    assert cmd == ["py", "-m", "torch.distributed.run", "--nproc-per-node=8", "/vlmeval/run.py", *flags]
 
 
 # ----------------------------------------------------------------------------------------------- lmms-eval layout
@@ -344,14 +362,27 @@ def write_lmms_eval_run(
     folder = out / model_dir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{date}_results.json"
-    path.write_text(json.dumps({
-        "results": results, "group_subtasks": {t: [] for t in results}, "configs": {t: {} for t in results},
-        "versions": {t: 0.0 for t in results}, "n-shot": {t: 0 for t in results},
-        "higher_is_better": {t: {} for t in results}, "n-samples": {t: {"original": 10, "effective": 10} for t in results},
-        "config": {"model": "vllm", "model_args": model_args, "batch_size": "1", "limit": None},
-        "git_hash": None, "date": date, "task_hashes": {}, "model_source": "vllm", "model_name": "/ckpt/stage3_hf",
-        "model_name_sanitized": model_dir, "total_evaluation_time_seconds": "12.5",
-    }))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "results": results,
+                "group_subtasks": {t: [] for t in results},
+                "configs": {t: {} for t in results},
+                "versions": {t: 0.0 for t in results},
+                "n-shot": {t: 0 for t in results},
+                "higher_is_better": {t: {} for t in results},
+                "n-samples": {t: {"original": 10, "effective": 10} for t in results},
+                "config": {"model": "vllm", "model_args": model_args, "batch_size": "1", "limit": None},
+                "git_hash": None,
+                "date": date,
+                "task_hashes": {},
+                "model_source": "vllm",
+                "model_name": "/ckpt/stage3_hf",
+                "model_name_sanitized": model_dir,
+                "total_evaluation_time_seconds": "12.5",
+            }
+        )
+    )
     for task in results:
         lines = [{"doc_id": i, "target": "A", "resps": [r], "filtered_resps": r} for i, r in enumerate(resps)]
         (folder / f"{date}_samples_{task}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -360,15 +391,27 @@ def write_lmms_eval_run(
 
 def test_collect_lmms_eval_real_layout(tmp_path):
     out = tmp_path / "lmms"
-    write_lmms_eval_run(out, "ckpt__stage3_hf", "2026-12-01T10-00-00.123456", {
-        "mmstar": {"alias": "mmstar", "average,none": 0.617, "average_stderr,none": "N/A", "math,none": 0.5},
-        "pope": {"alias": "pope", "pope_accuracy,none": 0.87, "pope_f1_score,none": 0.885},
-        "ai2d": {"alias": "ai2d", "exact_match,flexible-extract": 0.82, "exact_match_stderr,flexible-extract": 0.01},
-        "vstar_bench": {"alias": "vstar_bench", "vstar_overall_acc,none": 79.1},
-        "mmbench_en_dev_static": {"alias": "mmbench_en_dev_static", "gpt_eval_score,none": 84.5,
-                                  "submission,none": None},
-        "cv_bench": {"alias": "cv_bench", "cv_bench_acc,none": 0.75},
-    })  # fmt: skip
+    write_lmms_eval_run(
+        out,
+        "ckpt__stage3_hf",
+        "2026-12-01T10-00-00.123456",
+        {
+            "mmstar": {"alias": "mmstar", "average,none": 0.617, "average_stderr,none": "N/A", "math,none": 0.5},
+            "pope": {"alias": "pope", "pope_accuracy,none": 0.87, "pope_f1_score,none": 0.885},
+            "ai2d": {
+                "alias": "ai2d",
+                "exact_match,flexible-extract": 0.82,
+                "exact_match_stderr,flexible-extract": 0.01,
+            },
+            "vstar_bench": {"alias": "vstar_bench", "vstar_overall_acc,none": 79.1},
+            "mmbench_en_dev_static": {
+                "alias": "mmbench_en_dev_static",
+                "gpt_eval_score,none": 84.5,
+                "submission,none": None,
+            },
+            "cv_bench": {"alias": "cv_bench", "cv_bench_acc,none": 0.75},
+        },
+    )
     # what MMBench and HallusionBench write next to the model folders: not results files
     (out / "submissions").mkdir()
     (out / "submissions" / "mmbench_en_dev_static_results.json").write_text(
@@ -443,21 +486,33 @@ def write_vlmevalkit_run(work: Path, model: str, eval_id: str, files: dict[str, 
 
 def test_collect_vlmevalkit_real_layout(tmp_path):
     work = tmp_path / "work"
-    write_vlmevalkit_run(work, "dig", "T20261201-100000", {
-        "dig_MMStar.xlsx": "predictions", "dig_MMStar_acc.csv": "split,Overall,coarse perception,math\nnone,0.60,0.8,0.6\n",
-        "status.json": "{}",
-    })  # fmt: skip
-    write_vlmevalkit_run(work, "dig", "T20261201-110000", {
-        "dig_MMStar_acc.csv": "split,Overall,coarse perception,math\nnone,0.702,0.8,0.6\n",  # the link's target now
-        "dig_HallusionBench_score.csv": "split,aAcc,fAcc,qAcc\nOverall,73.8,50.2,48.9\nVD,70.0,40.0,41.0\n",
-        "dig_CV-Bench-2D_acc.csv": "split,ADE20K,COCO,Overall\n2D,0.78,0.82,0.80\n",
-        "dig_CV-Bench-3D_acc.csv": "split,Overall,Depth,Distance\n3D,0.70,0.72,0.68\n",
-        "dig_POPE_score.csv": "split,Overall,acc,precision,recall\nOverall,88.5,87.0,90.1,86.0\nadversarial,86.0,85,88,84\n",
-        "dig_MMVP_acc.csv": "Average,Overall\n0.79,0.62\n",
-    })  # fmt: skip
+    write_vlmevalkit_run(
+        work,
+        "dig",
+        "T20261201-100000",
+        {
+            "dig_MMStar.xlsx": "predictions",
+            "dig_MMStar_acc.csv": "split,Overall,coarse perception,math\nnone,0.60,0.8,0.6\n",
+            "status.json": "{}",
+        },
+    )
+    write_vlmevalkit_run(
+        work,
+        "dig",
+        "T20261201-110000",
+        {
+            "dig_MMStar_acc.csv": "split,Overall,coarse perception,math\nnone,0.702,0.8,0.6\n",  # the link's target now
+            "dig_HallusionBench_score.csv": "split,aAcc,fAcc,qAcc\nOverall,73.8,50.2,48.9\nVD,70.0,40.0,41.0\n",
+            "dig_CV-Bench-2D_acc.csv": "split,ADE20K,COCO,Overall\n2D,0.78,0.82,0.80\n",
+            "dig_CV-Bench-3D_acc.csv": "split,Overall,Depth,Distance\n3D,0.70,0.72,0.68\n",
+            "dig_POPE_score.csv": "split,Overall,acc,precision,recall\nOverall,88.5,87.0,90.1,86.0\nadversarial,86.0,85,88,84\n",
+            "dig_MMVP_acc.csv": "Average,Overall\n0.79,0.62\n",
+        },
+    )
     # a run folder whose link was removed and a dangling link: the newest run folder's file is used
-    write_vlmevalkit_run(work, "dig", "T20261201-120000", {"dig_AI2D_TEST_acc.csv": "split,Overall\nnone,0.84\n"},
-                         link=False)  # fmt: skip
+    write_vlmevalkit_run(
+        work, "dig", "T20261201-120000", {"dig_AI2D_TEST_acc.csv": "split,Overall\nnone,0.84\n"}, link=False
+    )
     (work / "dig" / "dig_AI2D_TEST_acc.csv").symlink_to("T20261130-000000/dig_AI2D_TEST_acc.csv")
     benchmarks = harness.select_benchmarks(
         harness.load_benchmarks(), "mmstar,hallusionbench,cv_bench,pope,mmvp,ai2d,vstar"
@@ -481,10 +536,10 @@ def test_vlmevalkit_csv_metric_as_row_label(tmp_path):
         harness.parse_vlmevalkit_csv(path, "fAcc")
 
 
-def test_cli_dry_run_and_collect(tmp_path, capsys):
+def test_cli_dry_run_and_collect(tmp_path, capsys, checkpoint):
     out = tmp_path / "lmms"
-    rc = harness.main(["run", "--model-path", "/ckpt", "--out-dir", str(out), "--dry-run", "--backend", "vllm",
-                       "--benchmarks-only", "mmstar"])  # fmt: skip
+    run = ["run", "--model-path", str(checkpoint), "--out-dir", str(out), "--dry-run", "--backend", "vllm"]
+    rc = harness.main([*run, "--benchmarks-only", "mmstar"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "--tasks mmstar" in printed and "--gen_kwargs max_new_tokens=4096,temperature=1.0" in printed

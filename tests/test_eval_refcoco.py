@@ -27,19 +27,21 @@ def png(width=SIZE, height=SIZE) -> bytes:
 def write_split(root, folder, split, rows):
     path = root / folder / "data" / f"{split}-00000-of-00001.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([
-        {
-            "question_id": qid,
-            "image": {"bytes": png(), "path": None},
-            "question": "Please carefully observe the area circled in the image and come up with a caption.",
-            "answer": expressions,
-            "segmentation": [0.0] * 8,
-            "bbox": bbox,
-            "iscrowd": 0,
-            "file_name": f"COCO_train2014_{qid}.jpg",
-        }
-        for qid, expressions, bbox in rows
-    ])  # fmt: skip
+    table = pa.Table.from_pylist(
+        [
+            {
+                "question_id": qid,
+                "image": {"bytes": png(), "path": None},
+                "question": "Please carefully observe the area circled in the image and come up with a caption.",
+                "answer": expressions,
+                "segmentation": [0.0] * 8,
+                "bbox": bbox,
+                "iscrowd": 0,
+                "file_name": f"COCO_train2014_{qid}.jpg",
+            }
+            for qid, expressions, bbox in rows
+        ]
+    )
     pq.write_table(table, path)
 
 
@@ -96,7 +98,7 @@ def test_prompt_is_in_the_models_frame(root):
         assert '"left cat"' in text["text"] and phrase in text["text"]
 
 
-def test_cli_scores_gt_in_native_frame(root, tmp_path):
+def test_cli_scores_gt_in_native_frame(root, tmp_path, capsys):
     spec = load_model_spec("qwen3_vl_8b_thinking")
     answers = []
     for dataset, split in (("refcoco", "val"), ("refcocog", "test")):
@@ -107,16 +109,17 @@ def test_cli_scores_gt_in_native_frame(root, tmp_path):
     preds = tmp_path / "answers.jsonl"
     preds.write_text("".join(json.dumps(a) + "\n" for a in answers))
     out = tmp_path / "rc" / "refcoco.json"
-    argv = ["--root", str(root), "--splits", "refcoco:val,refcocog:test", "--predictions", str(preds),
-            "--model", spec.model_name, "--out", str(out)]  # fmt: skip
+    argv = ["--refcoco-dir", str(root), "--splits", "refcoco:val,refcocog:test", "--predictions", str(preds)]
+    argv += ["--model", spec.model_name, "--out", str(out)]
     assert refcoco.main(argv) == 0
+    capsys.readouterr()
     results = json.loads(out.read_text())
     assert results["splits"]["refcoco:val"]["acc50_ge"] == 0.5 and results["splits"]["refcoco:val"]["n"] == 2
     assert results["splits"]["refcocog:test"]["miou"] == pytest.approx(1.0)
     assert "| refcocog:test | 1 | 100.0 | 100.0 |" in results["markdown"]
     preds.write_text("".join(json.dumps(a) + "\n" for a in answers[:1]))
-    with pytest.raises(ValueError, match="no answer for refcoco:val:1:1"):
-        refcoco.main(argv)
+    assert refcoco.main(argv) == 2
+    assert capsys.readouterr().err == f"python -m eval.refcoco: error: {preds}: no answer for refcoco:val:1:1\n"
 
 
 def test_cli_generates_with_hf_backend_and_resumes(root, tmp_path):
@@ -126,13 +129,12 @@ def test_cli_generates_with_hf_backend_and_resumes(root, tmp_path):
     spec = load_model_spec("qwen2_5_vl_3b")
     ckpt = save_tiny_checkpoint("qwen2_5_vl", tmp_path / "ckpt")
     out = tmp_path / "gen" / "refcoco.json"
-    argv = ["--root", str(root), "--splits", "refcoco:val,refcocog:test", "--model", spec.model_name,
-            "--model-path", str(ckpt), "--backend", "hf", "--max-new-tokens", "5", "--out", str(out)]  # fmt: skip
+    argv = ["--refcoco-dir", str(root), "--splits", "refcoco:val,refcocog:test", "--model", spec.model_name]
+    argv += ["--model-path", str(ckpt), "--backend", "hf", "--max-new-tokens", "5", "--out", str(out)]
     assert refcoco.main(argv) == 0
     predictions = (tmp_path / "gen" / "refcoco.predictions.jsonl").read_text().splitlines()
-    assert sorted(json.loads(p)["id"] for p in predictions) == [
-        "refcoco:val:1:0", "refcoco:val:1:1", "refcocog:test:7:0"
-    ]  # fmt: skip
+    expected = ["refcoco:val:1:0", "refcoco:val:1:1", "refcocog:test:7:0"]
+    assert sorted(json.loads(p)["id"] for p in predictions) == expected
     results = json.loads(out.read_text())
     assert sum(s["n"] for s in results["splits"].values()) == 3
     assert refcoco.main(argv) == 0  # nothing left to generate

@@ -27,16 +27,18 @@ def png(color) -> bytes:
 
 def write_parquet(path):
     gt = json.dumps({"boxes": [GT_BOX], "width": W, "height": H, "types": ["color"]})
-    rows = [{
-        "data_source": "dig",
-        "prompt": [{"role": "user", "content": "<image><image>Find all differences."}],
-        "images": [{"bytes": png((0, 0, 255)), "min_pixels": 4096, "max_pixels": 1310720},
-                   {"bytes": png((0, 0, 255)), "min_pixels": 4096, "max_pixels": 1310720}],
-        "ability": "grounding",
-        "reward_model": {"style": "rule", "ground_truth": gt},
-        "extra_info": {"split": "val", "index": 0, "pair_id": "pair0", "stage": 1, "num_differences": 1,
-                       "types": ["color"], "width": W, "height": H},
-    }]  # fmt: skip
+    image = {"bytes": png((0, 0, 255)), "min_pixels": 4096, "max_pixels": 1310720}
+    extra = {"split": "val", "index": 0, "pair_id": "pair0", "stage": 1, "num_differences": 1}
+    rows = [
+        {
+            "data_source": "dig",
+            "prompt": [{"role": "user", "content": "<image><image>Find all differences."}],
+            "images": [image, dict(image)],
+            "ability": "grounding",
+            "reward_model": {"style": "rule", "ground_truth": gt},
+            "extra_info": {**extra, "types": ["color"], "width": W, "height": H},
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path, gt
 
@@ -59,8 +61,8 @@ def test_gallery_from_eval_samples(tmp_path):
     preds.write_text(json.dumps({"pair_id": "pair0", "response": response([GT_BOX, [70, 5, 90, 45]])}) + "\n")
     out = tmp_path / "r.json"
     dig.main(["--data", str(data), "--predictions", str(preds), "--model", SPEC.model_name, "--out", str(out)])
-    assert visualize.main(["--samples", str(tmp_path / "r.samples.jsonl"), "--data", str(data),
-                           "--out", str(tmp_path / "g")]) == 0  # fmt: skip
+    argv = ["--samples", str(tmp_path / "r.samples.jsonl"), "--data", str(data), "--out-dir", str(tmp_path / "g")]
+    assert visualize.main(argv) == 0
     sheet = Image.open(tmp_path / "g" / "contact_sheet.png")
     tile = Image.open(tmp_path / "g" / "tiles" / "0000.png").convert("RGB")
     assert sheet.width >= tile.width and sheet.height >= tile.height
@@ -84,18 +86,22 @@ def test_gallery_from_verl_validation_dump(tmp_path):
     outputs = [response([GT_BOX]), "<think>hmm</think> I see nothing [oops"]
     dump_dir = tmp_path / "val_dump"
     PPOTrainer._write_generations(
-        inputs=["user prompt", "user prompt"], outputs=outputs, gts=[gt, gt], scores=[1.0, 0.0],
+        inputs=["user prompt", "user prompt"],
+        outputs=outputs,
+        gts=[gt, gt],
+        scores=[1.0, 0.0],
         reward_extra_infos_dict={"acc": [1.0, 0.0], "f1": [1.0, 0.0], "uid": ["u_0_0", "u_0_1"]},
-        dump_path=str(dump_dir), global_steps=40,
-    )  # fmt: skip
+        dump_path=str(dump_dir),
+        global_steps=40,
+    )
     dump = dump_dir / "40.jsonl"
     knobs = dig.reward_knobs(SPEC)
     samples = visualize.samples_from_verl_dump(dump, knobs, visualize.load_images(data)[1])
     assert [s["pair_id"] for s in samples] == ["pair0", "pair0"]  # joined to the parquet by ground truth
     assert samples[0]["metrics"]["f1"] == 1.0 and samples[1]["error"]
     assert samples[0]["step"] == 40
-    argv = ["--verl-dump", str(dump), "--data", str(data), "--model", SPEC.model_name, "--out", str(tmp_path / "g"),
-            "--sort", "worst"]  # fmt: skip
+    argv = ["--verl-dump", str(dump), "--data", str(data), "--model", SPEC.model_name]
+    argv += ["--out-dir", str(tmp_path / "g"), "--sort", "worst"]
     assert visualize.main(argv) == 0
     page = (tmp_path / "g" / "index.html").read_text()
     assert page.index("format failed") < page.index("F1 1.00")  # worst first

@@ -1,0 +1,271 @@
+"""The eval command lines' bad-input paths (docs/cli.md, Errors): exit status 2 and one ``<prog>: error:`` line on
+stderr that names the thing and the fix, never a traceback, and before any model loads. One case per tool runs
+as a real subprocess (``python -m eval.<tool>``), so nothing between ``main`` and the shell can leak a traceback;
+the rest call ``main(argv)`` in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_eval_dig import write_parquet
+from test_eval_refcoco import write_split
+
+from dig_common.models import load_model_spec
+from eval import dig, harness, refcoco, visualize
+
+REPO = Path(__file__).resolve().parents[1]
+NO_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+PROCESSOR_FIX = "huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --include 'preprocessor_config.json'"
+
+
+@pytest.fixture(autouse=True)
+def no_debug(monkeypatch):
+    monkeypatch.delenv("DIG_DEBUG", raising=False)  # DIG_DEBUG=1 turns the one-line errors into tracebacks
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from tiny_qwen import save_tiny_checkpoint
+
+    return save_tiny_checkpoint("qwen2_5_vl", tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def weights_only(checkpoint, tmp_path_factory) -> Path:
+    """The checkpoint without its processor files: what a hand-copied weights folder looks like."""
+    folder = tmp_path_factory.mktemp("weights_only")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(checkpoint / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_parquet(tmp_path / "test.parquet")
+
+
+@pytest.fixture
+def predictions(tmp_path) -> Path:
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps({"pair_id": "p1", "response": "[]"}) + "\n")
+    return path
+
+
+def one_error(err: str, prog: str) -> str:
+    """The message of the single ``prog: error:`` line that is all of ``err``."""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    prefix = f"python -m {prog}: error: "
+    assert lines[0].startswith(prefix), err
+    return lines[0][len(prefix) :]
+
+
+def run_main(main, argv: list[str], capsys, prog: str) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # failed before any work started (eval.dig prints what it will generate)
+    return one_error(captured.err, prog)
+
+
+def run_module(prog: str, argv: list[str]) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("DIG_DEBUG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", prog, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout
+    return one_error(proc.stderr, prog)
+
+
+# ----------------------------------------------------------------------------------------------- eval.dig
+
+
+def test_dig_missing_data_as_a_subprocess(tmp_path, predictions):
+    argv = ["--data", str(tmp_path / "nope.parquet"), "--predictions", str(predictions), "--out", str(tmp_path / "r")]
+    assert run_module("eval.dig", argv) == f"--data: no such parquet file: {tmp_path / 'nope.parquet'}"
+
+
+def test_dig_bad_inputs(tmp_path, capsys, data, predictions):
+    base = ["--data", str(data), "--out", str(tmp_path / "r.json")]
+
+    def error(*argv) -> str:
+        return run_main(dig.main, [*base, *argv], capsys, "eval.dig")
+
+    message = error("--predictions", str(predictions), "--model", "qwen9")
+    assert message.startswith("unknown model 'qwen9'; known models: ") and "qwen3_vl_8b_thinking" in message
+    message = error("--predictions", str(predictions), "--reward-kwargs", "{iou_threshold: 0.7}")
+    assert message.startswith("--reward-kwargs is not JSON (") and '{"iou_threshold": 0.75}' in message
+    assert error("--predictions", str(predictions), "--reward-kwargs", "[0.7]") == (
+        "--reward-kwargs must be a JSON object of knob: value pairs, got '[0.7]'"
+    )
+    assert (
+        error("--predictions", str(tmp_path / "none.jsonl")) == f"--predictions {tmp_path / 'none.jsonl'}: no such file"
+    )
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text(json.dumps({"pair_id": "p1", "response": "[]"}) + "\n" + '{"pair": "p2"}\n')
+    message = error("--predictions", str(bad_line))
+    assert message.startswith(f'{bad_line}:2: expected {{"pair_id", "response"}}, got ')
+    # nothing is written when the input is bad
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_dig_checkpoint_checked_before_a_model_loads(tmp_path, capsys, data, checkpoint, weights_only):
+    base = ["--data", str(data), "--out", str(tmp_path / "r.json"), "--backend", "hf", "--model", "qwen2_5_vl_3b"]
+
+    def error(model_path) -> str:
+        return run_main(dig.main, [*base, "--model-path", str(model_path)], capsys, "eval.dig")
+
+    assert error(tmp_path / "nope").startswith(f"--model-path {tmp_path / 'nope'}: no such folder")
+    assert error(data).startswith(f"--model-path {data}: not a folder")
+    message = error(tmp_path)
+    assert message.startswith(f"--model-path {tmp_path}: no config.json, so not a Hugging Face checkpoint")
+    assert "python -m verl.model_merger merge" in message
+    message = error(weights_only)
+    assert message.startswith(f"--model-path {weights_only}: no processor files (lacks preprocessor_config.json")
+    assert "a merged checkpoint carries them" in message
+    assert PROCESSOR_FIX in message and message.endswith(f"--local-dir {weights_only}")
+    assert not (tmp_path / "r.predictions.jsonl").exists()  # no generation started
+
+
+@NO_VLLM
+def test_dig_vllm_backend_without_vllm(tmp_path, capsys, data, checkpoint):
+    argv = ["--data", str(data), "--out", str(tmp_path / "r.json"), "--model-path", str(checkpoint)]
+    message = run_main(dig.main, argv, capsys, "eval.dig")  # --backend vllm is the default
+    assert message.startswith("--backend vllm: vLLM is not installed in this environment")
+    assert message.endswith("--backend hf generates with transformers instead")
+
+
+def test_flag_syntax_stays_with_argparse(tmp_path, capsys, data):
+    with pytest.raises(SystemExit) as exit_:
+        dig.main(["--data", str(data), "--out", str(tmp_path / "r.json")])  # neither --predictions nor --model-path
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: python -m eval.dig")
+    assert "one of the arguments --predictions --model-path is required" in err
+    for tool, argv in ((dig, ["--samples", "0"]), (visualize, ["--limit", "-1"]), (harness, ["run", "--limit", "0"])):
+        with pytest.raises(SystemExit) as exit_:
+            tool.main(argv)
+        assert exit_.value.code == 2 and "must be at least 1, got" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- eval.refcoco
+
+
+def test_refcoco_missing_folder_as_a_subprocess(tmp_path, predictions):
+    folder = tmp_path / "refcoco"
+    argv = ["--refcoco-dir", str(folder), "--splits", "refcoco:val", "--predictions", str(predictions)]
+    message = run_module("eval.refcoco", [*argv, "--out", str(tmp_path / "r.json")])
+    assert message == (
+        f"--refcoco-dir {folder}: no such folder; download the snapshots: huggingface-cli download "
+        f"lmms-lab-encoder/RefCOCO --repo-type dataset --local-dir {folder / 'RefCOCO'}"
+    )
+
+
+def test_refcoco_bad_inputs(tmp_path, capsys, predictions, weights_only):
+    write_split(tmp_path, "RefCOCO", "val", [("1", ["left cat"], [10, 10, 40, 40])])
+    base = ["--refcoco-dir", str(tmp_path), "--out", str(tmp_path / "r.json")]
+
+    def error(*argv) -> str:
+        return run_main(refcoco.main, [*base, *argv], capsys, "eval.refcoco")
+
+    message = error("--splits", "refcoco:val,refcocog:test", "--predictions", str(predictions))
+    assert message.startswith(f"no {tmp_path / 'RefCOCOg' / 'data'}/test-*.parquet; download it with `huggingface-cli")
+    assert error("--splits", "coco:val", "--predictions", str(predictions)).startswith(
+        "--splits: 'coco:val' is not <dataset>:<split>"
+    )
+    assert error("--splits", "refcoco:val", "--predictions", str(predictions), "--model", "qwen9").startswith(
+        "unknown model 'qwen9'"
+    )
+    generate = ["--model", "qwen2_5_vl_3b", "--backend", "hf", "--model-path", str(weights_only)]
+    message = error("--splits", "refcoco:val", *generate)
+    assert "no processor files" in message and PROCESSOR_FIX in message
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("not json\n")
+    assert error("--splits", "refcoco:val", "--predictions", str(answers)).startswith(
+        f'{answers}:1: expected {{"id", "response"}}'
+    )
+
+
+# ----------------------------------------------------------------------------------------------- eval.harness
+
+
+def test_harness_missing_checkpoint_as_a_subprocess(tmp_path):
+    argv = ["run", "--model-path", str(tmp_path / "ckpt"), "--out-dir", str(tmp_path / "out"), "--dry-run"]
+    assert run_module("eval.harness", argv).startswith(f"--model-path {tmp_path / 'ckpt'}: no such folder")
+
+
+def test_harness_bad_inputs(tmp_path, capsys, checkpoint, weights_only, monkeypatch):
+    monkeypatch.delenv("VLMEVALKIT_DIR", raising=False)
+    run = ["run", "--model-path", str(checkpoint), "--out-dir", str(tmp_path / "out"), "--dry-run"]
+
+    def error(*argv) -> str:
+        return run_main(harness.main, list(argv), capsys, "eval.harness")
+
+    assert error(*run, "--benchmarks", str(tmp_path / "b.yaml")) == f"--benchmarks {tmp_path / 'b.yaml'}: no such file"
+    assert error(*run, "--benchmarks-only", "mmstar,vsr").startswith("--benchmarks-only: unknown vsr; known: ")
+    assert error(*run, "--model", "qwen9").startswith("unknown model 'qwen9'")
+    assert error(*run, "--harness", "vlmevalkit") == (
+        "--vlmevalkit-dir (or $VLMEVALKIT_DIR) must be a VLMEvalKit checkout holding run.py"
+    )
+    message = error(*run, "--model", "qwen2_5_vl_3b", "--model-path", str(weights_only))
+    assert "no processor files" in message and PROCESSOR_FIX in message
+    missing = tmp_path / "never_ran"
+    assert error("collect", "--out-dir", str(missing)) == (
+        f"--out-dir {missing}: no such folder (the harness output of `python -m eval.harness run`)"
+    )
+
+
+@NO_VLLM
+def test_harness_run_checks_the_backend_before_starting_the_harness(tmp_path, capsys, checkpoint):
+    argv = ["run", "--model-path", str(checkpoint), "--out-dir", str(tmp_path / "out"), "--benchmarks-only", "mmstar"]
+    message = run_main(harness.main, argv, capsys, "eval.harness")
+    assert message.startswith("--backend vllm: vLLM is not installed") and "--backend hf" in message
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- eval.visualize
+
+
+def test_visualize_missing_samples_as_a_subprocess(tmp_path):
+    argv = ["--samples", str(tmp_path / "r.samples.jsonl"), "--out-dir", str(tmp_path / "g")]
+    assert run_module("eval.visualize", argv) == f"--samples {tmp_path / 'r.samples.jsonl'}: no such file"
+
+
+def test_visualize_bad_inputs(tmp_path, capsys, data):
+    dump = tmp_path / "40.jsonl"
+    dump.write_text(json.dumps({"output": "[]"}) + "\n")
+    out = ["--out-dir", str(tmp_path / "g")]
+
+    def error(*argv) -> str:
+        return run_main(visualize.main, [*argv, *out], capsys, "eval.visualize")
+
+    assert error("--verl-dump", str(dump), "--data", str(tmp_path / "x.parquet")) == (
+        f"--data {tmp_path / 'x.parquet'}: no such parquet file"
+    )
+    assert error("--verl-dump", str(dump), "--model", "qwen9").startswith("unknown model 'qwen9'")
+    assert error("--verl-dump", str(dump)) == (f"{dump}:1: not a verl generations dump line (needs 'output' and 'gts')")
+    dump.write_text('{"output": "[]", "gts":\n')
+    assert error("--verl-dump", str(dump)).startswith(f"{dump}:1: not a JSON line (")
+    samples = tmp_path / "r.samples.jsonl"
+    samples.write_text(json.dumps({"pair_id": "p1"}) + "\n")
+    assert error("--samples", str(samples)).startswith(f"{samples}:1: not an eval.dig samples line (missing ")
+    assert not (tmp_path / "g").exists()
+
+
+def test_default_model_is_the_shared_one():
+    """No eval tool carries its own default model name."""
+    from dig_common.models import DEFAULT_MODEL
+
+    for parser in (dig.build_parser(), refcoco.build_parser(), visualize.build_parser()):
+        assert parser.get_default("model") == DEFAULT_MODEL
+    run = harness.build_parser()._subparsers._group_actions[0].choices["run"]
+    assert run.get_default("model") == DEFAULT_MODEL
+    assert load_model_spec().model_name == DEFAULT_MODEL
