@@ -59,25 +59,39 @@ def fake_render_python(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("tool", "extra", "message"),
     [
-        (["--k", "0"], "--k: expected 1 <= low <= high, got '0'"),
-        (["--k", "3-1"], "--k: expected 1 <= low <= high"),
-        (["--k", "x"], "--k: expected an integer or a range like '1-4'"),
-        (["--shard", "2/2"], "--shard: expected i/N with 0 <= i < N, got '2/2'"),
-        (["--shard", "a"], "--shard: expected i/N such as 0/4"),
-        (["--no-diff-fraction", "1.5"], "--no-diff-fraction: expected a number in [0, 1]"),
-        (["--workers", "0"], "--workers: expected an integer >= 1"),
-        (["--width", "3"], "--width: expected an integer in [16, 8192]"),
-        (["--samples", "0"], "--samples: expected an integer in [1, 65536]"),
-        (["--threads", "0"], "--threads: expected an integer >= 1"),
-        (["--difficulty", "min_visible_px=lots"], "--difficulty: expected KEY=NUMBER, got 'min_visible_px=lots'"),
-        (["--difficulty", "min_visible=3"], "--difficulty.min_visible: unknown filter"),
+        ("generate", ["--k", "0"], "--k: expected 1 <= low <= high, got '0'"),
+        ("generate", ["--k", "3-1"], "--k: expected 1 <= low <= high"),
+        ("generate", ["--k", "x"], "--k: expected an integer or a range like '1-4'"),
+        ("generate", ["--shard", "2/2"], "--shard: expected i/N with 0 <= i < N, got '2/2'"),
+        ("generate", ["--shard", "a"], "--shard: expected i/N such as 0/4"),
+        ("generate", ["--no-diff-fraction", "1.5"], "--no-diff-fraction: expected a number in [0, 1]"),
+        ("generate", ["--workers", "0"], "--workers: expected an integer >= 1"),
+        ("generate", ["--width", "3"], "--width: expected an integer in [16, 8192]"),
+        ("generate", ["--samples", "0"], "--samples: expected an integer in [1, 65536]"),
+        ("generate", ["--threads", "0"], "--threads: expected an integer >= 1"),
+        (
+            "generate",
+            ["--difficulty", "min_visible_px=lots"],
+            "--difficulty: expected KEY=NUMBER, got 'min_visible_px=lots'",
+        ),
+        ("generate", ["--difficulty", "min_visible=3"], "--difficulty.min_visible: unknown filter"),
+        ("photo_pairs", ["--k", "1-0"], "--k: expected 1 <= low <= high, got '1-0'"),
+        ("photo_pairs", ["--shard", "3/2"], "--shard: expected i/N with 0 <= i < N, got '3/2'"),
+        ("photo_pairs", ["--width", "16"], "--width: expected an integer in [32, 8192], got 16"),
+        ("photo_pairs", ["--categories", "unicorn"], "--categories: unicorn not in"),
     ],
 )
-def test_generate_refuses_bad_flag_values_before_writing(tmp_path, capsys, fake_render_python, extra, message):
+def test_bad_flag_values_are_refused_before_writing(
+    tmp_path, capsys, fake_render_python, request, tool, extra, message
+):
     out = tmp_path / "run"
-    assert message in refused(G, ["--num", 2, "--out-dir", out, *extra], capsys)
+    if tool == "generate":
+        line = refused(G, ["--num", 2, "--out-dir", out, *extra], capsys)
+    else:
+        line = refused(P, photo_args(request.getfixturevalue("coco_dir"), out, *extra), capsys)
+    assert message in line
     assert not out.exists()
 
 
@@ -89,7 +103,7 @@ def test_generate_names_the_bad_vocabulary_key_or_file(tmp_path, capsys, fake_re
     out = tmp_path / "run"
     assert "materials.metal.Metallic" in refused(G, ["--num", 1, "--out-dir", out, "--vocab", vocab], capsys)
     (tmp_path / "torn.yaml").write_text("shapes: [cube\n")
-    assert "torn.yaml: not valid YAML" in refused(
+    assert "torn.yaml: not valid YAML: line 2, column 1: expected ',' or ']'" in refused(
         G, ["--num", 1, "--out-dir", out, "--vocab", tmp_path / "torn.yaml"], capsys
     )
     line = refused(G, ["--num", 1, "--out-dir", out, "--vocab", tmp_path / "none.yaml"], capsys)
@@ -153,21 +167,6 @@ def photo_args(coco_dir: Path, out: Path, *extra) -> list:
     return [*coco, "--num", 1, "--out-dir", out, "--width", 64, "--height", 48, "--no-progress", *extra]
 
 
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--k", "1-0"], "--k: expected 1 <= low <= high, got '1-0'"),
-        (["--shard", "3/2"], "--shard: expected i/N with 0 <= i < N, got '3/2'"),
-        (["--width", "16"], "--width: expected an integer in [32, 8192], got 16"),
-        (["--categories", "unicorn"], "--categories: unicorn not in"),
-    ],
-)
-def test_photo_pairs_refuses_bad_flag_values_before_writing(coco_dir, tmp_path, capsys, extra, message):
-    out = tmp_path / "run"
-    assert message in refused(P, photo_args(coco_dir, out, *extra), capsys)
-    assert not out.exists()
-
-
 def test_photo_pairs_names_a_missing_annotation_file_or_image_folder(coco_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = photo_args(coco_dir, out)
@@ -185,7 +184,7 @@ def test_photo_pairs_names_the_bad_settings_file_and_key(coco_dir, tmp_path):
     torn = tmp_path / "torn.yaml"
     torn.write_text("pastes: {untouched: [1, 2\n")
     line = refused_in_subprocess("data_prep.photo_pairs", photo_args(coco_dir, out, "--settings", torn), env=_env())
-    assert f"{torn}: not valid YAML" in line
+    assert f"{torn}: not valid YAML: line 2, column 1: expected ',' or ']'" in line
     odd = tmp_path / "odd.yaml"
     odd.write_text(yaml.safe_dump({"pastes": {"glue": 1}}))
     line = refused_in_subprocess("data_prep.photo_pairs", photo_args(coco_dir, out, "--settings", odd), env=_env())
