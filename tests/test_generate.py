@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from data_prep import scene as S
@@ -153,16 +152,6 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert leftovers == []
     files = {p.name for p in (out / "shard-000-of-001").glob("s5-*")}
     assert len(files) == 3 * num
-
-
-def test_bad_vocabulary_fails_before_rendering(tmp_path):
-    raw = yaml.safe_load(S.DEFAULT_VOCAB_PATH.read_text())
-    raw["materials"]["metal"] = {"Metallic": "shiny"}
-    vocab = tmp_path / "v.yaml"
-    vocab.write_text(yaml.safe_dump(raw))
-    with pytest.raises(S.VocabularyError, match=r"materials\.metal\.Metallic"):
-        generate(GenerateConfig(out=tmp_path / "o", num=1, vocab=vocab, **SMALL))
-    assert not (tmp_path / "o").exists()
 
 
 def test_missing_render_venv_is_a_clear_error(tmp_path, monkeypatch):
