@@ -1,38 +1,40 @@
-"""Generate DiG image pairs with Blender: ``python -m data_prep.generate --num 100 --k 1-4 --out data/pairs``.
+"""Generate DiG image pairs with Blender: ``python -m data_prep.generate --num 100 --k 1-4 --out-dir data/pairs``.
 
 Runs in the main venv and drives long-lived render workers (``data_prep/render_worker.py``) in the render
 venv as subprocesses (``DIG_RENDER_PYTHON``, default ``<repo>/.venv-render/bin/python``), locally with
-threads or as Ray tasks (``--ray-address``). Output per docs/contracts.md, pair record: ``<out>/manifest.jsonl``,
-``<out>/stats.json``, ``<out>/<shard folder>/<pair_id>_a.png|_b.png|.json``; atomic writes; reruns resume.
+threads or as Ray tasks (``--ray-address``; both through ``data_prep.runner``). Output per docs/contracts.md,
+pair record: ``<out>/manifest.jsonl``, ``<out>/stats.json``, ``<out>/<shard folder>/<pair_id>_a.png|_b.png|.json``;
+atomic writes; reruns resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures as futures
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import queue
-import random
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_prep import runner as R
 from data_prep import scene as S
-from data_prep.manifest import append_entry, end_torn_line, read_manifest
 from data_prep.stages import check_difficulty_filters, difficulty_failure
-from dig_common.fileio import TMP_MARK, atomic_write_text, temp_path
+from dig_common.cli import CliError, cli_main
+from dig_common.fileio import atomic_write_text, temp_path
 
+PROG = "python -m data_prep.generate"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_SCRIPT = Path(__file__).resolve().with_name("render_worker.py")
-STATS = "stats.json"
-CONFIG = "config.json"
 
 # Measured on the 2-core machine (docs/generation.md): 16 spp + OIDN on the colour pass only
 # (albedo/normal passes left noisy speckle on metals at 16 spp; BALANCED: +0.5 dB PSNR over FAST at the
@@ -47,24 +49,10 @@ RENDER_DEFAULTS = {
     "denoising_input_passes": "RGB",
     "mask_prepass": True,  # 1-spp mask renders apply the visibility gates before the expensive renders
 }
-# Settings that must match when a run resumes into an existing output directory.
-RESUME_KEYS = (
-    "seed",
-    "k",
-    "width",
-    "height",
-    "samples",
-    "denoise",
-    "no_diff_fraction",
-    "render_overrides",
-    "change_weights",
-    "vocab_sha",
-    "difficulty_filters",
-)
 
 
-class RenderEnvError(RuntimeError):
-    """The render venv is missing or broken."""
+class RenderEnvError(CliError):
+    """The render venv is missing (bad input: the message says how to build it)."""
 
 
 class RenderWorkerError(RuntimeError):
@@ -78,43 +66,14 @@ class RenderDeviceError(ValueError):
 DEVICES = ("cpu", "cuda", "optix", "hip", "auto")  # --device; checked again by the render worker
 
 
-def validate_run_flags(config, min_size: int) -> None:
-    """The flags every pair source shares (num, k, seed, width/height, workers, no-diff fraction, shard): a
-    ValueError naming the bad flag, before anything is read or written."""
-    if not isinstance(config.num, int) or config.num < 0:
-        raise ValueError(f"--num: expected an integer >= 0, got {config.num!r}")
-    S.parse_k(config.k)
-    if not isinstance(config.seed, int) or config.seed < 0:
-        raise ValueError(f"--seed: expected an integer >= 0, got {config.seed!r}")
-    for name in ("width", "height"):
-        v = getattr(config, name)
-        if not isinstance(v, int) or not min_size <= v <= 8192:
-            raise ValueError(f"--{name}: expected an integer in [{min_size}, 8192], got {v!r}")
-    if not isinstance(config.workers, int) or config.workers < 1:
-        raise ValueError(f"--workers: expected an integer >= 1, got {config.workers!r}")
-    if not 0.0 <= float(config.no_diff_fraction) <= 1.0:
-        raise ValueError(f"--no-diff-fraction: expected a number in [0, 1], got {config.no_diff_fraction!r}")
-    i, n = config.shard
-    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard: expected i/N with 0 <= i < N, got {i}/{n}")
+@dataclass(kw_only=True)
+class GenerateConfig(R.RunConfig):
+    """A rendered run: the shared run fields (``runner.RunConfig``: out, num, k, seed, width, height, workers,
+    no_diff_fraction, shard, ray_address, progress) and the renderer's."""
 
-
-@dataclass
-class GenerateConfig:
-    out: Path
-    num: int
-    k: int | str = "1"
-    seed: int = 0
-    width: int = 480
-    height: int = 320
     samples: int = 16
-    workers: int = 1
     threads: int | None = None  # per worker; default: CPU cores / workers
-    no_diff_fraction: float = 0.0
-    shard: tuple[int, int] = (0, 1)
     vocab: Path | str | None = None
-    ray_address: str | None = None
-    progress: bool = True
     denoise: bool = True
     render_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"denoising_quality": "HIGH"}
     change_weights: dict[str, float] | None = None  # overrides the vocabulary's `changes`
@@ -124,7 +83,7 @@ class GenerateConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad flag, before any expensive work."""
-        validate_run_flags(self, min_size=16)
+        super().validate()
         if not isinstance(self.samples, int) or not 1 <= self.samples <= 65536:
             raise ValueError(f"--samples: expected an integer in [1, 65536], got {self.samples!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -142,18 +101,31 @@ class GenerateConfig:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     def render_settings(self) -> dict:
-        return {**RENDER_DEFAULTS, "width": self.width, "height": self.height, "samples": self.samples,
-                "denoise": self.denoise, "threads": self.threads_per_worker, **self.render_overrides}  # fmt: skip
+        return {
+            **RENDER_DEFAULTS,
+            "width": self.width,
+            "height": self.height,
+            "samples": self.samples,
+            "denoise": self.denoise,
+            "threads": self.threads_per_worker,
+            **self.render_overrides,
+        }
 
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in str(text).split("/"))
-    except ValueError:
-        raise ValueError(f"--shard: expected i/N such as 0/4, got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"--shard: expected i/N with 0 <= i < N, got {text!r}")
-    return i, n
+    def resume_settings(self, vocab: S.Vocabulary) -> dict:
+        """What a rerun into the same output folder must repeat (config.json)."""
+        return {
+            "seed": self.seed,
+            "k": str(self.k),
+            "width": self.width,
+            "height": self.height,
+            "samples": self.samples,
+            "denoise": self.denoise,
+            "no_diff_fraction": float(self.no_diff_fraction),
+            "render_overrides": self.render_overrides,
+            "change_weights": self.change_weights,
+            "vocab_sha": _vocab_sha(vocab),
+            "difficulty_filters": self.difficulty_filters,
+        }
 
 
 def parse_filters(text: str) -> dict[str, float]:
@@ -166,15 +138,6 @@ def parse_filters(text: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"--difficulty: expected KEY=NUMBER, got {item!r}") from None
     return out
-
-
-def pair_id(seed: int, index: int) -> str:
-    """Deterministic from (seed, index): reruns and shards never collide."""
-    return f"s{seed}-{index:07d}"
-
-
-def shard_folder(shard: tuple[int, int]) -> str:
-    return f"shard-{shard[0]:03d}-of-{shard[1]:03d}"
 
 
 # ------------------------------------------------------------------------------------------ render worker
@@ -201,9 +164,13 @@ class RenderWorker:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=60)
         self.proc = subprocess.Popen(
             [self.python, "-u", str(WORKER_SCRIPT)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
             env={**os.environ, "DIG_RENDER_PARENT_PID": str(os.getpid())},  # the worker dies with us
-        )  # fmt: skip
+        )
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
         self._next_id = 0
@@ -260,15 +227,6 @@ class RenderWorker:
 # ------------------------------------------------------------------------------------------- pair making
 
 
-def plan_k(cfg: GenerateConfig, index: int) -> int:
-    """Number of differences of pair `index`: fixed per index so that rejections never change K."""
-    rng = random.Random(S.derive_seed("k", cfg.seed, index))
-    if rng.random() < float(cfg.no_diff_fraction):
-        return 0
-    lo, hi = S.parse_k(cfg.k)
-    return rng.randint(lo, hi)
-
-
 def sample_candidate(vocab: S.Vocabulary, cand_seed: int, k: int, weights=None) -> tuple[dict, list, dict]:
     """Scene A, edits and scene B of one candidate, all determined by (vocabulary, cand_seed, k)."""
     scene_a = S.sample_scene(vocab, cand_seed)
@@ -287,9 +245,9 @@ class PairMaker:
 
     def make(self, index: int) -> tuple[dict, dict]:
         """Returns (manifest record, stats delta). Files are complete on disk when this returns."""
-        cfg, pid = self.cfg, pair_id(self.cfg.seed, index)
-        k = plan_k(cfg, index)
-        delta = {"candidates": 0, "rejected": collections.Counter(), "render_cpu_s": 0.0}
+        cfg, pid = self.cfg, self.cfg.pair_id(index)
+        k = R.plan_k(cfg, index)
+        delta = R.new_delta()
         final_a, final_b = self.shard_dir / f"{pid}_a.png", self.shard_dir / f"{pid}_b.png"
         tmp_a, tmp_b = temp_path(final_a, ".png"), temp_path(final_b, ".png")
         for attempt in range(self.vocab.gates["max_attempts_per_pair"]):
@@ -305,8 +263,8 @@ class PairMaker:
                 continue
             differences = [{"type": e["type"], "object_id": e["object_id"]} for e in edits]
             render = dict(self.render, seed=cand_seed % (2**31))
-            job = {"scene_a": scene_a, "scene_b": scene_b, "differences": differences, "render": render,
-                   "gates": self.gates, "out_a": str(tmp_a), "out_b": str(tmp_b)}  # fmt: skip
+            job = {"scene_a": scene_a, "scene_b": scene_b, "differences": differences, "render": render}
+            job.update(gates=self.gates, out_a=str(tmp_a), out_b=str(tmp_b))
             if cfg.save_masks:
                 job["save_masks"] = str(self.shard_dir / pid)
             ans = self.worker.request(job)
@@ -352,16 +310,7 @@ class PairMaker:
             os.replace(tmp_a, final_a)
             os.replace(tmp_b, final_b)
             atomic_write_text(self.shard_dir / f"{pid}.json", json.dumps(record, indent=1))
-            manifest = {
-                "pair_id": pid,
-                "json": f"{self.shard_dir.name}/{pid}.json",
-                "image_a": f"{self.shard_dir.name}/{final_a.name}",
-                "image_b": f"{self.shard_dir.name}/{final_b.name}",
-                "num_differences": record["num_differences"],
-                "types": [d["type"] for d in record["differences"]],
-                "index": index,
-            }
-            return manifest, delta
+            return R.manifest_entry(self.shard_dir, pid, index, record["differences"]), delta
         raise RuntimeError(
             f"pair {pid}: no candidate passed the quality gates in {self.vocab.gates['max_attempts_per_pair']} "
             f"attempts (rejections: {dict(delta['rejected'])}); relax gates in {self.vocab.path} or lower --k"
@@ -369,226 +318,59 @@ class PairMaker:
 
 
 def _vocab_sha(vocab: S.Vocabulary) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(vocab.path).read_bytes()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------- output directory
-
-
-class RunState:
-    """Manifest, stats and resume bookkeeping of one shard in one output directory."""
-
-    def __init__(self, cfg: GenerateConfig, vocab: S.Vocabulary):
-        self.cfg, self.out = cfg, Path(cfg.out)
-        self.shard_dir = self.out / shard_folder(cfg.shard)
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
-        self._check_config(vocab)
-        self.lock = threading.Lock()
-        for stale in self.shard_dir.glob(f"*{TMP_MARK}*"):  # leftovers of a killed run
-            stale.unlink(missing_ok=True)
-        self.done = self._read_manifest()
-        self.stats = self._read_stats()
-        self.stats["renderer_settings"] = cfg.render_settings()
-
-    def _check_config(self, vocab):
-        want = {"seed": self.cfg.seed, "k": str(self.cfg.k), "width": self.cfg.width, "height": self.cfg.height,
-                "samples": self.cfg.samples, "denoise": self.cfg.denoise,
-                "no_diff_fraction": float(self.cfg.no_diff_fraction),
-                "render_overrides": self.cfg.render_overrides, "change_weights": self.cfg.change_weights,
-                "vocab_sha": _vocab_sha(vocab), "difficulty_filters": self.cfg.difficulty_filters}  # fmt: skip
-        path = self.out / CONFIG
-        if path.exists():
-            have = json.loads(path.read_text())
-            have.setdefault("difficulty_filters", {})  # runs made before the filters existed had none
-            diff = [key for key in RESUME_KEYS if have.get(key) != want[key]]
-            if diff:
-                raise ValueError(
-                    f"{self.out} holds a run with different settings ({', '.join(f'{d}: {have.get(d)!r} -> {want[d]!r}' for d in diff)}); "
-                    "use a new --out or the same settings to resume"
-                )
-        else:
-            atomic_write_text(path, json.dumps(want, indent=1))
-
-    def _read_manifest(self) -> set[str]:
-        manifest = read_manifest(self.out, required=False)
-        end_torn_line(self.out)
-        return {e.pair_id for e in manifest.entries if manifest.record_path(e).exists()}
-
-    def _read_stats(self) -> dict:
-        path = self.shard_dir / STATS
-        if path.exists():
-            with contextlib.suppress(json.JSONDecodeError):
-                st = json.loads(path.read_text())
-                st["rejected"] = collections.Counter(st.get("rejected", {}))
-                st["differences_by_type"] = collections.Counter(st.get("differences_by_type", {}))
-                return st
-        return {"accepted": 0, "candidates": 0, "rejected": collections.Counter(), "render_cpu_s": 0.0,
-                "differences_by_type": collections.Counter(), "shard": list(self.cfg.shard)}  # fmt: skip
-
-    def todo(self) -> list[int]:
-        i, n = self.cfg.shard
-        return [j for j in range(self.cfg.num) if j % n == i and pair_id(self.cfg.seed, j) not in self.done]
-
-    def commit(self, record: dict, delta: dict) -> None:
-        """Append the finished pair to the manifest (one O_APPEND write) and update the stats."""
-        with self.lock:
-            if record["pair_id"] in self.done:
-                return
-            append_entry(self.out, record)
-            self.done.add(record["pair_id"])
-            st = self.stats
-            st["accepted"] += 1
-            st["candidates"] += delta["candidates"]
-            st["rejected"].update(delta["rejected"])
-            st["render_cpu_s"] = round(st["render_cpu_s"] + delta["render_cpu_s"], 3)
-            st["peak_rss_mb_per_worker"] = round(
-                max(st.get("peak_rss_mb_per_worker", 0.0), delta.get("peak_rss_mb", 0.0)), 1
-            )
-            st["differences_by_type"].update(record["types"])
-            self._write_stats()
-
-    def _write_stats(self) -> None:
-        st = dict(
-            self.stats,
-            rejected=dict(self.stats["rejected"]),
-            differences_by_type=dict(self.stats["differences_by_type"]),
-        )
-        atomic_write_text(self.shard_dir / STATS, json.dumps(st, indent=1))
-        # Top-level stats: the sum over every shard folder of this output directory.
-        total = {"accepted": 0, "candidates": 0, "rejected": collections.Counter(), "render_cpu_s": 0.0,
-                 "differences_by_type": collections.Counter(), "shards": []}  # fmt: skip
-        for p in sorted(self.out.glob(f"shard-*/{STATS}")):
-            with contextlib.suppress(json.JSONDecodeError, OSError):
-                s = json.loads(p.read_text())
-                for key in ("accepted", "candidates", "render_cpu_s"):
-                    total[key] += s.get(key, 0)
-                total["rejected"].update(s.get("rejected", {}))
-                total["differences_by_type"].update(s.get("differences_by_type", {}))
-                total["shards"].append(p.parent.name)
-                total["peak_rss_mb_per_worker"] = max(
-                    total.get("peak_rss_mb_per_worker", 0.0), s.get("peak_rss_mb_per_worker", 0.0)
-                )
-        total["rejected_total"] = sum(total["rejected"].values())
-        total["acceptance_rate"] = round(total["accepted"] / total["candidates"], 4) if total["candidates"] else None
-        total["renderer_settings"] = self.stats["renderer_settings"]
-        total["render_cpu_s"] = round(total["render_cpu_s"], 3)
-        total["rejected"], total["differences_by_type"] = dict(total["rejected"]), dict(total["differences_by_type"])
-        atomic_write_text(self.out / STATS, json.dumps(total, indent=1))
-
-    def summary(self) -> dict:
-        with self.lock:
-            self._write_stats()
-        return json.loads((self.out / STATS).read_text())
 
 
 # ------------------------------------------------------------------------------------------------ drivers
 
 
-def _progress(cfg, total):
-    if not cfg.progress:
-        return contextlib.nullcontext(None)
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="pair", desc=f"pairs {shard_folder(cfg.shard)}", dynamic_ncols=True)
-
-
-def _run_local(cfg: GenerateConfig, vocab: S.Vocabulary, state: RunState, todo: list[int]) -> None:
+def start_workers(count: int, device: str) -> list[RenderWorker]:
+    """``count`` render workers on ``device``, spawned from this thread (their parent-death signal follows the
+    spawning thread); a device that is not there stops here, before anything is rendered."""
     python = render_python()
-    n_workers = min(cfg.workers, len(todo))
-    workers = [RenderWorker(python) for _ in range(n_workers)]  # spawned from this thread (parent-death signal)
+    workers = [RenderWorker(python) for _ in range(count)]
     try:
-        for w in workers:  # before any rendering: a missing GPU stops the run here
-            w.select_device(cfg.device)
+        for w in workers:
+            w.select_device(device)
     except BaseException:
         for w in workers:
             w.close()
         raise
-    jobs: queue.Queue[int] = queue.Queue()
-    for i in todo:
-        jobs.put(i)
-    errors: list[BaseException] = []
-    stop = threading.Event()
+    return workers
 
-    def loop(worker, bar):
-        maker = PairMaker(cfg, vocab, worker, state.shard_dir)
-        while not stop.is_set():
-            try:
-                index = jobs.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                record, delta = maker.make(index)
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                errors.append(exc)
-                stop.set()
-                return
-            state.commit(record, delta)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(rejected=sum(state.stats["rejected"].values()), refresh=False)
+
+def _run_local(cfg: GenerateConfig, vocab: S.Vocabulary, state: R.RunState, todo: list[int]) -> None:
+    """One thread per render worker, each with its own PairMaker."""
+    workers = start_workers(min(cfg.workers, len(todo)), cfg.device)
+    makers: queue.SimpleQueue[PairMaker] = queue.SimpleQueue()
+    for w in workers:
+        makers.put(PairMaker(cfg, vocab, w, state.shard_dir))
+    mine = threading.local()
+
+    def bind() -> None:
+        mine.maker = makers.get_nowait()
 
     try:
-        with _progress(cfg, len(todo)) as bar:
-            threads = [threading.Thread(target=loop, args=(w, bar), daemon=True) for w in workers]
-            for t in threads:
-                t.start()
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.5)
+        with futures.ThreadPoolExecutor(len(workers), thread_name_prefix="render", initializer=bind) as pool:
+            R.run_local(state, todo, lambda index: mine.maker.make(index), pool)
     finally:
-        stop.set()
         for w in workers:
             w.close()
-    if errors:
-        raise errors[0]
 
 
-def _ray_chunk(cfg_dict: dict, indices: list[int], python: str) -> list[tuple[dict, dict]]:
+def _ray_chunk(cfg: GenerateConfig, python: str, indices: list[int]) -> list[R.Result]:
     """One Ray task: drive a render worker subprocess over a chunk of pair indices."""
-    cfg = GenerateConfig(**cfg_dict)
     vocab = S.load_vocabulary(cfg.vocab)
-    shard_dir = Path(cfg.out) / shard_folder(cfg.shard)
     with RenderWorker(python) as worker:
         worker.select_device(cfg.device)
-        maker = PairMaker(cfg, vocab, worker, shard_dir)
-        out = []
-        for index in indices:
-            record, delta = maker.make(index)
-            delta["rejected"] = dict(delta["rejected"])
-            out.append((record, delta))
-    return out
+        maker = PairMaker(cfg, vocab, worker, cfg.shard_dir)
+        return [maker.make(index) for index in indices]
 
 
-def _run_ray(cfg: GenerateConfig, vocab: S.Vocabulary, state: RunState, todo: list[int]) -> None:
-    import ray
-
-    python = str(render_python())
-    threads = cfg.threads_per_worker
-    started_here = not ray.is_initialized()  # then we own the connection (and a "local" cluster): shut it down
-    if started_here:
-        if cfg.ray_address == "local":
-            ray.init(address="local", num_cpus=cfg.workers * threads, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=cfg.ray_address, log_to_driver=False)
-    try:
-        task = ray.remote(num_cpus=threads, max_retries=2)(_ray_chunk)
-        cfg_dict = dataclasses.asdict(cfg)
-        cfg_dict.update(out=str(cfg.out), vocab=str(cfg.vocab) if cfg.vocab else None, progress=False)
-        chunk = 4  # small chunks: a killed driver loses little work; start-up (~1 s) is paid per chunk
-        pending = [task.remote(cfg_dict, todo[i : i + chunk], python) for i in range(0, len(todo), chunk)]
-        with _progress(cfg, len(todo)) as bar:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                for record, delta in ray.get(ready[0]):
-                    delta["rejected"] = collections.Counter(delta["rejected"])
-                    state.commit(record, delta)
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if started_here:
-            ray.shutdown()
+def _run_ray(cfg: GenerateConfig, state: R.RunState, todo: list[int]) -> None:
+    task_cfg = dataclasses.replace(cfg, progress=False)
+    # small chunks: a killed driver loses little work; start-up (~1 s) is paid per chunk
+    R.run_ray(state, todo, _ray_chunk, (task_cfg, str(render_python())), cfg.threads_per_worker, chunk=4)
 
 
 def generate(cfg: GenerateConfig) -> dict:
@@ -596,65 +378,47 @@ def generate(cfg: GenerateConfig) -> dict:
     cfg.validate()
     cfg.out = Path(cfg.out)
     vocab = S.load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any render
-    if cfg.ray_address is None:
-        render_python()  # a missing render venv fails here too
-    state = RunState(cfg, vocab)
-    todo = state.todo()
-    t0 = time.perf_counter()
-    if todo:
-        (_run_ray if cfg.ray_address else _run_local)(cfg, vocab, state, todo)
-    stats = state.summary()
-    stats["this_run"] = {"pairs": len(todo), "wall_s": round(time.perf_counter() - t0, 2)}
-    return stats
+    render_python()  # a missing render venv fails here too, before the output folder is made
+    state = R.RunState(cfg, cfg.resume_settings(vocab), added_later={"difficulty_filters": {}})
+    return R.run(state, functools.partial(_run_local, cfg, vocab, state), functools.partial(_run_ray, cfg, state))
 
 
 # -------------------------------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--num", type=int, required=True, help="number of pairs of the whole run (all shards)")
-    p.add_argument("--k", default="1", help="differences per pair: an integer or a uniform range like 1-4 (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="run seed; pair ids and content derive from (seed, index)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (created; reruns resume)")
-    p.add_argument("--width", type=int, default=480)
-    p.add_argument("--height", type=int, default=320)
+    p = R.new_parser(PROG, __doc__)
+    R.add_run_flags(p, workers="render worker processes")
     p.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel (default 16 + OIDN)")
     p.add_argument("--no-denoise", action="store_true", help="turn the OIDN denoiser off (tests: 1 spp)")
-    p.add_argument("--workers", type=int, default=1, help="render worker processes (or concurrent Ray tasks)")
     p.add_argument("--threads", type=int, default=None, help="Cycles threads per worker (default cores/workers)")
-    p.add_argument("--shard", default="0/1", help="i/N: make only pairs with index %% N == i (default 0/1)")
-    p.add_argument("--no-diff-fraction", type=float, default=0.0, help="fraction of pairs with zero differences")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address ('auto', 'ray://...') or 'local'")
     p.add_argument("--vocab", type=Path, default=None, help="scene vocabulary YAML (default data_prep/vocabulary.yaml)")
     p.add_argument("--save-masks", action="store_true", help="also save the Object Index masks as .npy")
-    p.add_argument("--device", default="cpu", choices=DEVICES,
-                   help="Cycles device (default cpu); auto = OptiX, CUDA or HIP if present, else cpu")  # fmt: skip
+    device_help = "Cycles device (default cpu); auto = OptiX, CUDA or HIP if present, else cpu"
+    p.add_argument("--device", default="cpu", choices=DEVICES, help=device_help)
     p.add_argument(
         "--difficulty",
         default="",
         metavar="KEY=V,...",
         help="difficulty filters, e.g. min_visible_px=800,max_occluded_fraction=0.5 (default: none)",
     )
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
+@cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = GenerateConfig(
-            out=args.out, num=args.num, k=args.k, seed=args.seed, width=args.width, height=args.height,
-            samples=args.samples, workers=args.workers, threads=args.threads, no_diff_fraction=args.no_diff_fraction,
-            shard=parse_shard(args.shard), vocab=args.vocab, ray_address=args.ray_address,
-            progress=not args.no_progress, denoise=not args.no_denoise, save_masks=args.save_masks,
-            difficulty_filters=parse_filters(args.difficulty), device=args.device,
-        )  # fmt: skip
-        stats = generate(cfg)
-    except (ValueError, S.VocabularyError, RenderEnvError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    print(json.dumps({k: stats[k] for k in ("accepted", "candidates", "rejected", "acceptance_rate", "this_run")}))
+    args = build_parser().parse_args(argv)
+    cfg = GenerateConfig(
+        **R.run_flags(args),
+        samples=args.samples,
+        threads=args.threads,
+        vocab=args.vocab,
+        denoise=not args.no_denoise,
+        save_masks=args.save_masks,
+        difficulty_filters=parse_filters(args.difficulty),
+        device=args.device,
+    )
+    R.print_summary(generate(cfg))
     return 0
 
 

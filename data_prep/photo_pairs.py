@@ -1,18 +1,19 @@
-"""DiG pairs from real photographs: ``python -m data_prep.photo_pairs --coco ANN.json --images DIR --num N --out DIR``.
+"""DiG pairs from real photographs: ``python -m data_prep.photo_pairs --coco ANN --images DIR --num N --out-dir DIR``.
 
-A second pair source next to the Blender renderer (``data_prep.generate``), with the same output contract
-(manifest.jsonl, stats.json, config.json, shard folders of ``<id>_a.png``, ``<id>_b.png``, ``<id>.json``; atomic
-writes; reruns resume; same seeds -> same pairs). A background photo from a COCO-format instance-segmentation set
-gets instances of other photos pasted with their exact masks; A and B differ by additions, removals, colour (hue)
-changes, size changes and replacements, boxed from the final visible masks. docs/photo_pairs.md has the details.
+A second pair source next to the Blender renderer (``data_prep.generate``), with the same output contract and run
+machinery (``data_prep.runner``: manifest.jsonl, stats.json, config.json, shard folders of ``<id>_a.png``,
+``<id>_b.png``, ``<id>.json``; atomic writes; reruns resume; same seeds -> same pairs). A background photo from a
+COCO-format instance-segmentation set gets instances of other photos pasted with their exact masks; A and B differ
+by additions, removals, colour (hue) changes, size changes and replacements, boxed from the final visible masks.
+docs/photo_pairs.md has the details.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import concurrent.futures as futures
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -29,12 +30,15 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from data_prep import generate as G
+from data_prep import runner as R
 from data_prep import scene as S
 from data_prep.photo_coco import CocoSet, PhotoDataError, file_sha256, load_coco
 from data_prep.photo_compose import Compositor, luma, mask_box, saturation
+from dig_common.cli import cli_main
 from dig_common.fileio import atomic_write_bytes, atomic_write_text
+from dig_common.yaml_error import yaml_error_line
 
+PROG = "python -m data_prep.photo_pairs"
 PHOTO_SETTINGS_FILE = Path(__file__).with_name("photo.yaml")
 SOURCE = "photo"
 COMPOSITOR = {"name": "photo-composite", "version": "1"}
@@ -46,8 +50,6 @@ BOX_RULE = {  # in which image(s) a difference is boxed (the renderer's rule; re
     "size": ("a", "b"),
     "replacement": ("a", "b"),
 }
-RESUME_KEYS = ("source", "seed", "k", "width", "height", "no_diff_fraction", "coco_sha256", "categories",
-               "settings_sha256", "gates", "change_weights")  # fmt: skip
 
 
 class SamplingError(RuntimeError):
@@ -69,7 +71,7 @@ def load_settings(path: Path | str | None = None) -> dict:
     except FileNotFoundError as err:
         raise PhotoDataError(f"photo settings file {path} not found") from err
     except yaml.YAMLError as err:
-        raise PhotoDataError(f"{path}: not valid YAML: {err}") from err
+        raise PhotoDataError(f"{path}: not valid YAML: {yaml_error_line(err)}") from err
     default = yaml.safe_load(PHOTO_SETTINGS_FILE.read_text())
 
     def check(have, want, where):
@@ -102,28 +104,23 @@ def load_settings(path: Path | str | None = None) -> dict:
     return settings
 
 
-@dataclass
-class PhotoConfig:
-    out: Path
-    num: int
+@dataclass(kw_only=True)
+class PhotoConfig(R.RunConfig):
+    """A photo run: the shared run fields (``runner.RunConfig``: out, num, k, seed, width, height, workers,
+    no_diff_fraction, shard, ray_address, progress) and the COCO-format set's."""
+
     coco: Path | str
     images: Path | str
-    k: int | str = "1"
-    seed: int = 0
-    width: int = 480
-    height: int = 320
-    workers: int = 1
-    no_diff_fraction: float = 0.0
-    shard: tuple[int, int] = (0, 1)
-    ray_address: str | None = None
-    progress: bool = True
     categories: list[str] | None = None
     settings: Path | str | None = None  # photo.yaml
     change_weights: dict[str, float] | None = None  # overrides edits.weights
 
+    ID_PREFIX = "p"  # never collides with a rendered pair (``s...``) in a mixed stage
+    MIN_SIZE = 32  # pastes need room: 32 px, not the renderer's 16
+
     def validate(self) -> None:
         """Raise ValueError naming the bad flag, before anything is read or written."""
-        G.validate_run_flags(self, min_size=32)  # pastes need room: 32 px, not the renderer's 16
+        super().validate()
         if self.change_weights is not None:
             bad = set(self.change_weights) - set(EDIT_TYPES)
             if bad:
@@ -135,10 +132,21 @@ class PhotoConfig:
         """What stats.json records as the image settings (the renderer's key, for the same stats layout)."""
         return {**COMPOSITOR, "width": self.width, "height": self.height}
 
-
-def pair_id(seed: int, index: int) -> str:
-    """``p<seed>-<index>``: never collides with a rendered pair (``s...``) in a mixed stage."""
-    return "p" + G.pair_id(seed, index)[1:]
+    def resume_settings(self, coco: CocoSet, settings: dict) -> dict:
+        """What a rerun into the same output folder must repeat (config.json)."""
+        return {
+            "source": SOURCE,
+            "seed": self.seed,
+            "k": str(self.k),
+            "width": self.width,
+            "height": self.height,
+            "no_diff_fraction": float(self.no_diff_fraction),
+            "coco_sha256": coco.sha256,
+            "categories": self.categories,
+            "settings_sha256": settings["sha256"],
+            "gates": gate_thresholds(settings, self.width, self.height),
+            "change_weights": self.change_weights,
+        }
 
 
 def gate_thresholds(settings: dict, width: int, height: int) -> dict:
@@ -172,8 +180,12 @@ class Sampler:
         bg_id = rng.choice(self.coco.backgrounds)
         info = self.coco.images[bg_id]
         scale = max(self.width / info.width, self.height / info.height)
-        bg = {"image_id": bg_id, "x0": round(rng.uniform(0, info.width - self.width / scale), 3),
-              "y0": round(rng.uniform(0, info.height - self.height / scale), 3), "scale": round(scale, 6)}  # fmt: skip
+        bg = {
+            "image_id": bg_id,
+            "x0": round(rng.uniform(0, info.width - self.width / scale), 3),
+            "y0": round(rng.uniform(0, info.height - self.height / scale), 3),
+            "scale": round(scale, 6),
+        }
         self.next_id = 1
         pastes_a, pastes_b, recolor_a, recolor_b, edits = [], [], [], [], []
         types = [self._pick_type(rng) for _ in range(k)]
@@ -225,8 +237,13 @@ class Sampler:
         return scene_a, edits, scene_b
 
     def _edit(self, t: str, oid: int, inst) -> dict:
-        return {"type": t, "object_id": oid, "ann_id": inst.ann_id, "image_id": inst.image_id,
-                "category": self.coco.categories[inst.category_id]}  # fmt: skip
+        return {
+            "type": t,
+            "object_id": oid,
+            "ann_id": inst.ann_id,
+            "image_id": inst.image_id,
+            "category": self.coco.categories[inst.category_id],
+        }
 
     def _new_id(self) -> int:
         self.next_id += 1
@@ -370,13 +387,15 @@ def check_pair(img_a, img_b, vis_a, vis_b, full_a, full_b, edits, gates) -> tupl
             return "difference_unchanged", []
         d = gates["leak_box_dilation_px"]
         allowed[max(0, y0 - d) : y1 + d, max(0, x0 - d) : x1 + d] = True
-        differences.append({
-            **{k: e[k] for k in e if k not in ("factor",)},
-            "box": box,
-            "visible_px_a": int(vis_a[oid].sum()) if oid in vis_a else 0,
-            "visible_px_b": int(vis_b[oid].sum()) if oid in vis_b else 0,
-            "changed_px": changed_px,
-        })  # fmt: skip
+        differences.append(
+            {
+                **{k: e[k] for k in e if k not in ("factor",)},
+                "box": box,
+                "visible_px_a": int(vis_a[oid].sum()) if oid in vis_a else 0,
+                "visible_px_b": int(vis_b[oid].sum()) if oid in vis_b else 0,
+                "changed_px": changed_px,
+            }
+        )
     # No unlabelled change: no 8-connected blob of clearly changed pixels outside every dilated box. (Stricter than
     # "a blob touching no dilated box": the part of a blob outside the boxes counts on its own.)
     outside = (diff > gates["leak_intensity"]) & ~allowed
@@ -394,8 +413,16 @@ def objects_of(scene: dict, full: dict, vis: dict) -> list[dict]:
     out = []
     for item in scene["recolor"] + scene["pastes"]:
         oid = item["id"]
-        out.append({"id": oid, "ann_id": item["ann_id"], "pasted": item in scene["pastes"],
-                    "box": mask_box(vis[oid]), "visible_px": int(vis[oid].sum()), "mask_px": int(full[oid].sum())})  # fmt: skip
+        out.append(
+            {
+                "id": oid,
+                "ann_id": item["ann_id"],
+                "pasted": item in scene["pastes"],
+                "box": mask_box(vis[oid]),
+                "visible_px": int(vis[oid].sum()),
+                "mask_px": int(full[oid].sum()),
+            }
+        )
     return out
 
 
@@ -419,9 +446,9 @@ class PhotoPairMaker:
 
     def make(self, index: int) -> tuple[dict, dict]:
         """Returns (manifest record, stats delta). Files are complete on disk when this returns."""
-        cfg, pid = self.cfg, pair_id(self.cfg.seed, index)
-        k = G.plan_k(cfg, index)
-        delta = {"candidates": 0, "rejected": collections.Counter(), "render_cpu_s": 0.0}
+        cfg, pid = self.cfg, self.cfg.pair_id(index)
+        k = R.plan_k(cfg, index)
+        delta = R.new_delta()
         cpu0 = time.process_time()
         attempts = int(self.settings["gates"]["max_attempts_per_pair"])
         for attempt in range(attempts):
@@ -441,14 +468,17 @@ class PhotoPairMaker:
                 continue
             delta["render_cpu_s"] = round(time.process_time() - cpu0, 4)
             delta["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-            return self._write(pid, index, attempt, cand_seed, k, scene_a, scene_b, edits, differences,
-                               (img_a, full_a, vis_a), (img_b, full_b, vis_b)), delta  # fmt: skip
+            drawn = (img_a, full_a, vis_a), (img_b, full_b, vis_b)
+            record = self._write(pid, index, attempt, cand_seed, k, (scene_a, edits, scene_b), differences, *drawn)
+            return record, delta
         raise RuntimeError(
             f"pair {pid}: no candidate passed the quality gates in {attempts} attempts (rejections: "
             f"{dict(delta['rejected'])}); relax the gates in {self.settings['path']}, lower --k or check the COCO set"
         )
 
-    def _write(self, pid, index, attempt, cand_seed, k, scene_a, scene_b, edits, differences, a, b) -> dict:
+    def _write(self, pid, index, attempt, cand_seed, k, scenes, differences, a, b) -> dict:
+        """Write the pair's images and record; ``a``, ``b``: (image, full masks, visible masks) of each side."""
+        scene_a, edits, scene_b = scenes
         cfg, bg = self.cfg, scene_a["background"]
         info = self.coco.images[bg["image_id"]]
         used = sorted({p["ann_id"] for s in (scene_a, scene_b) for p in s["pastes"] + s["recolor"]})
@@ -470,7 +500,7 @@ class PhotoPairMaker:
                 "settings": self.settings["path"],
                 "settings_sha256": self.settings["sha256"],
                 "change_weights": cfg.change_weights,
-            },  # fmt: skip
+            },
             "width": cfg.width,
             "height": cfg.height,
             "renderer": {**COMPOSITOR, "settings": {"gates": self.gates, "pastes": self.settings["pastes"]}},
@@ -488,55 +518,13 @@ class PhotoPairMaker:
         atomic_write_bytes(final_a, encode_png(a[0]))
         atomic_write_bytes(final_b, encode_png(b[0]))
         atomic_write_text(self.shard_dir / f"{pid}.json", json.dumps(record, indent=1))
-        return {
-            "pair_id": pid,
-            "json": f"{self.shard_dir.name}/{pid}.json",
-            "image_a": f"{self.shard_dir.name}/{final_a.name}",
-            "image_b": f"{self.shard_dir.name}/{final_b.name}",
-            "num_differences": len(differences),
-            "types": [d["type"] for d in differences],
-            "index": index,
-        }
-
-
-# ------------------------------------------------------------------------------------- output directory
-
-
-class PhotoRunState(G.RunState):
-    """generate.RunState (manifest, stats, resume, shards) with the photo source's ids and resume settings."""
-
-    def __init__(self, cfg: PhotoConfig, coco: CocoSet, settings: dict):
-        self._photo = (coco, settings)
-        super().__init__(cfg, coco)
-
-    def _check_config(self, coco) -> None:
-        cfg, settings = self.cfg, self._photo[1]
-        want = {"source": SOURCE, "seed": cfg.seed, "k": str(cfg.k), "width": cfg.width, "height": cfg.height,
-                "no_diff_fraction": float(cfg.no_diff_fraction), "coco_sha256": coco.sha256,
-                "categories": cfg.categories, "settings_sha256": settings["sha256"],
-                "gates": gate_thresholds(settings, cfg.width, cfg.height), "change_weights": cfg.change_weights}  # fmt: skip
-        path = self.out / G.CONFIG
-        if path.exists():
-            have = json.loads(path.read_text())
-            diff = [key for key in RESUME_KEYS if have.get(key) != want[key]]
-            if diff:
-                changes = ", ".join(f"{d}: {have.get(d)!r} -> {want[d]!r}" for d in diff)
-                raise ValueError(
-                    f"{self.out} holds a run with different settings ({changes}); "
-                    "use a new --out or the same settings to resume"
-                )
-        else:
-            atomic_write_text(path, json.dumps(want, indent=1))
-
-    def todo(self) -> list[int]:
-        i, n = self.cfg.shard
-        return [j for j in range(self.cfg.num) if j % n == i and pair_id(self.cfg.seed, j) not in self.done]
+        return R.manifest_entry(self.shard_dir, pid, index, differences)
 
 
 # ------------------------------------------------------------------------------------------------ drivers
 
 _PROCESS: dict = {}  # per process: the loaded COCO set (a Ray worker process keeps it between tasks)
-INDEX_CACHE = "coco_index.pkl"  # in --out: the checked set as the Ray driver loaded it, for its workers
+INDEX_CACHE = "coco_index.pkl"  # in --out-dir: the checked set as the Ray driver loaded it, for its workers
 
 
 def _set_key(cfg: PhotoConfig) -> tuple:
@@ -572,96 +560,38 @@ def write_index_cache(cfg: PhotoConfig) -> Path:
 
 def _maker(cfg: PhotoConfig) -> PhotoPairMaker:
     coco, settings = _load(cfg)
-    return PhotoPairMaker(cfg, coco, settings, Path(cfg.out) / G.shard_folder(cfg.shard))
+    return PhotoPairMaker(cfg, coco, settings, cfg.shard_dir)
 
 
-def _pool_init(cfg_dict: dict) -> None:
-    _PROCESS["maker"] = _maker(PhotoConfig(**cfg_dict))
+def _pool_init(cfg: PhotoConfig) -> None:
+    _PROCESS["maker"] = _maker(cfg)
 
 
-def _pool_make(index: int) -> tuple[dict, dict]:
-    record, delta = _PROCESS["maker"].make(index)
-    delta["rejected"] = dict(delta["rejected"])
-    return record, delta
+def _pool_make(index: int) -> R.Result:
+    return _PROCESS["maker"].make(index)
 
 
-def _commit(state, bar, record, delta) -> None:
-    delta["rejected"] = collections.Counter(delta["rejected"])
-    state.commit(record, delta)
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(rejected=sum(state.stats["rejected"].values()), refresh=False)
+def _run_local(cfg: PhotoConfig, state: R.RunState, todo: list[int]) -> None:
+    if cfg.workers == 1 or len(todo) == 1:
+        R.run_local(state, todo, _maker(cfg).make, pool=None)
+        return
+    # fork: the workers inherit the parent's loaded COCO set (a large file is parsed once)
+    ctx = multiprocessing.get_context("fork")
+    with futures.ProcessPoolExecutor(cfg.workers, ctx, _pool_init, (dataclasses.replace(cfg, progress=False),)) as pool:
+        R.run_local(state, todo, _pool_make, pool)
 
 
-def _cfg_dict(cfg: PhotoConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d.update(out=str(cfg.out), coco=str(cfg.coco), images=str(cfg.images), progress=False,
-             settings=str(cfg.settings) if cfg.settings else None)  # fmt: skip
-    return d
-
-
-def _run_local(cfg: PhotoConfig, state, todo: list[int]) -> None:
-    with G._progress(cfg, len(todo)) as bar:
-        if cfg.workers == 1 or len(todo) == 1:
-            maker = _maker(cfg)
-            for index in todo:
-                _commit(state, bar, *maker.make(index))
-            return
-        # fork: the workers inherit the parent's loaded COCO set (a large file is parsed once)
-        ctx = multiprocessing.get_context("fork")
-        with futures.ProcessPoolExecutor(cfg.workers, ctx, _pool_init, (_cfg_dict(cfg),)) as pool:
-            pending: set = set()
-            queue = iter(todo)
-            try:
-                while True:
-                    while len(pending) < 4 * cfg.workers and (index := next(queue, None)) is not None:
-                        pending.add(pool.submit(_pool_make, index))
-                    if not pending:
-                        break
-                    done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-                    for fut in done:
-                        _commit(state, bar, *fut.result())
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
-
-
-def _ray_chunk(cfg_dict: dict, indices: list[int]) -> list[tuple[dict, dict]]:
+def _ray_chunk(cfg: PhotoConfig, indices: list[int]) -> list[R.Result]:
     """One Ray task: make a chunk of pairs (the COCO set is loaded once per Ray worker process)."""
-    cfg = PhotoConfig(**cfg_dict)
     _load(cfg, Path(cfg.out) / INDEX_CACHE)
     maker = _maker(cfg)
-    out = []
-    for index in indices:
-        record, delta = maker.make(index)
-        delta["rejected"] = dict(delta["rejected"])
-        out.append((record, delta))
-    return out
+    return [maker.make(index) for index in indices]
 
 
-def _run_ray(cfg: PhotoConfig, state, todo: list[int]) -> None:
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        if cfg.ray_address == "local":
-            ray.init(address="local", num_cpus=cfg.workers, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=cfg.ray_address, log_to_driver=False)
-    try:
-        write_index_cache(cfg)
-        task = ray.remote(num_cpus=1, max_retries=2)(_ray_chunk)
-        cfg_dict, chunk = _cfg_dict(cfg), 16  # a killed driver loses little; a task makes ~16 pairs in seconds
-        pending = [task.remote(cfg_dict, todo[i : i + chunk]) for i in range(0, len(todo), chunk)]
-        with G._progress(cfg, len(todo)) as bar:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                for record, delta in ray.get(ready[0]):
-                    _commit(state, bar, record, delta)
-    finally:
-        if started_here:
-            ray.shutdown()
+def _run_ray(cfg: PhotoConfig, state: R.RunState, todo: list[int]) -> None:
+    write_index_cache(cfg)
+    # a killed driver loses little; a task makes ~16 pairs in seconds
+    R.run_ray(state, todo, _ray_chunk, (dataclasses.replace(cfg, progress=False),), cpus_per_task=1, chunk=16)
 
 
 def generate(cfg: PhotoConfig) -> dict:
@@ -669,54 +599,31 @@ def generate(cfg: PhotoConfig) -> dict:
     cfg.validate()
     cfg.out = Path(cfg.out)
     coco, settings = _load(cfg)  # bad annotations, images or filters fail here, before anything is written
-    state = PhotoRunState(cfg, coco, settings)
-    todo = state.todo()
-    t0 = time.perf_counter()
-    if todo:
-        (_run_ray if cfg.ray_address else _run_local)(cfg, state, todo)
-    stats = state.summary()
-    stats["this_run"] = {"pairs": len(todo), "wall_s": round(time.perf_counter() - t0, 2)}
-    return stats
+    state = R.RunState(cfg, cfg.resume_settings(coco, settings))
+    return R.run(state, functools.partial(_run_local, cfg, state), functools.partial(_run_ray, cfg, state))
 
 
 # -------------------------------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep.photo_pairs", description=__doc__.split("\n")[0])
+    p = R.new_parser(PROG, __doc__)
     p.add_argument("--coco", type=Path, required=True, help="COCO-format instance annotations (JSON)")
     p.add_argument("--images", type=Path, required=True, help="folder of the images named in --coco")
-    p.add_argument("--num", type=int, required=True, help="number of pairs of the whole run (all shards)")
-    p.add_argument("--k", default="1", help="differences per pair: an integer or a uniform range like 1-4 (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="run seed; pair ids and content derive from (seed, index)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (created; reruns resume)")
-    p.add_argument("--width", type=int, default=480)
-    p.add_argument("--height", type=int, default=320)
-    p.add_argument("--workers", type=int, default=1, help="worker processes (or concurrent Ray tasks)")
-    p.add_argument("--shard", default="0/1", help="i/N: make only pairs with index %% N == i (default 0/1)")
-    p.add_argument("--no-diff-fraction", type=float, default=0.0, help="fraction of pairs with zero differences")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address ('auto', 'ray://...') or 'local'")
+    R.add_run_flags(p, workers="worker processes")
     p.add_argument("--categories", default=None, help="comma-separated category names or ids to use (default all)")
     p.add_argument("--settings", type=Path, default=None, help="photo settings YAML (default data_prep/photo.yaml)")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
+@cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = PhotoConfig(
-            out=args.out, num=args.num, coco=args.coco, images=args.images, k=args.k, seed=args.seed,
-            width=args.width, height=args.height, workers=args.workers, no_diff_fraction=args.no_diff_fraction,
-            shard=G.parse_shard(args.shard), ray_address=args.ray_address, progress=not args.no_progress,
-            categories=[c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None,
-            settings=args.settings,
-        )  # fmt: skip
-        stats = generate(cfg)
-    except (ValueError, S.VocabularyError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    print(json.dumps({k: stats[k] for k in ("accepted", "candidates", "rejected", "acceptance_rate", "this_run")}))
+    args = build_parser().parse_args(argv)
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    cfg = PhotoConfig(
+        **R.run_flags(args), coco=args.coco, images=args.images, categories=categories, settings=args.settings
+    )
+    R.print_summary(generate(cfg))
     return 0
 
 

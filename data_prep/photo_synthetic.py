@@ -1,6 +1,6 @@
 """A small COCO-format instance-segmentation set drawn from scratch, for tests, benchmarks and the docs gallery.
 
-    python -m data_prep.photo_synthetic --out DIR --num-images 24 [--seed 0]   # DIR/annotations.json, DIR/images/
+    python -m data_prep.photo_synthetic --out-dir DIR --num-images 24 [--seed 0]   # DIR/annotations.json, DIR/images/
 
 Each image is a generated texture (smooth random waves, a gradient, noise, saved as JPEG like a photo) with a few
 textured, saturated shapes. Annotations use all three COCO segmentation encodings: polygons (triangles, stars,
@@ -10,7 +10,6 @@ must never use: a crowd region, a tiny shape and a shape cut by the image border
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_prep import runner as R
+from dig_common.cli import CliError, cli_main
+
+PROG = "python -m data_prep.photo_synthetic"
+MIN_SIZE = 64  # the drawn shapes (radius up to 0.22 of the short side, a 34 px border disc) need room
 CATEGORIES = ["disc", "triangle", "star", "block", "ring"]
 
 
@@ -41,10 +45,12 @@ def _polygon(kind: str, cx: float, cy: float, r: float, rot: float) -> list[tupl
     else:  # block: a rotated quad
         n, radii = 4, [r]
     return [
-        (cx + radii[i % len(radii)] * math.cos(rot + 2 * math.pi * i / n),
-         cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n))
+        (
+            cx + radii[i % len(radii)] * math.cos(rot + 2 * math.pi * i / n),
+            cy + radii[i % len(radii)] * math.sin(rot + 2 * math.pi * i / n),
+        )
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def shape_mask(kind: str, width: int, height: int, cx, cy, r, rot) -> tuple[np.ndarray, list | None]:
@@ -85,6 +91,7 @@ def write_coco_set(out: Path, num_images: int = 24, seed: int = 0, width: int = 
     """Write ``out/images/*.jpg`` and ``out/annotations.json``; returns the annotation file."""
     from pycocotools import mask as mask_utils
 
+    check_args(out, num_images, seed, width, height)
     rng = np.random.default_rng(seed)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -103,8 +110,17 @@ def write_coco_set(out: Path, num_images: int = 24, seed: int = 0, width: int = 
         else:
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             seg = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
-        annotations.append({"id": ann_id, "image_id": image_id, "category_id": cat_id[kind], "bbox": bbox,
-                            "area": float(mask.sum()), "segmentation": seg, "iscrowd": int(crowd)})  # fmt: skip
+        annotations.append(
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": cat_id[kind],
+                "bbox": bbox,
+                "area": float(mask.sum()),
+                "segmentation": seg,
+                "iscrowd": int(crowd),
+            }
+        )
         ann_id += 1
 
     for image_id in range(1, num_images + 1):
@@ -138,22 +154,39 @@ def write_coco_set(out: Path, num_images: int = 24, seed: int = 0, width: int = 
         name = f"{image_id:06d}.jpg"
         Image.fromarray(img.astype(np.uint8)).save(out / "images" / name, quality=92)
         images.append({"id": image_id, "file_name": name, "width": width, "height": height})
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": cat_id[n], "name": n, "supercategory": "shape"} for n in CATEGORIES]}  # fmt: skip
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cat_id[n], "name": n, "supercategory": "shape"} for n in CATEGORIES],
+    }
     path = out / "annotations.json"
     path.write_text(json.dumps(coco))
     return path
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.photo_synthetic", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
+def check_args(out: Path, num_images: int, seed: int, width: int, height: int) -> None:
+    """A CliError naming the bad flag, before anything is drawn or written."""
+    if num_images < 1:
+        raise CliError(f"--num-images: expected an integer >= 1, got {num_images}")
+    if seed < 0:
+        raise CliError(f"--seed: expected an integer >= 0, got {seed}")
+    for name, v in (("width", width), ("height", height)):
+        if not MIN_SIZE <= v <= 8192:
+            raise CliError(f"--{name}: expected an integer in [{MIN_SIZE}, 8192], got {v}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise CliError(f"--out-dir: {out} is a file; give a folder")
+
+
+@cli_main(PROG)
+def main(argv: list[str] | None = None) -> int:
+    p = R.new_parser(PROG, __doc__)
+    p.add_argument("--out-dir", type=Path, required=True, help="folder to fill: annotations.json and images/")
     p.add_argument("--num-images", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=200)
     p.add_argument("--height", type=int, default=150)
     args = p.parse_args(argv)
-    print(write_coco_set(args.out, args.num_images, args.seed, args.width, args.height))
+    print(write_coco_set(args.out_dir, args.num_images, args.seed, args.width, args.height))
     return 0
 
 

@@ -79,8 +79,13 @@ def srgb8_to_lab(rgb: np.ndarray) -> np.ndarray:
     """8-bit sRGB (..., 3) -> CIE L*a*b* (D65 white)."""
     c = rgb.astype(np.float64) / 255.0
     lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
-                  [0.0193339, 0.1191920, 0.9503041]])  # fmt: skip
+    m = np.array(
+        [
+            [0.4124564, 0.3575761, 0.1804375],
+            [0.2126729, 0.7151522, 0.0721750],
+            [0.0193339, 0.1191920, 0.9503041],
+        ]
+    )
     xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
     f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
@@ -105,8 +110,13 @@ def delta_e_ciede2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
     hsum = h1p + h2p
     h_bar = np.where(np.abs(h1p - h2p) > 180, np.where(hsum < 360, hsum + 360, hsum - 360), hsum) / 2
     h_bar = np.where(c1p * c2p == 0, hsum, h_bar)
-    t = (1 - 0.17 * np.cos(np.radians(h_bar - 30)) + 0.24 * np.cos(np.radians(2 * h_bar))
-         + 0.32 * np.cos(np.radians(3 * h_bar + 6)) - 0.20 * np.cos(np.radians(4 * h_bar - 63)))  # fmt: skip
+    t = (
+        1
+        - 0.17 * np.cos(np.radians(h_bar - 30))
+        + 0.24 * np.cos(np.radians(2 * h_bar))
+        + 0.32 * np.cos(np.radians(3 * h_bar + 6))
+        - 0.20 * np.cos(np.radians(4 * h_bar - 63))
+    )
     s_l = 1 + 0.015 * (L_bar - 50) ** 2 / np.sqrt(20 + (L_bar - 50) ** 2)
     s_c, s_h = 1 + 0.045 * cp_bar, 1 + 0.015 * cp_bar * t
     r_t = (
@@ -220,16 +230,28 @@ def evaluate_pair(mask_a, mask_b, img_a, img_b, differences, untouched_ids, gate
                 reject(
                     "difference_unchanged", f"{t} of object {oid}: {changed_px} px changed < {gates['min_changed_px']}"
                 )
-        diff = {"type": t, "object_id": oid, "box": box, "visible_px_a": px_a, "visible_px_b": px_b,
-                "changed_px": changed_px}  # fmt: skip
+        diff = {
+            "type": t,
+            "object_id": oid,
+            "box": box,
+            "visible_px_a": px_a,
+            "visible_px_b": px_b,
+            "changed_px": changed_px,
+        }
         if not masks_only:
             diff["difficulty"] = difficulty(diff, mask_a.shape[::-1], silhouettes, mask_a, mask_b, img_a, img_b)
         result["differences"].append(diff)
 
     if not masks_only and "unlabeled_min_px" in gates:
         # Reflections, shadows or light bounces on untouched objects that changed visibly but carry no box.
-        blobs = unlabeled_blobs(img_a, img_b, [d["box"] for d in result["differences"] if d["box"]],
-                                gates["unlabeled_intensity"], gates["unlabeled_min_px"], gates["unlabeled_dilate_px"])  # fmt: skip
+        blobs = unlabeled_blobs(
+            img_a,
+            img_b,
+            [d["box"] for d in result["differences"] if d["box"]],
+            gates["unlabeled_intensity"],
+            gates["unlabeled_min_px"],
+            gates["unlabeled_dilate_px"],
+        )
         if blobs:
             reject("unlabeled_change", f"{len(blobs)} changed blob(s) outside every GT box, largest {blobs[0]}")
 
@@ -547,8 +569,13 @@ def handle(scene: BlenderScene, job: dict) -> dict:
         scene.sync(job[side], render)
         bad, silhouettes[side[-1]] = scene.project(job[side], gates["frame_margin_px"])
         if bad:
-            return {"accepted": False, "reason": "out_of_frame", "detail": f"{side}: objects {bad} leave the frame",
-                    "differences": [], "timing": {"total_s": time.perf_counter() - t0}}  # fmt: skip
+            return {
+                "accepted": False,
+                "reason": "out_of_frame",
+                "detail": f"{side}: objects {bad} leave the frame",
+                "differences": [],
+                "timing": {"total_s": time.perf_counter() - t0},
+            }
     timing["check_s"] = time.perf_counter() - t0
     diff_ids = {d["object_id"] for d in job["differences"]}
     ids_a = {o["id"] for o in job["scene_a"]["objects"]}
@@ -566,15 +593,24 @@ def handle(scene: BlenderScene, job: dict) -> dict:
         timing["prepass_s"] = time.perf_counter() - t0 - timing["check_s"]
         if not res["accepted"]:
             timing.update(total_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
-            return {"accepted": False, "reason": res["reason"], "detail": "mask pre-pass: " + res["detail"],
-                    "differences": res["differences"], "timing": timing}  # fmt: skip
+            return {
+                "accepted": False,
+                "reason": res["reason"],
+                "detail": "mask pre-pass: " + res["detail"],
+                "differences": res["differences"],
+                "timing": timing,
+            }
     scene.sync(job["scene_a"], render)
     t1 = time.perf_counter()
     mask_a, img_a = scene.render(job["out_a"])
     t2 = time.perf_counter()
     if job.get("only_a"):  # benchmarks: cost of one image
-        return {"accepted": None, "reason": None, "differences": [],
-                "timing": {"render_a_s": t2 - t1, "cpu_s": time.process_time() - c0}}  # fmt: skip
+        return {
+            "accepted": None,
+            "reason": None,
+            "differences": [],
+            "timing": {"render_a_s": t2 - t1, "cpu_s": time.process_time() - c0},
+        }
     scene.sync(job["scene_b"], render)
     mask_b, img_b = scene.render(job["out_b"])
     t3 = time.perf_counter()
@@ -584,8 +620,9 @@ def handle(scene: BlenderScene, job: dict) -> dict:
         np.save(job["save_masks"] + "_mask_b.npy", mask_b)
     res["objects_a"] = {str(k): v for k, v in res["objects_a"].items()}
     res["objects_b"] = {str(k): v for k, v in res["objects_b"].items()}
-    timing.update(render_a_s=t2 - t1, render_b_s=t3 - t2, total_s=time.perf_counter() - t0,
-                  cpu_s=time.process_time() - c0)  # fmt: skip
+    timing.update(
+        render_a_s=t2 - t1, render_b_s=t3 - t2, total_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0
+    )
     res["timing"] = timing
     return res
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from dig_common.yaml_error import yaml_error_line
+
 DEFAULT_VOCAB_PATH = Path(__file__).with_name("vocabulary.yaml")
 # The paper's six, then opt-in types (weight 0 in vocabulary.yaml unless you raise it).
 CHANGE_TYPES = ("size", "shape", "material", "color", "removal", "addition", "move")
@@ -107,9 +109,18 @@ def _bsdf(path, key, value):
 
 
 REQUIRED_KEYS = (
-    "shapes", "colors", "materials", "sizes", "objects_per_scene", "placement", "camera", "ground",
-    "lights", "changes", "gates",
-)  # fmt: skip
+    "shapes",
+    "colors",
+    "materials",
+    "sizes",
+    "objects_per_scene",
+    "placement",
+    "camera",
+    "ground",
+    "lights",
+    "changes",
+    "gates",
+)
 GATE_KEYS = {
     "min_visible_fraction": (0.0, 1.0, False),
     "min_visible_floor": (0, 10**9, True),
@@ -136,7 +147,7 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise VocabularyError(f"{p}: not valid YAML: {exc}") from exc
+        raise VocabularyError(f"{p}: not valid YAML: {yaml_error_line(exc)}") from exc
     if not isinstance(raw, dict):
         raise VocabularyError(f"{p}: expected a mapping at the top level")
     for key in REQUIRED_KEYS:
@@ -217,14 +228,16 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
         _mapping(p, k, lt)
         if lt.get("type") not in LIGHT_TYPES:
             raise _fail(p, f"{k}.type", f"must be one of {LIGHT_TYPES}, got {lt.get('type')!r}")
-        lights.append({
-            "name": str(lt.get("name", f"light{i}")),
-            "type": lt["type"],
-            "energy": _num(p, f"{k}.energy", lt.get("energy"), 0, 1e6),
-            "size": _num(p, f"{k}.size", lt.get("size", 1.0), 0, 100),
-            "location": _vec(p, f"{k}.location", lt.get("location"), 3),
-            "location_jitter": _num(p, f"{k}.location_jitter", lt.get("location_jitter", 0.0), 0, 10),
-        })  # fmt: skip
+        lights.append(
+            {
+                "name": str(lt.get("name", f"light{i}")),
+                "type": lt["type"],
+                "energy": _num(p, f"{k}.energy", lt.get("energy"), 0, 1e6),
+                "size": _num(p, f"{k}.size", lt.get("size", 1.0), 0, 100),
+                "location": _vec(p, f"{k}.location", lt.get("location"), 3),
+                "location_jitter": _num(p, f"{k}.location_jitter", lt.get("location_jitter", 0.0), 0, 10),
+            }
+        )
 
     ch = _mapping(p, "changes", raw["changes"])
     for name in ch:
@@ -245,10 +258,21 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
         gates[name] = _num(p, f"gates.{name}", gates_raw[name], lo, hi, integer=integer)
 
     return Vocabulary(
-        path=p, shapes=shapes, colors=colors, materials=materials, sizes=sizes, objects_min=omin,
-        objects_max=omax, placement=placement, camera=camera, ground=ground, world_color=world_color,
-        lights=lights, changes=changes, gates=gates,
-    )  # fmt: skip
+        path=p,
+        shapes=shapes,
+        colors=colors,
+        materials=materials,
+        sizes=sizes,
+        objects_min=omin,
+        objects_max=omax,
+        placement=placement,
+        camera=camera,
+        ground=ground,
+        world_color=world_color,
+        lights=lights,
+        changes=changes,
+        gates=gates,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- seeding
@@ -265,8 +289,16 @@ def derive_seed(*parts: Any) -> int:
 
 def _object(vocab: Vocabulary, oid: int, shape: str, color: str, material: str, size: str, x, y, rot) -> dict:
     """Resolved object entry of a scene spec."""
-    obj = {"id": oid, "shape": shape, "color": color, "material": material, "size": size, "x": x, "y": y,
-           "rotation_deg": rot}  # fmt: skip
+    obj = {
+        "id": oid,
+        "shape": shape,
+        "color": color,
+        "material": material,
+        "size": size,
+        "x": x,
+        "y": y,
+        "rotation_deg": rot,
+    }
     return resolve_object(vocab, obj)
 
 
@@ -414,8 +446,12 @@ def sample_edits(vocab: Vocabulary, scene: dict, k: int, seed: int, weights: dic
     next_id = max((o["id"] for o in scene["objects"]), default=0) + 1
     edits = []
     by_id = {o["id"]: o for o in scene["objects"]}
-    attr_of = {"size": ("size", vocab.sizes), "shape": ("shape", vocab.shapes), "material": ("material", vocab.materials),
-               "color": ("color", vocab.colors)}  # fmt: skip
+    attr_of = {
+        "size": ("size", vocab.sizes),
+        "shape": ("shape", vocab.shapes),
+        "material": ("material", vocab.materials),
+        "color": ("color", vocab.colors),
+    }
     for _ in range(k):
         allowed = ["addition"]
         if free:

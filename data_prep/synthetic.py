@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_prep.scene import parse_k
+
 RENDERER = {"name": "synthetic", "version": "1", "samples": 0}
 
 
@@ -122,7 +124,7 @@ def generate(cfg) -> dict:
 
     K of pair ``index`` cycles through the run's K range (0 for a ``no_diff_fraction`` share), deterministically.
     """
-    low, high = (int(v) for v in str(cfg.k).split("-")) if "-" in str(cfg.k) else (int(cfg.k), int(cfg.k))
+    low, high = parse_k(cfg.k)
     period = round(1 / cfg.no_diff_fraction) if cfg.no_diff_fraction > 0 else 0
 
     def k_of(index: int) -> int:

@@ -1,4 +1,5 @@
-"""The generation CLI/API end to end at 64x64, 1 spp: output contract, resume, SIGKILL, shards, bad input."""
+"""The generation API/CLI end to end at 64x64, 1 spp: output contract, resume, SIGKILL, shards, bad input (the
+CLI's error lines: test_cli_generators.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from data_prep import scene as S
 from data_prep.gallery import draw_pair, make_sheet, pair_boxes
-from data_prep.generate import GenerateConfig, RenderEnvError, generate, main, pair_id, sample_candidate
+from data_prep.generate import GenerateConfig, RenderEnvError, generate, sample_candidate
+from data_prep.runner import pair_id
 
 SMALL = {"width": 64, "height": 64, "samples": 1, "denoise": False, "progress": False, "threads": 1}
 DIFF_KEYS = {"type", "object_id", "box", "visible_px_a", "visible_px_b", "changed_px"}
@@ -120,9 +121,9 @@ def test_shards_and_no_diff_fraction(tmp_path):
 def test_sigkill_mid_run_then_resume(tmp_path):
     out = tmp_path / "killed"
     num = 24
-    cmd = [sys.executable, "-m", "data_prep.generate", "--num", str(num), "--k", "1-4", "--seed", "5", "--out", str(out),
-           "--width", "64", "--height", "64", "--samples", "1", "--no-denoise", "--workers", "2", "--threads", "1",
-           "--no-progress"]  # fmt: skip
+    cmd = [sys.executable, "-m", "data_prep.generate", "--num", str(num), "--k", "1-4", "--seed", "5"]
+    cmd += ["--out-dir", str(out), "--width", "64", "--height", "64", "--samples", "1", "--no-denoise"]
+    cmd += ["--workers", "2", "--threads", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     manifest = out / "manifest.jsonl"
     deadline = time.time() + 90
@@ -151,39 +152,6 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     assert leftovers == []
     files = {p.name for p in (out / "shard-000-of-001").glob("s5-*")}
     assert len(files) == 3 * num
-
-
-def test_bad_flags_give_clear_errors(tmp_path, capsys):
-    base = ["--num", "2", "--out", str(tmp_path / "x")]
-    for extra, flag in [
-        (["--k", "0"], "--k"),
-        (["--k", "3-1"], "--k"),
-        (["--k", "x"], "--k"),
-        (["--shard", "2/2"], "--shard"),
-        (["--shard", "a"], "--shard"),
-        (["--no-diff-fraction", "1.5"], "--no-diff-fraction"),
-        (["--workers", "0"], "--workers"),
-        (["--width", "3"], "--width"),
-        (["--samples", "0"], "--samples"),
-    ]:
-        with pytest.raises(SystemExit) as exc:
-            main(base + extra)
-        assert exc.value.code == 2
-        assert flag in capsys.readouterr().err, extra
-    assert not (tmp_path / "x").exists()  # nothing written before the flags are valid
-
-
-def test_bad_vocabulary_fails_before_rendering(tmp_path, capsys):
-    raw = yaml.safe_load(S.DEFAULT_VOCAB_PATH.read_text())
-    raw["materials"]["metal"] = {"Metallic": "shiny"}
-    vocab = tmp_path / "v.yaml"
-    vocab.write_text(yaml.safe_dump(raw))
-    with pytest.raises(S.VocabularyError, match=r"materials\.metal\.Metallic"):
-        generate(GenerateConfig(out=tmp_path / "o", num=1, vocab=vocab, **SMALL))
-    with pytest.raises(SystemExit) as exc:
-        main(["--num", "1", "--out", str(tmp_path / "o"), "--vocab", str(vocab)])
-    assert exc.value.code == 2 and "materials.metal.Metallic" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
 
 
 def test_missing_render_venv_is_a_clear_error(tmp_path, monkeypatch):

@@ -212,14 +212,12 @@ def test_device_selection_and_a_missing_gpu_stops_before_rendering(worker, tmp_p
     worker.select_device("cpu")
     assert missing, "no machine has HIP and CUDA GPUs at once"
     out = tmp_path / "gpu-run"
-    with pytest.raises(SystemExit) as exc:
-        main(["--num", "2", "--out", str(out), "--width", "64", "--height", "64", "--samples", "1", "--no-denoise",
-              "--no-progress", "--device", missing[0]])  # fmt: skip
-    assert exc.value.code == 2
+    assert main(["--num", "2", "--out-dir", str(out), "--width", "64", "--height", "64", "--samples", "1",
+                 "--no-denoise", "--no-progress", "--device", missing[0]]) == 2  # fmt: skip
     assert f"no {missing[0].upper()} device" in capsys.readouterr().err
     assert not list(out.rglob("*.png")) and not (out / "manifest.jsonl").exists()  # nothing was rendered
     # auto falls back to (or finds) a device and the records say which one rendered them.
-    main(["--num", "1", "--out", str(tmp_path / "auto"), "--width", "64", "--height", "64", "--samples", "1",
+    main(["--num", "1", "--out-dir", str(tmp_path / "auto"), "--width", "64", "--height", "64", "--samples", "1",
           "--no-denoise", "--no-progress", "--device", "auto"])  # fmt: skip
     (rec,) = [p for p in (tmp_path / "auto").glob("shard-*/s*-*.json")]
     import json
