@@ -51,20 +51,28 @@ def test_gate_thresholds_scale_with_the_image():
 def test_gate_rejects_a_change_nobody_boxed(tmp_path):
     vocab = S.load_vocabulary()
     a = S.sample_scene(vocab, 0, num_objects=2)
+
+    def large_rubber(**placed):
+        return S.resolve_object(vocab, {"material": "rubber", "size": "large", **placed})
+
     a["objects"] = [
-        S.resolve_object(vocab, {"id": 1, "shape": "cube", "color": "red", "material": "rubber", "size": "large",
-                                 "x": 1.5, "y": -1.5, "rotation_deg": 30.0}),
-        S.resolve_object(vocab, {"id": 2, "shape": "sphere", "color": "cyan", "material": "rubber", "size": "large",
-                                 "x": -1.5, "y": 1.5, "rotation_deg": 0.0}),
-    ]  # fmt: skip
+        large_rubber(id=1, shape="cube", color="red", x=1.5, y=-1.5, rotation_deg=30.0),
+        large_rubber(id=2, shape="sphere", color="cyan", x=-1.5, y=1.5, rotation_deg=0.0),
+    ]
     b = S.apply_edits(vocab, a, [{"type": "removal", "object_id": 2}])
-    settings = dict(GenerateConfig(out=tmp_path, num=1, **{k: v for k, v in SMALL.items() if k != "progress"})
-                    .render_settings(), seed=0, width=96, height=96)  # fmt: skip
+    config = GenerateConfig(out=tmp_path, num=1, **{k: v for k, v in SMALL.items() if k != "progress"})
+    settings = dict(config.render_settings(), seed=0, width=96, height=96)
 
     def job(name, differences):
-        return {"scene_a": a, "scene_b": b, "differences": differences, "render": settings,
-                "gates": vocab.gate_thresholds(96, 96), "out_a": str(tmp_path / f"{name}_a.png"),
-                "out_b": str(tmp_path / f"{name}_b.png")}  # fmt: skip
+        return {
+            "scene_a": a,
+            "scene_b": b,
+            "differences": differences,
+            "render": settings,
+            "gates": vocab.gate_thresholds(96, 96),
+            "out_a": str(tmp_path / f"{name}_a.png"),
+            "out_b": str(tmp_path / f"{name}_b.png"),
+        }
 
     with RenderWorker() as worker:
         # The sphere vanishes but the pair claims no difference: no mask gate looks at an object that is gone.
@@ -113,9 +121,7 @@ def test_audit_of_a_generated_run(run, tmp_path):
 def test_audit_finds_tampered_pairs_and_draws_them(run, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(run, bad)
-    recs = sorted(
-        (json.loads(p.read_text()) for p in bad.glob("shard-*/s*-*.json")), key=lambda r: r["pair_id"]
-    )  # fmt: skip
+    recs = sorted((json.loads(p.read_text()) for p in bad.glob("shard-*/s*-*.json")), key=lambda r: r["pair_id"])
     shard = next(bad.glob("shard-*"))
     clean = audit(bad, AuditRule(box_min_px=3, blob_fraction=16 / 64**2))
     # 1) an unboxed 5x5 blob far from every box; 2) B := A, so no box changed; 3) manifest K off by one.
