@@ -2,8 +2,8 @@
 
 Prints one JSON object (and writes it with ``--out``): how many GT boxes really changed, which pairs carry a
 visible change that no box accounts for (and where), whether K agrees between the plan, the record and the
-manifest, counts per change type, image statistics and the difficulty fields of the differences. Run it on
-a sample before spending GPU hours on training. ``--gallery`` draws the flagged pairs: A | B with the GT
+manifest, counts per change type, image statistics and the difficulty fields of the differences. Exits 1 (and
+says what on stderr) when it flags a box, a pair or a K. Run it on a sample before spending GPU hours on training. ``--gallery`` draws the flagged pairs: A | B with the GT
 boxes | a heat map of the change with the unlabeled blobs boxed in white.
 
 The rules (defaults, flags to change them):
@@ -155,6 +155,16 @@ def summarize(pairs_dir: Path, results: list[dict], manifest_mismatch: list[str]
     }
 
 
+def findings(report: dict) -> dict[str, int]:
+    """What the audit flags, counted: the CLI exits 1 when any count is not 0."""
+    boxes = report["boxes"]
+    return {
+        "pairs with an unlabeled change": report["unlabeled_change"]["pairs_flagged"],
+        "boxes not visibly changed": boxes["total"] - boxes["visibly_changed"],
+        "pairs whose K disagrees": len(report["k_agreement"]["disagree"]),
+    }
+
+
 def heat_map(img_a: np.ndarray, img_b: np.ndarray) -> Image.Image:
     """Largest-channel |A - B| as a black-red-yellow-white map; 64/255 and more is white."""
     d = np.abs(img_a.astype(np.int16) - img_b.astype(np.int16)).max(axis=-1).astype(np.float32)
@@ -206,10 +216,11 @@ def audit(
     manifest_mismatch = []
     for entry in read_manifest(pairs_dir, required=False).entries:
         rec = by_id.get(entry.pair_id)
+        # K and types the manifest did not record (None) are not checked; a record the manifest lists must exist
         if (
             rec is None
-            or entry.num_differences != len(rec["differences"])
-            or list(entry.types or ()) != [d["type"] for d in rec["differences"]]
+            or entry.num_differences not in (None, len(rec["differences"]))
+            or (entry.types is not None and list(entry.types) != [d["type"] for d in rec["differences"]])
         ):
             manifest_mismatch.append(entry.pair_id)
     results, rows = [], []
@@ -265,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         shown["unlabeled_change"]["flagged"] = [f["pair_id"] for f in shown["unlabeled_change"]["flagged"]]
     json.dump(shown, sys.stdout, indent=1)
     print()
+    found = {name: count for name, count in findings(report).items() if count}
+    if found:  # docs/cli.md: exit 1 = the tool ran and its check failed
+        listed = ", ".join(f"{name}: {count}" for name, count in found.items())
+        print(f"{PROG}: {args.pairs}: {listed} (of {report['pairs']} pairs)", file=sys.stderr)
+        return 1
     return 0
 
 

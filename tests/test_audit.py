@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from data_prep import scene as S
-from data_prep.audit import AuditRule, audit
+from data_prep.audit import AuditRule, audit, findings
 from data_prep.generate import GenerateConfig, RenderWorker, generate
 from data_prep.render_worker import unlabeled_blobs
 
@@ -97,8 +97,8 @@ def _cli(*args):
 @pytest.mark.render
 def test_audit_of_a_generated_run(run, tmp_path):
     rc, stdout, stderr = _cli("--pairs", run, "--out", tmp_path / "audit.json", "--gallery", tmp_path / "g.png")
-    assert rc == 0, stderr
     report = json.loads(stdout)
+    assert rc == (1 if any(findings(report).values()) else 0), stderr  # exit 1: the audit flagged something
     assert report == json.loads((tmp_path / "audit.json").read_text())
     assert report["pairs"] == 4 and report["k_agreement"]["pairs_agree"] == 4
     manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
@@ -146,7 +146,11 @@ def test_audit_finds_tampered_pairs_and_draws_them(run, tmp_path):
     rc, stdout, stderr = _cli(
         "--pairs", bad, "--box-min-px", 3, "--blob-fraction", 16 / 64**2, "--gallery", tmp_path / "g.png"
     )
-    assert rc == 0, stderr
+    assert rc == 1, stderr  # flagged pairs: the check failed
+    assert (
+        stderr.startswith(f"python -m data_prep.audit: {bad}: pairs with an unlabeled change: ")
+        and "Traceback" not in stderr
+    )
     report = json.loads(stdout)
     flagged = {f["pair_id"]: f["blobs"] for f in report["unlabeled_change"]["flagged"]}
     before = {f["pair_id"] for f in clean["unlabeled_change"]["flagged"]}

@@ -245,8 +245,10 @@ def test_audit_gallery_limit_and_atomic_files(tmp_path, capsys):
     run = write_pairs(tmp_path / "run", num=3, k=1, seed=3, width=48, height=32)
     report, sheet = tmp_path / "out" / "audit.json", tmp_path / "out" / "flagged"
     argv = ["--pairs", run, "--out", report, "--gallery", sheet, "--gallery-limit", "2", "--box-min-px", "100000"]
-    assert audit.main([str(a) for a in argv]) == 0
-    shown = json.loads(capsys.readouterr().out)
+    assert audit.main([str(a) for a in argv]) == 1  # it ran and flagged: exit 1, not an input error
+    captured = capsys.readouterr()
+    assert captured.err == f"{audit.PROG}: {run}: boxes not visibly changed: 3 (of 3 pairs)\n"
+    shown = json.loads(captured.out)
     assert shown == json.loads(report.read_text())
     assert shown["boxes"]["visibly_changed"] == 0 and shown["gallery"]["pairs_drawn"] == 2
     assert sheet.read_bytes()[:8] == PNG_SIGNATURE
