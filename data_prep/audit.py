@@ -3,8 +3,9 @@
 Prints one JSON object (and writes it with ``--out``): how many GT boxes really changed, which pairs carry a
 visible change that no box accounts for (and where), whether K agrees between the plan, the record and the
 manifest, counts per change type, image statistics and the difficulty fields of the differences. Exits 1 (and
-says what on stderr) when it flags a box, a pair or a K. Run it on a sample before spending GPU hours on training. ``--gallery`` draws the flagged pairs: A | B with the GT
-boxes | a heat map of the change with the unlabeled blobs boxed in white.
+says what on stderr) when it flags a box, a pair or a K. Run it on a sample before spending GPU hours on
+training. ``--gallery`` draws the flagged pairs: A | B with the GT boxes | a heat map of the change with the
+unlabeled blobs boxed in white (at most ``--gallery-limit`` rows).
 
 The rules (defaults, flags to change them):
 - a GT box is *visibly changed* when >= 20 pixels inside it change by more than 12/255 in their largest channel;

@@ -232,19 +232,8 @@ def build(
                 have = manifest_size(pairs_dir, run.num)
                 if have >= run.num:
                     continue
-                log(
-                    {
-                        "event": "generate",
-                        "source": source,
-                        "stage": stage.name,
-                        "split": split,
-                        "dir": str(pairs_dir),
-                        "have": have,
-                        "num": run.num,
-                        "k": run.k,
-                        "seed": run.seed,
-                    }
-                )
+                where = {"source": source, "stage": stage.name, "split": split, "dir": str(pairs_dir)}
+                log({"event": "generate", **where, "have": have, "num": run.num, "k": run.k, "seed": run.seed})
                 if source == "photo":
                     photo_generate_fn(_photo_config(run, pairs_dir, options, mixes[stage.name]))
                 else:

@@ -5,8 +5,8 @@
 Two passes: the first reads every pair record (cheap JSON) and rejects bad input before any image is touched;
 the second streams PNG bytes into a pyarrow ParquetWriter one row group at a time, so memory does not grow with
 the number of pairs. The file is written under a temporary name and renamed at the end (dig_common.fileio): an
-error leaves no half-written parquet behind. Images are stored as plain ``{bytes, min_pixels, max_pixels}`` structs (not an HF
-``Image`` feature), so verl's RLHFDataset hands the per-image bounds to ``qwen_vl_utils``.
+error leaves no half-written parquet behind. Images are stored as plain ``{bytes, min_pixels, max_pixels}``
+structs (not an HF ``Image`` feature), so verl's RLHFDataset hands the per-image bounds to ``qwen_vl_utils``.
 """
 
 from __future__ import annotations
