@@ -14,6 +14,7 @@ from PIL import Image
 from data_prep import scene as S
 from data_prep.audit import AuditRule, audit, findings
 from data_prep.generate import GenerateConfig, RenderWorker, generate
+from data_prep.manifest import read_manifest
 from data_prep.render_worker import unlabeled_blobs
 
 SMALL = {"width": 64, "height": 64, "samples": 1, "denoise": False, "progress": False, "threads": 1}
@@ -101,8 +102,7 @@ def test_audit_of_a_generated_run(run, tmp_path):
     assert rc == (1 if any(findings(report).values()) else 0), stderr  # exit 1: the audit flagged something
     assert report == json.loads((tmp_path / "audit.json").read_text())
     assert report["pairs"] == 4 and report["k_agreement"]["pairs_agree"] == 4
-    manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
-    assert report["boxes"]["total"] == sum(m["num_differences"] for m in manifest)
+    assert report["boxes"]["total"] == sum(e.num_differences for e in read_manifest(run).entries)
     assert sum(report["types"].values()) == report["boxes"]["total"]
     assert report["images"]["sizes"] == {"64x64": 4}
     assert report["difficulty"]["visible_px"]["n"] == report["boxes"]["total"]
