@@ -2,9 +2,10 @@
 
 Prints one JSON object (and writes it with ``--out``): how many GT boxes really changed, which pairs carry a
 visible change that no box accounts for (and where), whether K agrees between the plan, the record and the
-manifest, counts per change type, image statistics and the difficulty fields of the differences. Run it on
-a sample before spending GPU hours on training. ``--gallery`` draws the flagged pairs: A | B with the GT
-boxes | a heat map of the change with the unlabeled blobs boxed in white.
+manifest, counts per change type, image statistics and the difficulty fields of the differences. Exits 1 (and
+says what on stderr) when it flags a box, a pair or a K. Run it on a sample before spending GPU hours on
+training. ``--gallery`` draws the flagged pairs: A | B with the GT boxes | a heat map of the change with the
+unlabeled blobs boxed in white (at most ``--gallery-limit`` rows).
 
 The rules (defaults, flags to change them):
 - a GT box is *visibly changed* when >= 20 pixels inside it change by more than 12/255 in their largest channel;
@@ -26,10 +27,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep.gallery import _font, draw_boxes, load_records, pair_boxes
+from data_prep.gallery import _font, check_cli_paths, draw_boxes, image_paths, load_records, pair_boxes, save_png
 from data_prep.manifest import read_manifest
 from data_prep.render_worker import unlabeled_blobs
+from dig_common.argtypes import positive_int
+from dig_common.cli import cli_main
 from dig_common.fileio import atomic_write_text
+
+PROG = "python -m data_prep.audit"
+GALLERY_LIMIT = 50  # rows in the gallery of flagged pairs unless --gallery-limit says otherwise
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,6 @@ def _rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _image_paths(path: Path, rec: dict) -> tuple[Path, Path]:
-    imgs = rec.get("images", {"a": f"{rec['pair_id']}_a.png", "b": f"{rec['pair_id']}_b.png"})
-    return path.parent / imgs["a"], path.parent / imgs["b"]
-
-
 def audit_pair(rec: dict, img_a: np.ndarray, img_b: np.ndarray, rule: AuditRule) -> dict:
     """Fidelity figures of one pair record and its two images."""
     h, w = img_a.shape[:2]
@@ -63,10 +64,17 @@ def audit_pair(rec: dict, img_a: np.ndarray, img_b: np.ndarray, rule: AuditRule)
     for d in rec["differences"]:
         x0, y0, x1, y1 = d["box"]
         px = int(changed[y0:y1, x0:x1].sum())
-        boxes.append({"type": d["type"], "object_id": d["object_id"], "box": d["box"], "changed_px": px,
-                      "visibly_changed": px >= rule.box_min_px})  # fmt: skip
-    blobs = unlabeled_blobs(img_a, img_b, [d["box"] for d in rec["differences"]], rule.blob_intensity,
-                            rule.blob_min_px(w, h), rule.dilate_px)  # fmt: skip
+        boxes.append(
+            {
+                "type": d["type"],
+                "object_id": d["object_id"],
+                "box": d["box"],
+                "changed_px": px,
+                "visibly_changed": px >= rule.box_min_px,
+            }
+        )
+    gt_boxes = [d["box"] for d in rec["differences"]]
+    blobs = unlabeled_blobs(img_a, img_b, gt_boxes, rule.blob_intensity, rule.blob_min_px(w, h), rule.dilate_px)
     planned = rec.get("generator", {}).get("k")
     counts = {len(rec["differences"]), rec.get("num_differences"), len(rec.get("edits", rec["differences"]))}
     if planned is not None:
@@ -99,8 +107,8 @@ def difficulty_summary(results: list[dict]) -> dict:
     for name in DIFFICULTY_SUMMARY:
         values = [d[name] for r in results for d in r["difficulty"] if d.get(name) is not None]
         if values:
-            out[name] = {"n": len(values), "min": round(float(min(values)), 4), "median": _median(values),
-                         "max": round(float(max(values)), 4)}  # fmt: skip
+            low, high = round(float(min(values)), 4), round(float(max(values)), 4)
+            out[name] = {"n": len(values), "min": low, "median": _median(values), "max": high}
     objects = [r["num_objects_a"] for r in results if r["num_objects_a"]]
     if objects:
         out["num_objects_a"] = dict(sorted(collections.Counter(objects).items()))
@@ -148,6 +156,16 @@ def summarize(pairs_dir: Path, results: list[dict], manifest_mismatch: list[str]
     }
 
 
+def findings(report: dict) -> dict[str, int]:
+    """What the audit flags, counted: the CLI exits 1 when any count is not 0."""
+    boxes = report["boxes"]
+    return {
+        "pairs with an unlabeled change": report["unlabeled_change"]["pairs_flagged"],
+        "boxes not visibly changed": boxes["total"] - boxes["visibly_changed"],
+        "pairs whose K disagrees": len(report["k_agreement"]["disagree"]),
+    }
+
+
 def heat_map(img_a: np.ndarray, img_b: np.ndarray) -> Image.Image:
     """Largest-channel |A - B| as a black-red-yellow-white map; 64/255 and more is white."""
     d = np.abs(img_a.astype(np.int16) - img_b.astype(np.int16)).max(axis=-1).astype(np.float32)
@@ -158,14 +176,19 @@ def heat_map(img_a: np.ndarray, img_b: np.ndarray) -> Image.Image:
 
 def draw_flagged(path: Path, rec: dict, result: dict, scale: float = 1.0) -> Image.Image:
     """One row: A | B with GT boxes | heat map with the GT boxes (grey) and unlabeled blobs (white)."""
-    pa, pb = _image_paths(path, rec)
-    img_a, img_b = _rgb(pa), _rgb(pb)
+    png_a, png_b = image_paths(path, rec)
+    img_a, img_b = _rgb(png_a), _rgb(png_b)
     on_a, on_b = pair_boxes(rec)
     heat_boxes = [{"box": d["box"], "color": (150, 150, 150)} for d in rec["differences"]]
-    heat_boxes += [{"box": b["box"], "label": f"unlabeled {b['px']} px", "color": (255, 255, 255)}
-                   for b in result["unlabeled_blobs"]]  # fmt: skip
-    tiles = [draw_boxes(Image.fromarray(img_a), on_a, scale), draw_boxes(Image.fromarray(img_b), on_b, scale),
-             draw_boxes(heat_map(img_a, img_b), heat_boxes, scale)]  # fmt: skip
+    heat_boxes += [
+        {"box": b["box"], "label": f"unlabeled {b['px']} px", "color": (255, 255, 255)}
+        for b in result["unlabeled_blobs"]
+    ]
+    tiles = [
+        draw_boxes(Image.fromarray(img_a), on_a, scale),
+        draw_boxes(Image.fromarray(img_b), on_b, scale),
+        draw_boxes(heat_map(img_a, img_b), heat_boxes, scale),
+    ]
     unchanged = [b["type"] for b in result["boxes"] if not b["visibly_changed"]]
     title = f"{rec['pair_id']}  K={len(rec['differences'])}: {', '.join(d['type'] for d in rec['differences'])}"
     if unchanged:
@@ -178,35 +201,40 @@ def draw_flagged(path: Path, rec: dict, result: dict, scale: float = 1.0) -> Ima
     return row
 
 
-def audit(pairs_dir: Path, rule: AuditRule = AuditRule(), gallery: Path | None = None, scale: float = 1.0,
-          gallery_max: int = 50) -> dict:  # fmt: skip
+def audit(
+    pairs_dir: Path,
+    rule: AuditRule = AuditRule(),
+    gallery: Path | None = None,
+    scale: float = 1.0,
+    gallery_limit: int = GALLERY_LIMIT,
+) -> dict:
     """Audit every pair of a generator output folder; optionally draw the flagged ones into `gallery`."""
     pairs_dir = Path(pairs_dir)
     records = load_records(pairs_dir)
     if not records:
-        raise ValueError(f"--pairs: no pair records found in {pairs_dir}")
+        raise ValueError(f"--pairs {pairs_dir}: no pair records found (give the output folder of a generation run)")
     by_id = {rec["pair_id"]: rec for _, rec in records}
     manifest_mismatch = []
     for entry in read_manifest(pairs_dir, required=False).entries:
         rec = by_id.get(entry.pair_id)
+        # K and types the manifest did not record (None) are not checked; a record the manifest lists must exist
         if (
             rec is None
-            or entry.num_differences != len(rec["differences"])
-            or list(entry.types or ()) != [d["type"] for d in rec["differences"]]
+            or entry.num_differences not in (None, len(rec["differences"]))
+            or (entry.types is not None and list(entry.types) != [d["type"] for d in rec["differences"]])
         ):
             manifest_mismatch.append(entry.pair_id)
     results, rows = [], []
     for path, rec in records:
-        pa, pb = _image_paths(path, rec)
-        res = audit_pair(rec, _rgb(pa), _rgb(pb), rule)
+        png_a, png_b = image_paths(path, rec)
+        res = audit_pair(rec, _rgb(png_a), _rgb(png_b), rule)
         results.append(res)
         bad = res["unlabeled_blobs"] or not all(b["visibly_changed"] for b in res["boxes"])
-        if gallery is not None and bad and len(rows) < gallery_max:
+        if gallery is not None and bad and len(rows) < gallery_limit:
             rows.append(draw_flagged(path, rec, res, scale))
     report = summarize(pairs_dir, results, manifest_mismatch, rule)
     if gallery is not None:
         gallery = Path(gallery)
-        gallery.parent.mkdir(parents=True, exist_ok=True)
         if rows:
             sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 8 for r in rows)), (0, 0, 0))
             y = 0
@@ -216,19 +244,18 @@ def audit(pairs_dir: Path, rule: AuditRule = AuditRule(), gallery: Path | None =
         else:
             sheet = Image.new("RGB", (360, 24), (30, 30, 30))
             ImageDraw.Draw(sheet).text((4, 5), "no flagged pairs", fill=(230, 230, 230), font=_font(12))
-        tmp = gallery.with_name(gallery.name + ".tmp.png")
-        sheet.save(tmp)
-        tmp.replace(gallery)
+        save_png(sheet, gallery)
         report["gallery"] = {"path": str(gallery), "pairs_drawn": len(rows)}
     return report
 
 
+@cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.audit", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=Path, required=True, help="output directory of a generation run")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     p.add_argument("--gallery", type=Path, default=None, help="PNG of the flagged pairs (A | B | change heat map)")
-    p.add_argument("--gallery-max", type=int, default=50, help="at most this many rows in the gallery")
+    p.add_argument("--gallery-limit", type=positive_int, default=GALLERY_LIMIT, help="at most this many gallery rows")
     p.add_argument("--scale", type=float, default=1.0, help="gallery image scale (e.g. 4 for 64x64 test pairs)")
     d = AuditRule()
     p.add_argument("--box-intensity", type=int, default=d.box_intensity)
@@ -238,13 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dilate-px", type=int, default=d.dilate_px)
     p.add_argument("--brief", action="store_true", help="print counts only (no per-box / per-pair lists)")
     args = p.parse_args(argv)
-    if not args.pairs.is_dir():
-        p.error(f"--pairs: {args.pairs} is not a directory")
+    check_cli_paths(args.pairs, {"--out": args.out, "--gallery": args.gallery})
     rule = AuditRule(args.box_intensity, args.box_min_px, args.blob_intensity, args.blob_fraction, args.dilate_px)
-    try:
-        report = audit(args.pairs, rule, args.gallery, args.scale, args.gallery_max)
-    except ValueError as exc:
-        p.exit(2, f"error: {exc}\n")
+    report = audit(args.pairs, rule, args.gallery, args.scale, args.gallery_limit)
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=1))
     shown = report
@@ -254,8 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         shown["unlabeled_change"]["flagged"] = [f["pair_id"] for f in shown["unlabeled_change"]["flagged"]]
     json.dump(shown, sys.stdout, indent=1)
     print()
+    found = {name: count for name, count in findings(report).items() if count}
+    if found:  # docs/cli.md: exit 1 = the tool ran and its check failed
+        listed = ", ".join(f"{name}: {count}" for name, count in found.items())
+        print(f"{PROG}: {args.pairs}: {listed} (of {report['pairs']} pairs)", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -9,8 +9,9 @@ with the row's min/max_pixels + the processor) for the longest prompt: two image
 valid for any image size) or at ``--image-size`` (the rendered size, e.g. 480x320), plus the instruction text.
 Works with the real HF processor (``--processor``, default the model's ``hf_path``) and with the tiny test one.
 The processor is read from disk only (a local folder or the Hugging Face cache), never downloaded: without it the
-tool stops with ``ProcessorNotFound`` and the fixes (a local copy, the download command, or ``--estimate``: the
-launch dry run's offline bound, image tokens from ``smart_resize`` plus a fixed allowance for the text).
+tool stops with one error line (``ProcessorNotFound``, exit 2) naming the fixes: the download command, a local
+copy, or ``--estimate``: the launch dry run's offline bound, image tokens from ``smart_resize`` plus a fixed
+allowance for the text.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from pathlib import Path
 
 import yaml
 
+from dig_common.cli import CliError, cli_main
 from dig_common.models import ModelSpec, load_model_spec, model_file
 from dig_common.prompts import build_vision_messages
 
+PROG = "python -m data_prep.budget"
 # Text part of a prompt (instruction + chat template) in tokens: a generous bound for the offline estimate.
 PROMPT_TEXT_TOKENS = 300
 DEFAULT_MAX_PROMPT_LENGTH = 512  # verl's legacy_data.yaml default, used when the model file sets none
@@ -35,32 +38,47 @@ DEFAULT_MAX_PROMPT_LENGTH = 512  # verl's legacy_data.yaml default, used when th
 PROCESSOR_FILES = ("*.json", "*.txt", "*.jinja")
 
 
-class ProcessorNotFound(RuntimeError):
+class ProcessorNotFound(CliError):
     """The model's processor is neither a local folder nor in the Hugging Face cache; the message has the fixes."""
+
+
+def processor_fixes(spec: ModelSpec) -> str:
+    """The three ways out of a missing processor (docs/cli.md, errors)."""
+    include = " ".join(f"--include '{pattern}'" for pattern in PROCESSOR_FILES)
+    return (
+        f"fix: download its processor files (a few MB, no weights) with `hf download {spec.hf_path} {include}`, "
+        "or point at a local copy with --processor PATH, or add --estimate for the offline bound the launch dry run "
+        "checks"
+    )
 
 
 def load_processor(spec: ModelSpec, processor: str | None = None):
     """The HF processor from ``processor`` (a folder or a hub id) or the model's ``hf_path``, from disk only:
-    ``local_files_only`` so a missing one fails at once instead of retrying the hub."""
-    from transformers import AutoProcessor
-
+    ``local_files_only`` so a missing one fails at once instead of retrying the hub. A hub id that the cache lacks
+    is found out before transformers is imported (seconds instead of half a minute)."""
     source = processor or spec.hf_path
     local = Path(source).expanduser()
     looks_like_path = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    missing = f"no processor for {spec.model_name}"
     if looks_like_path and not local.is_dir():
-        raise ProcessorNotFound(f"--processor {source}: no such folder")
+        raise ProcessorNotFound(f"--processor {source}: no such folder; {processor_fixes(spec)}")
+    if not looks_like_path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(source, local_files_only=True)
+        except (OSError, ValueError) as err:  # LocalEntryNotFoundError; HFValidationError for a malformed id
+            raise ProcessorNotFound(
+                f"{missing}: {source} is not in the Hugging Face cache; {processor_fixes(spec)}"
+            ) from err
+    from transformers import AutoProcessor
+
     try:
         return AutoProcessor.from_pretrained(str(local) if looks_like_path else source, local_files_only=True)
     except (OSError, ValueError) as err:
-        where = f"folder {local}" if looks_like_path else f"{source} (not in the Hugging Face cache)"
-        include = " ".join(f"'{pattern}'" for pattern in PROCESSOR_FILES)
-        raise ProcessorNotFound(
-            f"no processor for {spec.model_name}: {where}: {str(err).splitlines()[0][:200]}\n"
-            f"  fix: download its processor files (a few MB, no weights): "
-            f"huggingface-cli download {spec.hf_path} --include {include}\n"
-            f"   or: point at a local copy: --processor PATH\n"
-            f"   or: the offline estimate (what the launch dry run checks): add --estimate"
-        ) from err
+        where = f"folder {local}" if looks_like_path else f"{source} (in the Hugging Face cache)"
+        reason = str(err).splitlines()[0].split(". ")[0][:200]  # transformers' first sentence says what is wrong
+        raise ProcessorNotFound(f"{missing}: {where}: {reason}; {processor_fixes(spec)}") from err
 
 
 def prompt_token_bound(width: int, height: int, spec: ModelSpec) -> int:
@@ -204,8 +222,9 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+@cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.budget", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="base model name or YAML path")
     parser.add_argument("--processor", default=None, help="HF id or local dir of the processor (default: hf_path)")
     parser.add_argument("--max-prompt-length", type=int, default=None, help="default: the model file's data.*")
@@ -215,11 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "--estimate", action="store_true", help="no processor: the launch dry run's bound (smart_resize + allowance)"
     )
     args = parser.parse_args(argv)
-    try:
-        spec = load_model_spec(args.model)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    spec = load_model_spec(args.model)
     if args.estimate:
         limit = args.max_prompt_length or max_prompt_length_of(args.model)
         report = offline_estimate(spec, args.image_size or largest_image_size(spec), limit)
@@ -234,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Read from disk only: without this huggingface_hub may still phone home (e.g. for its user-agent data).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        processor = load_processor(spec, args.processor)
-    except ProcessorNotFound as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    processor = load_processor(spec, args.processor)
     budget = check_prompt_budget(processor, args.model, args.max_prompt_length, args.image_size, args.system_prompt)
     print(json.dumps({**asdict(budget), "text_tokens": budget.text_tokens, "fits": budget.fits}))
     if not budget.fits:

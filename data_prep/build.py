@@ -1,8 +1,8 @@
 """Build the curriculum datasets: generate (resuming) the pairs of each stage, then convert them to verl parquet.
 
-    python -m data_prep.build --data-dir data --model qwen3_vl_8b_thinking --stage all
+    python -m data_prep.build --out-dir data --model qwen3_vl_8b_thinking --stage all
 
-Layout under ``--data-dir``::
+Layout under ``--out-dir``::
 
     pairs/stage1/{train,val}/ ...          generator output (docs/contracts.md, pair record), one folder per generation run
     pairs/test/test/{1-k1,...}/            the test split: one run per K
@@ -38,8 +38,10 @@ from data_prep.stages import (
     load_curriculum,
     load_source_mixes,
 )
+from dig_common.cli import CliError, cli_main
 from dig_common.models import load_model_spec
 
+PROG = "python -m data_prep.build"
 TEST_STAGE = "test"
 
 
@@ -100,22 +102,29 @@ def manifest_size(pairs_dir: Path, num: int) -> int:
     return sum(1 for e in entries if e.index is not None and e.index < num)
 
 
+def _shared_config(run: Run, out: Path, options: BuildOptions) -> dict:
+    """The config fields both pair sources take from a stages.yaml run and the build options."""
+    return {
+        "out": out,
+        "num": run.num,
+        "k": run.k,
+        "seed": run.seed,
+        "width": options.width,
+        "height": options.height,
+        "workers": options.workers,
+        "no_diff_fraction": run.no_diff_fraction,
+        "ray_address": options.ray_address,
+        "progress": options.progress,
+    }
+
+
 def _generator_config(run: Run, out: Path, options: BuildOptions):
     from data_prep.generate import GenerateConfig
 
     return GenerateConfig(
-        out=out,
-        num=run.num,
-        k=run.k,
-        seed=run.seed,
-        width=options.width,
-        height=options.height,
+        **_shared_config(run, out, options),
         samples=options.samples,
-        workers=options.workers,
-        no_diff_fraction=run.no_diff_fraction,
         vocab=options.vocab,
-        ray_address=options.ray_address,
-        progress=options.progress,
         denoise=options.denoise,
         difficulty_filters=run.difficulty,
         device=options.device,
@@ -132,18 +141,9 @@ def _photo_config(run: Run, out: Path, options: BuildOptions, mix: SourceMix):
     from data_prep.photo_pairs import PhotoConfig
 
     return PhotoConfig(
-        out=out,
-        num=run.num,
+        **_shared_config(run, out, options),
         coco=mix.coco,
         images=mix.images,
-        k=run.k,
-        seed=run.seed,
-        width=options.width,
-        height=options.height,
-        workers=options.workers,
-        no_diff_fraction=run.no_diff_fraction,
-        ray_address=options.ray_address,
-        progress=options.progress,
         categories=list(mix.categories) if mix.categories else None,
         settings=mix.settings,
     )
@@ -213,16 +213,18 @@ def build(
     selected = [curriculum.stage(name) for name in stages]
     mixes = {s.name: (mixes or {}).get(s.name, SourceMix(dict(RENDERED_ONLY))) for s in selected}
     mixes = {name: mix.with_paths(options.coco, options.images) for name, mix in mixes.items()}
+    if data_dir.exists() and not data_dir.is_dir():
+        raise NotADirectoryError(f"--out-dir {data_dir} is a file: give the folder the datasets go to")
+    for stage in selected:
+        for split in stage.splits:
+            to_verl.check_parquet_path(parquet_path(data_dir, stage, split))
     for stage in selected:  # the mix is reported first; a photo share without a COCO set fails before any work
         mix = mixes[stage.name]
-        if mix.uses_photo and not (mix.coco and mix.images):
-            raise ValueError(
-                f"stage {stage.name} mixes {mix.describe()} pairs: give the COCO-format set with --coco FILE "
-                f"--images DIR (or photo.coco / photo.images in {STAGES_FILE.name})"
-            )
+        if mix.uses_photo:
+            check_photo_source(stage, mix)
         if mix.fractions != RENDERED_ONLY:  # the paper's default stays silent
-            log({"event": "mix", "stage": stage.name, "sources": mix.describe(),
-                 "pairs": {split: _source_counts(data_dir, stage, split, mix) for split in stage.splits}})  # fmt: skip
+            pairs = {split: _source_counts(data_dir, stage, split, mix) for split in stage.splits}
+            log({"event": "mix", "stage": stage.name, "sources": mix.describe(), "pairs": pairs})
     # Generation first (the slow part, resumable), then the seed check, then conversion.
     for stage in selected:
         for split in stage.splits:
@@ -230,8 +232,8 @@ def build(
                 have = manifest_size(pairs_dir, run.num)
                 if have >= run.num:
                     continue
-                log({"event": "generate", "source": source, "stage": stage.name, "split": split,
-                     "dir": str(pairs_dir), "have": have, "num": run.num, "k": run.k, "seed": run.seed})  # fmt: skip
+                where = {"source": source, "stage": stage.name, "split": split, "dir": str(pairs_dir)}
+                log({"event": "generate", **where, "have": have, "num": run.num, "k": run.k, "seed": run.seed})
                 if source == "photo":
                     photo_generate_fn(_photo_config(run, pairs_dir, options, mixes[stage.name]))
                 else:
@@ -253,8 +255,8 @@ def build(
                 options.system_prompt,
                 limits=[run.num for _, run, _ in runs],
             )
-            event = {"stage": stage.name, "split": split, "out": str(out), "rows": len(plan.refs),
-                     "sources": _source_counts(data_dir, stage, split, mixes[stage.name])}  # fmt: skip
+            sources = _source_counts(data_dir, stage, split, mixes[stage.name])
+            event = {"stage": stage.name, "split": split, "out": str(out), "rows": len(plan.refs), "sources": sources}
             if to_verl.read_metadata(out) == plan.metadata:
                 event["event"] = "skip"
             else:
@@ -265,6 +267,19 @@ def build(
     return events
 
 
+def check_photo_source(stage: Stage, mix: SourceMix) -> None:
+    """A stage with a photo share needs its COCO-format set on disk: checked before anything is generated."""
+    if not (mix.coco and mix.images):
+        raise CliError(
+            f"stage {stage.name} mixes {mix.describe()} pairs: give the COCO-format set with --coco FILE "
+            f"--images DIR (or photo.coco / photo.images in {STAGES_FILE.name})"
+        )
+    if not mix.coco.is_file():
+        raise CliError(f"stage {stage.name}: COCO annotations {mix.coco} not found: give the file with --coco FILE")
+    if not mix.images.is_dir():
+        raise CliError(f"stage {stage.name}: image folder {mix.images} not found: give it with --images DIR")
+
+
 def _source_counts(data_dir: Path, stage: Stage, split: str, mix: SourceMix) -> dict[str, int]:
     counts = {"rendered": 0, "photo": 0}
     for source, run, _ in source_runs(data_dir, stage, split, mix):
@@ -272,9 +287,10 @@ def _source_counts(data_dir: Path, stage: Stage, split: str, mix: SourceMix) -> 
     return counts
 
 
+@cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.build", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, required=True)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", type=Path, required=True, help="the dataset folder (pairs/ and the parquets)")
     parser.add_argument("--model", required=True, help="base model name or YAML path (pixel bounds, prompt)")
     parser.add_argument("--stage", required=True, help="1, 2, 3, test or all")
     parser.add_argument("--stages-file", type=Path, default=STAGES_FILE)
@@ -294,28 +310,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system-prompt", default=None, help="'default' (prompts/system.txt) or literal text")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        curriculum = load_curriculum(args.stages_file).with_sizes(args.num_train, args.num_val, args.num_test)
-        stages = list(curriculum.stages) if args.stage == "all" else [curriculum.stage(args.stage).name]
-        render = curriculum.render
-        options = BuildOptions(
-            width=args.width or int(render.get("width", 480)),
-            height=args.height or int(render.get("height", 320)),
-            samples=args.samples or int(render.get("samples", 16)),
-            workers=args.workers,
-            denoise=not args.no_denoise,
-            ray_address=args.ray_address,
-            progress=not args.no_progress,
-            system_prompt=args.system_prompt,
-            vocab=args.vocab,
-            coco=args.coco,
-            images=args.images,
-            device=args.device,
-        )
-        build(args.data_dir, args.model, stages, curriculum, options, mixes=load_source_mixes(args.stages_file))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    curriculum = load_curriculum(args.stages_file).with_sizes(args.num_train, args.num_val, args.num_test)
+    stages = list(curriculum.stages) if args.stage == "all" else [curriculum.stage(args.stage).name]
+    render = curriculum.render
+    options = BuildOptions(
+        width=args.width or int(render.get("width", 480)),
+        height=args.height or int(render.get("height", 320)),
+        samples=args.samples or int(render.get("samples", 16)),
+        workers=args.workers,
+        denoise=not args.no_denoise,
+        ray_address=args.ray_address,
+        progress=not args.no_progress,
+        system_prompt=args.system_prompt,
+        vocab=args.vocab,
+        coco=args.coco,
+        images=args.images,
+        device=args.device,
+    )
+    build(args.out_dir, args.model, stages, curriculum, options, mixes=load_source_mixes(args.stages_file))
     return 0
 
 

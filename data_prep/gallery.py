@@ -1,4 +1,4 @@
-"""Contact sheet of a generation run: ``python -m data_prep.gallery --pairs DIR --out sheet.png [--max N]``.
+"""Contact sheet of a generation run: ``python -m data_prep.gallery --pairs DIR --out sheet.png [--limit N]``.
 
 One row per pair: image A | image B, each with the GT boxes drawn and labelled with the change type
 (removal is drawn on A, where the object is; the other boxes on both). ``draw_pair`` is reusable, e.g. by
@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from data_prep.manifest import read_manifest
+from dig_common.argtypes import positive_int
+from dig_common.cli import CliError, cli_main
 from dig_common.drawing import draw_box
+from dig_common.fileio import atomic_output
+
+PROG = "python -m data_prep.gallery"
+SHEET_LIMIT = 24  # pairs on a contact sheet unless --limit says otherwise
 
 TYPE_COLORS = {
     "size": (255, 140, 0),
@@ -99,15 +106,24 @@ def load_records(pairs_dir: Path, limit: int | None = None) -> list[tuple[Path, 
         paths = sorted(p for p in Path(pairs_dir).rglob("*.json") if p.name not in ("stats.json", "config.json"))
     out = []
     for p in paths[:limit] if limit else paths:
-        out.append((p, json.loads(p.read_text())))
+        try:
+            out.append((p, json.loads(p.read_text())))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"pair record {p}: not valid JSON ({err}): regenerate the pair or remove it") from err
     return out
 
 
-def make_sheet(pairs_dir: Path, limit: int | None = 24, columns: int = 2, scale: float = 1.0) -> Image.Image:
+def image_paths(record_path: Path, rec: dict) -> tuple[Path, Path]:
+    """Image A and image B of a pair record (the record's ``images``, or the generator's default names)."""
+    imgs = rec.get("images", {"a": f"{rec['pair_id']}_a.png", "b": f"{rec['pair_id']}_b.png"})
+    return record_path.parent / imgs["a"], record_path.parent / imgs["b"]
+
+
+def make_sheet(pairs_dir: Path, limit: int | None = SHEET_LIMIT, columns: int = 2, scale: float = 1.0) -> Image.Image:
     tiles = []
     for path, rec in load_records(pairs_dir, limit):
-        imgs = rec.get("images", {"a": f"{rec['pair_id']}_a.png", "b": f"{rec['pair_id']}_b.png"})
-        with Image.open(path.parent / imgs["a"]) as ia, Image.open(path.parent / imgs["b"]) as ib:
+        png_a, png_b = image_paths(path, rec)
+        with Image.open(png_a) as ia, Image.open(png_b) as ib:
             on_a, on_b = pair_boxes(rec)
             types = ", ".join(d["type"] for d in rec["differences"]) or "no difference"
             tiles.append(
@@ -116,7 +132,7 @@ def make_sheet(pairs_dir: Path, limit: int | None = 24, columns: int = 2, scale:
                 )
             )
     if not tiles:
-        raise SystemExit(f"no pairs found in {pairs_dir}")
+        raise CliError(f"--pairs {pairs_dir}: no pair records found (give the output folder of a generation run)")
     tw, th = max(t.width for t in tiles), max(t.height for t in tiles)
     rows = (len(tiles) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * (tw + 8), rows * (th + 8)), (0, 0, 0))
@@ -125,22 +141,36 @@ def make_sheet(pairs_dir: Path, limit: int | None = 24, columns: int = 2, scale:
     return sheet
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.gallery", description=__doc__.split("\n")[0])
+def check_cli_paths(pairs_dir: Path, outputs: dict[str, Path | None]) -> None:
+    """--pairs is a folder and no output file (flag -> path) is a folder; data_prep.audit shares this."""
+    if not pairs_dir.is_dir():
+        raise CliError(f"--pairs {pairs_dir}: no such folder (give the output folder of a generation run)")
+    for flag, out in outputs.items():
+        if out is not None and out.is_dir():
+            raise CliError(f"{flag} {out} is a folder: give the file to write")
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG atomically (the temp name has no .png suffix, so the format is named)."""
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+@cli_main(PROG)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=Path, required=True, help="output directory of a generation run")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    p.add_argument("--max", type=int, default=24, help="at most this many pairs (default 24)")
-    p.add_argument("--columns", type=int, default=2)
+    p.add_argument("--limit", type=positive_int, default=SHEET_LIMIT, help=f"at most this many pairs ({SHEET_LIMIT})")
+    p.add_argument("--columns", type=positive_int, default=2)
     p.add_argument("--scale", type=float, default=1.0, help="image scale (e.g. 4 for 64x64 test pairs)")
     args = p.parse_args(argv)
-    if not args.pairs.is_dir():
-        p.error(f"--pairs: {args.pairs} is not a directory")
-    sheet = make_sheet(args.pairs, args.max, args.columns, args.scale)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.out)
+    check_cli_paths(args.pairs, {"--out": args.out})
+    sheet = make_sheet(args.pairs, args.limit, args.columns, args.scale)
+    save_png(sheet, args.out)
     print(f"wrote {args.out} ({sheet.width}x{sheet.height})")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

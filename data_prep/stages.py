@@ -115,9 +115,12 @@ def read_stages_yaml(path: Path):
     try:
         return yaml.safe_load(path.read_text())
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"stages file not found: {path}") from err
+        raise FileNotFoundError(f"stages file {path} not found: give an existing file with --stages-file") from err
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ValueError(f"{where}: not valid YAML ({problem}): fix it or give another with --stages-file") from err
 
 
 def load_curriculum(path: Path | str = STAGES_FILE) -> Curriculum:
@@ -221,8 +224,8 @@ def load_source_mixes(path: Path | str = STAGES_FILE) -> dict[str, SourceMix]:
     for name, body in (raw.get("stages") or {}).items():
         sources = body.get("sources") if isinstance(body, dict) else None
         fractions = RENDERED_ONLY if sources is None else _source_fractions(sources, f"{path}: stages.{name}.sources")
-        mixes[str(name)] = SourceMix(dict(fractions), local("coco"), local("images"),
-                                     tuple(categories) if categories else None, local("settings"))  # fmt: skip
+        chosen = tuple(categories) if categories else None
+        mixes[str(name)] = SourceMix(dict(fractions), local("coco"), local("images"), chosen, local("settings"))
     return mixes
 
 

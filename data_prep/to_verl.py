@@ -4,9 +4,9 @@
 
 Two passes: the first reads every pair record (cheap JSON) and rejects bad input before any image is touched;
 the second streams PNG bytes into a pyarrow ParquetWriter one row group at a time, so memory does not grow with
-the number of pairs. The file is written under a temporary name and renamed at the end: an error leaves no
-half-written parquet behind. Images are stored as plain ``{bytes, min_pixels, max_pixels}`` structs (not an HF
-``Image`` feature), so verl's RLHFDataset hands the per-image bounds to ``qwen_vl_utils``.
+the number of pairs. The file is written under a temporary name and renamed at the end (dig_common.fileio): an
+error leaves no half-written parquet behind. Images are stored as plain ``{bytes, min_pixels, max_pixels}``
+structs (not an HF ``Image`` feature), so verl's RLHFDataset hands the per-image bounds to ``qwen_vl_utils``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -29,9 +28,13 @@ from PIL import Image
 
 from data_prep import manifest as manifest_mod
 from data_prep.stages import STAGES_FILE, load_curriculum
+from dig_common.argtypes import positive_int
+from dig_common.cli import CliError, cli_main
+from dig_common.fileio import atomic_output
 from dig_common.models import ModelSpec, load_model_spec
 from dig_common.prompts import build_prompt
 
+PROG = "python -m data_prep.to_verl"
 DATA_SOURCE = "dig"
 ABILITY = "grounding"
 FORMAT_VERSION = 2  # 2: extra_info carries difficulty and num_objects_a/b
@@ -57,10 +60,16 @@ WRITER_OPTIONS = {
 
 # Per difference, aligned with the boxes: how hard it is to see (data_prep/README.md, "Difficulty").
 DIFFICULTY_FIELDS = (
-    ("visible_px", pa.int64()), ("visible_px_a", pa.int64()), ("visible_px_b", pa.int64()),
-    ("occluded_fraction", pa.float64()), ("changed_px", pa.int64()), ("delta_e00", pa.float64()),
-    ("size_ratio", pa.float64()), ("box_fraction", pa.float64()), ("border_px", pa.int64()),
-)  # fmt: skip
+    ("visible_px", pa.int64()),
+    ("visible_px_a", pa.int64()),
+    ("visible_px_b", pa.int64()),
+    ("occluded_fraction", pa.float64()),
+    ("changed_px", pa.int64()),
+    ("delta_e00", pa.float64()),
+    ("size_ratio", pa.float64()),
+    ("box_fraction", pa.float64()),
+    ("border_px", pa.int64()),
+)
 DIFFICULTY_TYPE = pa.struct(list(DIFFICULTY_FIELDS))
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("min_pixels", pa.int64()), ("max_pixels", pa.int64())])
 SCHEMA = pa.schema(
@@ -316,25 +325,28 @@ def plan_conversion(
     return ConversionPlan(refs, spec, prompt, stage, split, conversion_metadata(refs, spec, stage, split, prompt))
 
 
+def check_parquet_path(out: Path) -> None:
+    """The parquet to write must not be a folder (checked before any work, not at the final rename)."""
+    if Path(out).is_dir():
+        raise IsADirectoryError(
+            f"parquet path {out} is a folder: give a file name (e.g. {out}/train.parquet) or move the folder away"
+        )
+
+
 def write_parquet(
     plan: ConversionPlan, out: Path, allowed_k: set[int] | None = None, row_group_size: int = DEFAULT_ROW_GROUP
 ) -> dict:
     """Check every record, then stream the rows into ``out`` (temp file + rename). Returns metadata + timing."""
     started = time.perf_counter()
+    check_parquet_path(out)
     for ref in plan.refs:  # pass 1: every record checked before any image is read
         load_pair(ref, allowed_k)
     schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(plan.metadata).encode()})
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with pq.ParquetWriter(tmp, schema, **WRITER_OPTIONS) as writer:
-            records = (load_pair(ref, allowed_k) for ref in plan.refs)
-            for table in _row_groups(records, plan.prompt, plan.spec, plan.stage, plan.split, row_group_size):
-                writer.write_table(table)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(out) as tmp, pq.ParquetWriter(tmp, schema, **WRITER_OPTIONS) as writer:
+        records = (load_pair(ref, allowed_k) for ref in plan.refs)
+        for table in _row_groups(records, plan.prompt, plan.spec, plan.stage, plan.split, row_group_size):
+            writer.write_table(table)
     seconds = time.perf_counter() - started
     return {
         **plan.metadata,
@@ -367,8 +379,15 @@ def stage_allowed_k(stage: str | int, stages_file: Path | str = STAGES_FILE) -> 
     return load_curriculum(stages_file).stage(stage).allowed_k()
 
 
+def check_pairs_dirs(pairs_dirs: list[Path]) -> None:
+    for pairs_dir in pairs_dirs:
+        if not pairs_dir.is_dir():
+            raise CliError(f"--pairs {pairs_dir}: no such folder (give the output folder of a generation run)")
+
+
+@cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.to_verl", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=Path, nargs="+", required=True, help="generator output directories")
     parser.add_argument("--out", type=Path, required=True, help="parquet file to write")
     parser.add_argument(
@@ -385,24 +404,22 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="system message: 'default' for recipes/dig/prompts/system.txt, or literal text",
     )
-    parser.add_argument("--row-group-size", type=int, default=DEFAULT_ROW_GROUP)
+    parser.add_argument("--row-group-size", type=positive_int, default=DEFAULT_ROW_GROUP)
     args = parser.parse_args(argv)
-    try:
-        load_model_spec(args.model)  # fail on a bad name before reading any pair
-        allowed = stage_allowed_k(args.stage, args.stages_file)
-        result = convert(
-            args.pairs,
-            args.out,
-            args.model,
-            str(args.stage).removeprefix("stage"),
-            args.split,
-            allowed_k=allowed,
-            system_prompt=args.system_prompt,
-            row_group_size=args.row_group_size,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    load_model_spec(args.model)  # fail on a bad name before reading any pair
+    allowed = stage_allowed_k(args.stage, args.stages_file)
+    check_pairs_dirs(args.pairs)
+    check_parquet_path(args.out)
+    result = convert(
+        args.pairs,
+        args.out,
+        args.model,
+        str(args.stage).removeprefix("stage"),
+        args.split,
+        allowed_k=allowed,
+        system_prompt=args.system_prompt,
+        row_group_size=args.row_group_size,
+    )
     print(json.dumps(result))
     return 0
 

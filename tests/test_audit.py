@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from data_prep import scene as S
-from data_prep.audit import AuditRule, audit
+from data_prep.audit import AuditRule, audit, findings
 from data_prep.generate import GenerateConfig, RenderWorker, generate
+from data_prep.manifest import read_manifest
 from data_prep.render_worker import unlabeled_blobs
 
 SMALL = {"width": 64, "height": 64, "samples": 1, "denoise": False, "progress": False, "threads": 1}
@@ -51,20 +52,28 @@ def test_gate_thresholds_scale_with_the_image():
 def test_gate_rejects_a_change_nobody_boxed(tmp_path):
     vocab = S.load_vocabulary()
     a = S.sample_scene(vocab, 0, num_objects=2)
+
+    def large_rubber(**placed):
+        return S.resolve_object(vocab, {"material": "rubber", "size": "large", **placed})
+
     a["objects"] = [
-        S.resolve_object(vocab, {"id": 1, "shape": "cube", "color": "red", "material": "rubber", "size": "large",
-                                 "x": 1.5, "y": -1.5, "rotation_deg": 30.0}),
-        S.resolve_object(vocab, {"id": 2, "shape": "sphere", "color": "cyan", "material": "rubber", "size": "large",
-                                 "x": -1.5, "y": 1.5, "rotation_deg": 0.0}),
-    ]  # fmt: skip
+        large_rubber(id=1, shape="cube", color="red", x=1.5, y=-1.5, rotation_deg=30.0),
+        large_rubber(id=2, shape="sphere", color="cyan", x=-1.5, y=1.5, rotation_deg=0.0),
+    ]
     b = S.apply_edits(vocab, a, [{"type": "removal", "object_id": 2}])
-    settings = dict(GenerateConfig(out=tmp_path, num=1, **{k: v for k, v in SMALL.items() if k != "progress"})
-                    .render_settings(), seed=0, width=96, height=96)  # fmt: skip
+    config = GenerateConfig(out=tmp_path, num=1, **{k: v for k, v in SMALL.items() if k != "progress"})
+    settings = dict(config.render_settings(), seed=0, width=96, height=96)
 
     def job(name, differences):
-        return {"scene_a": a, "scene_b": b, "differences": differences, "render": settings,
-                "gates": vocab.gate_thresholds(96, 96), "out_a": str(tmp_path / f"{name}_a.png"),
-                "out_b": str(tmp_path / f"{name}_b.png")}  # fmt: skip
+        return {
+            "scene_a": a,
+            "scene_b": b,
+            "differences": differences,
+            "render": settings,
+            "gates": vocab.gate_thresholds(96, 96),
+            "out_a": str(tmp_path / f"{name}_a.png"),
+            "out_b": str(tmp_path / f"{name}_b.png"),
+        }
 
     with RenderWorker() as worker:
         # The sphere vanishes but the pair claims no difference: no mask gate looks at an object that is gone.
@@ -89,12 +98,11 @@ def _cli(*args):
 @pytest.mark.render
 def test_audit_of_a_generated_run(run, tmp_path):
     rc, stdout, stderr = _cli("--pairs", run, "--out", tmp_path / "audit.json", "--gallery", tmp_path / "g.png")
-    assert rc == 0, stderr
     report = json.loads(stdout)
+    assert rc == (1 if any(findings(report).values()) else 0), stderr  # exit 1: the audit flagged something
     assert report == json.loads((tmp_path / "audit.json").read_text())
     assert report["pairs"] == 4 and report["k_agreement"]["pairs_agree"] == 4
-    manifest = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
-    assert report["boxes"]["total"] == sum(m["num_differences"] for m in manifest)
+    assert report["boxes"]["total"] == sum(e.num_differences for e in read_manifest(run).entries)
     assert sum(report["types"].values()) == report["boxes"]["total"]
     assert report["images"]["sizes"] == {"64x64": 4}
     assert report["difficulty"]["visible_px"]["n"] == report["boxes"]["total"]
@@ -113,9 +121,7 @@ def test_audit_of_a_generated_run(run, tmp_path):
 def test_audit_finds_tampered_pairs_and_draws_them(run, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(run, bad)
-    recs = sorted(
-        (json.loads(p.read_text()) for p in bad.glob("shard-*/s*-*.json")), key=lambda r: r["pair_id"]
-    )  # fmt: skip
+    recs = sorted((json.loads(p.read_text()) for p in bad.glob("shard-*/s*-*.json")), key=lambda r: r["pair_id"])
     shard = next(bad.glob("shard-*"))
     clean = audit(bad, AuditRule(box_min_px=3, blob_fraction=16 / 64**2))
     # 1) an unboxed 5x5 blob far from every box; 2) B := A, so no box changed; 3) manifest K off by one.
@@ -140,7 +146,11 @@ def test_audit_finds_tampered_pairs_and_draws_them(run, tmp_path):
     rc, stdout, stderr = _cli(
         "--pairs", bad, "--box-min-px", 3, "--blob-fraction", 16 / 64**2, "--gallery", tmp_path / "g.png"
     )
-    assert rc == 0, stderr
+    assert rc == 1, stderr  # flagged pairs: the check failed
+    assert (
+        stderr.startswith(f"python -m data_prep.audit: {bad}: pairs with an unlabeled change: ")
+        and "Traceback" not in stderr
+    )
     report = json.loads(stdout)
     flagged = {f["pair_id"]: f["blobs"] for f in report["unlabeled_change"]["flagged"]}
     before = {f["pair_id"] for f in clean["unlabeled_change"]["flagged"]}

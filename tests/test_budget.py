@@ -63,8 +63,11 @@ def test_readme_command_without_the_processor(tmp_path):
     listener.close()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: no processor for qwen3_vl_8b_thinking: Qwen/Qwen3-VL-8B-Thinking")
-    assert "huggingface-cli download Qwen/Qwen3-VL-8B-Thinking --include" in proc.stderr
+    assert proc.stderr.startswith(
+        "python -m data_prep.budget: error: no processor for qwen3_vl_8b_thinking: Qwen/Qwen3-VL-8B-Thinking is not in"
+    )
+    assert "`hf download Qwen/Qwen3-VL-8B-Thinking --include '*.json'" in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line
 
 
 def test_missing_processor_is_one_named_error_with_the_fixes(tmp_path, no_network, capsys):
@@ -76,8 +79,8 @@ def test_missing_processor_is_one_named_error_with_the_fixes(tmp_path, no_networ
     assert time.perf_counter() - started < 10  # no hub retries (those take ~30 s)
     assert no_network == []
     err = capsys.readouterr().err
-    assert err.startswith("error: no processor for qwen3_vl_8b_thinking: dig-tests/no-such-processor")
-    assert "huggingface-cli download dig-tests/no-such-processor --include '*.json' '*.txt' '*.jinja'" in err
+    assert err.startswith("python -m data_prep.budget: error: no processor for qwen3_vl_8b_thinking: dig-tests/")
+    assert "hf download dig-tests/no-such-processor --include '*.json' --include '*.txt' --include '*.jinja'" in err
     assert "--processor PATH" in err and "--estimate" in err and "Traceback" not in err
     with pytest.raises(budget.ProcessorNotFound, match="no such folder"):
         budget.load_processor(load_model_spec("qwen2_5_vl_7b"), str(tmp_path / "missing"))

@@ -179,17 +179,29 @@ def test_unknown_model_fails_before_generating(tmp_path):
 
 
 def test_cli_errors_name_the_flag(tmp_path, capsys):
-    assert B.main(["--data-dir", str(tmp_path), "--model", MODEL, "--stage", "9"]) == 2
+    assert B.main(["--out-dir", str(tmp_path), "--model", MODEL, "--stage", "9"]) == 2
     assert "unknown stage '9'" in capsys.readouterr().err
-    assert B.main(["--data-dir", str(tmp_path), "--model", "nope", "--stage", "1", "--num-train", "1"]) == 2
+    assert B.main(["--out-dir", str(tmp_path), "--model", "nope", "--stage", "1", "--num-train", "1"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.render
 def test_real_generator_64px_1spp_into_verl_rows(tmp_path, capsys):
     """The real Blender generator (render venv) at 64x64, 1 spp, through the CLI; rows carry its boxes."""
-    argv = ["--data-dir", str(tmp_path), "--model", "qwen2_5_vl_3b", "--stage", "2", "--num-train", "2",
-            "--num-val", "1", "--width", "64", "--height", "64", "--samples", "1", "--no-denoise", "--no-progress"]  # fmt: skip
+    size = ["--width", "64", "--height", "64", "--samples", "1", "--no-denoise", "--no-progress"]
+    argv = [
+        "--out-dir",
+        str(tmp_path),
+        "--model",
+        "qwen2_5_vl_3b",
+        "--stage",
+        "2",
+        "--num-train",
+        "2",
+        "--num-val",
+        "1",
+    ]
+    argv += size
     assert B.main(argv) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [e["event"] for e in events if e.get("event") != "generate"] == ["convert", "convert"]

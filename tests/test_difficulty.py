@@ -56,8 +56,12 @@ def test_stage_filters_parse_validate_and_apply(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match=r"stages\.2\.splits\.train\[0\]\.difficulty\.min_visibility: unknown filter"):
         stages.load_curriculum(path)
-    d = {"type": "color", "object_id": 3, "changed_px": 50,
-         "difficulty": {"visible_px": 700, "occluded_fraction": 0.2, "delta_e00": None}}  # fmt: skip
+    d = {
+        "type": "color",
+        "object_id": 3,
+        "changed_px": 50,
+        "difficulty": {"visible_px": 700, "occluded_fraction": 0.2, "delta_e00": None},
+    }
     assert stages.difficulty_failure({"min_visible_px": 800}, [d]).startswith("color of object 3: visible_px 700")
     assert stages.difficulty_failure({"min_visible_px": 600, "max_occluded_fraction": 0.3}, [d]) is None
     assert stages.difficulty_failure({"min_delta_e00": 10}, [d]) is None  # null fields are not filtered
@@ -70,8 +74,10 @@ def test_eval_reports_metrics_by_visible_pixel_tercile():
     boxes = [[10 + 40 * i, 10, 40 + 40 * i, 60] for i in range(6)]
     visible = [100, 200, 300, 400, 500, 600]
     gt = {"boxes": boxes, "width": w, "height": h, "types": ["color"] * 6}
-    row = {"reward_model": {"ground_truth": json.dumps(gt)},
-           "extra_info": {"pair_id": "p", "difficulty": [{"visible_px": v} for v in visible]}}  # fmt: skip
+    row = {
+        "reward_model": {"ground_truth": json.dumps(gt)},
+        "extra_info": {"pair_id": "p", "difficulty": [{"visible_px": v} for v in visible]},
+    }
     found = boxes[2:]  # the two least visible differences are missed
     frame = dict(factor=spec.resize_factor, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
     model_boxes = geometry.from_pixels(found, spec.coord_mode, w, h, **frame).round(2).tolist()
@@ -97,8 +103,11 @@ SMALL = {"width": 96, "height": 96, "samples": 1, "denoise": False, "progress": 
 @pytest.mark.render
 def test_generated_records_carry_difficulty_and_filters_hold(tmp_path):
     out = tmp_path / "run"
-    stats = generate(GenerateConfig(out=out, num=4, k="1-2", seed=21, save_masks=True, **SMALL,
-                                    difficulty_filters={"min_visible_px": 60}))  # fmt: skip
+    stats = generate(
+        GenerateConfig(
+            out=out, num=4, k="1-2", seed=21, save_masks=True, **SMALL, difficulty_filters={"min_visible_px": 60}
+        )
+    )
 
     for p in sorted(out.glob("shard-*/s*-*.json")):
         rec = json.loads(p.read_text())
@@ -123,8 +132,15 @@ def test_generated_records_carry_difficulty_and_filters_hold(tmp_path):
                 assert x["size_ratio"] is None
             assert mask_a.shape == (96, 96)
     assert stats["accepted"] == 4
-    assert set(stats["rejected"]) <= {"difference_too_small", "untouched_visibility_changed", "difficulty_filter",
-                                      "unlabeled_change", "difference_unchanged", "interpenetration", "out_of_frame"}  # fmt: skip
+    assert set(stats["rejected"]) <= {
+        "difference_too_small",
+        "untouched_visibility_changed",
+        "difficulty_filter",
+        "unlabeled_change",
+        "difference_unchanged",
+        "interpenetration",
+        "out_of_frame",
+    }
 
 
 @pytest.mark.render
@@ -138,20 +154,39 @@ def test_occluded_fraction_of_a_half_hidden_object(tmp_path):
     spec["camera"]["look_at"] = [0.0, 0.0, 0.5]
 
     def obj(i, shape, color, size, x, y):
-        return S.resolve_object(vocab, {"id": i, "shape": shape, "color": color, "material": "rubber", "size": size,
-                                        "x": x, "y": y, "rotation_deg": 45.0})  # fmt: skip
+        return S.resolve_object(
+            vocab,
+            {
+                "id": i,
+                "shape": shape,
+                "color": color,
+                "material": "rubber",
+                "size": size,
+                "x": x,
+                "y": y,
+                "rotation_deg": 45.0,
+            },
+        )
 
-    settings = dict(GenerateConfig(out=tmp_path, num=1, width=128, height=128, samples=1, denoise=False, threads=1)
-                    .render_settings(), seed=0)  # fmt: skip
+    config = GenerateConfig(out=tmp_path, num=1, width=128, height=128, samples=1, denoise=False, threads=1)
+    settings = dict(config.render_settings(), seed=0)
     res = {}
     with RenderWorker() as worker:
         for name, objects in (("hidden", [obj(1, "cube", "red", "large", 2.0, -2.0)]), ("alone", [])):
             a = dict(spec, objects=[*objects, obj(2, "sphere", "blue", "large", 0.9, -0.6)])
-            b = S.apply_edits(vocab, a, [{"type": "color", "object_id": 2, "attribute": "color", "from": "blue",
-                                          "to": "yellow"}])  # fmt: skip
+            b = S.apply_edits(
+                vocab, a, [{"type": "color", "object_id": 2, "attribute": "color", "from": "blue", "to": "yellow"}]
+            )
             gates = dict(vocab.gate_thresholds(128, 128), min_visible_px=1)
-            job = {"scene_a": a, "scene_b": b, "differences": [{"type": "color", "object_id": 2}], "render": settings,
-                   "gates": gates, "out_a": str(tmp_path / f"{name}_a.png"), "out_b": str(tmp_path / f"{name}_b.png")}  # fmt: skip
+            job = {
+                "scene_a": a,
+                "scene_b": b,
+                "differences": [{"type": "color", "object_id": 2}],
+                "render": settings,
+                "gates": gates,
+                "out_a": str(tmp_path / f"{name}_a.png"),
+                "out_b": str(tmp_path / f"{name}_b.png"),
+            }
             res[name] = worker.request(job)["differences"][0]["difficulty"]
     assert res["alone"]["occluded_fraction"] < 0.1
     assert res["hidden"]["occluded_fraction"] > 0.3

@@ -31,8 +31,9 @@ def pairs_dir(tmp_path_factory):
     from data_prep.generate import GenerateConfig, generate
 
     out = tmp_path_factory.mktemp("pairs")
-    stats = generate(GenerateConfig(out=out, num=NUM_PAIRS, k="1-2", width=64, height=64, samples=1,
-                                    denoise=False, progress=False))  # fmt: skip
+    stats = generate(
+        GenerateConfig(out=out, num=NUM_PAIRS, k="1-2", width=64, height=64, samples=1, denoise=False, progress=False)
+    )
     assert stats["accepted"] == NUM_PAIRS
     return out
 
@@ -42,29 +43,36 @@ def verl_data_config(spec, cache_dir):
     from omegaconf import OmegaConf
 
     defaults = OmegaConf.load(Path(verl.__file__).parent / "trainer/config/data/legacy_data.yaml")
-    return OmegaConf.merge(defaults, {
-        "image_patch_size": spec.patch_size,
-        "max_prompt_length": 2048,
-        "filter_overlong_prompts": True,  # counts image tokens: a frame/bounds mistake would drop rows
-        # None: filter in-process. With 1, datasets still forks a pool, which can deadlock in a process that
-        # already runs threads (the render fixture's worker pipes, torch's pools).
-        "filter_overlong_prompts_workers": None,
-        "cache_dir": str(cache_dir),
-    })  # fmt: skip
+    return OmegaConf.merge(
+        defaults,
+        {
+            "image_patch_size": spec.patch_size,
+            "max_prompt_length": 2048,
+            "filter_overlong_prompts": True,  # counts image tokens: a frame/bounds mistake would drop rows
+            # None: filter in-process. With 1, datasets still forks a pool, which can deadlock in a process that
+            # already runs threads (the render fixture's worker pipes, torch's pools).
+            "filter_overlong_prompts_workers": None,
+            "cache_dir": str(cache_dir),
+        },
+    )
 
 
 def verl_reward_fn(spec):
     from omegaconf import OmegaConf
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
-    config = OmegaConf.create({"reward": {"custom_reward_function": {
-        "path": str(REPO / "reward_fns" / "dig_reward.py"),
-        "name": "compute_score",
-        "reward_kwargs": spec.reward_kwargs(),
-    }}})  # fmt: skip
+    path = str(REPO / "reward_fns" / "dig_reward.py")
+    function = {"path": path, "name": "compute_score", "reward_kwargs": spec.reward_kwargs()}
+    config = OmegaConf.create({"reward": {"custom_reward_function": function}})
     fn = get_custom_reward_fn(config)
     assert fn is not None
     return fn
+
+
+def to_verl_argv(pairs_dir: Path, parquet: Path, spec) -> list[str]:
+    """``data_prep.to_verl`` arguments that convert the rendered pairs into the test split for ``spec``."""
+    where = ["--pairs", str(pairs_dir), "--out", str(parquet)]
+    return [*where, "--model", spec.model_name, "--stage", "test", "--split", "test"]
 
 
 def gt_answer(ground_truth: str, spec) -> str:
@@ -84,9 +92,7 @@ def test_render_convert_load_generate_score(family, pairs_dir, tmp_path):
 
     spec = load_model_spec(MODELS[family])
     parquet = tmp_path / "test.parquet"
-    argv = ["--pairs", str(pairs_dir), "--out", str(parquet), "--model", spec.model_name, "--stage", "test",
-            "--split", "test"]  # fmt: skip
-    assert to_verl.main(argv) == 0
+    assert to_verl.main(to_verl_argv(pairs_dir, parquet, spec)) == 0
 
     processor = build_tiny_processor(family)
     dataset = RLHFDataset(str(parquet), processor.tokenizer, verl_data_config(spec, tmp_path / "cache"), processor)
@@ -106,24 +112,33 @@ def test_render_convert_load_generate_score(family, pairs_dir, tmp_path):
     assert len(responses) == NUM_PAIRS and all(isinstance(r, str) for r in responses)
     reward_fn = verl_reward_fn(spec)
     for item, response in zip(items, responses, strict=True):
-        out = reward_fn(data_source=item["data_source"], solution_str=response,
-                        ground_truth=item["reward_model"]["ground_truth"], extra_info=item["extra_info"])  # fmt: skip
+        out = reward_fn(
+            data_source=item["data_source"],
+            solution_str=response,
+            ground_truth=item["reward_model"]["ground_truth"],
+            extra_info=item["extra_info"],
+        )
         assert list(out) == list(RESULT_KEYS) and all(isinstance(v, float) for v in out.values())
         assert out["num_gt"] == item["extra_info"]["num_differences"]
 
     # the ground truth answered in the model's frame scores 1.0 through the whole chain
     for item in items:
         ground_truth = item["reward_model"]["ground_truth"]
-        out = reward_fn(data_source=item["data_source"], solution_str=gt_answer(ground_truth, spec),
-                        ground_truth=ground_truth, extra_info=item["extra_info"])  # fmt: skip
+        out = reward_fn(
+            data_source=item["data_source"],
+            solution_str=gt_answer(ground_truth, spec),
+            ground_truth=ground_truth,
+            extra_info=item["extra_info"],
+        )
         assert out["score"] == pytest.approx(1.0), (family, out)
 
     # and eval.dig reports the same on the parquet
     preds = tmp_path / "gt_answers.jsonl"
-    preds.write_text("".join(
-        json.dumps({"pair_id": i["extra_info"]["pair_id"], "response": gt_answer(i["reward_model"]["ground_truth"], spec)})
-        + "\n" for i in items
-    ))  # fmt: skip
+    answers = [
+        {"pair_id": i["extra_info"]["pair_id"], "response": gt_answer(i["reward_model"]["ground_truth"], spec)}
+        for i in items
+    ]
+    preds.write_text("".join(json.dumps(answer) + "\n" for answer in answers))
     out = tmp_path / "results.json"
     assert (
         dig.main(["--data", str(parquet), "--predictions", str(preds), "--model", spec.model_name, "--out", str(out)])
@@ -141,12 +156,11 @@ def test_eval_dig_generates_with_hf_backend_from_a_checkpoint(pairs_dir, tmp_pat
     family = "qwen2_5_vl"
     spec = load_model_spec(MODELS[family])
     parquet = tmp_path / "test.parquet"
-    to_verl.main(["--pairs", str(pairs_dir), "--out", str(parquet), "--model", spec.model_name, "--stage", "test",
-                  "--split", "test"])  # fmt: skip
+    assert to_verl.main(to_verl_argv(pairs_dir, parquet, spec)) == 0
     ckpt = save_tiny_checkpoint(family, tmp_path / "ckpt")
     out = tmp_path / "res" / "results.json"
-    argv = ["--data", str(parquet), "--model-path", str(ckpt), "--backend", "hf", "--model", spec.model_name,
-            "--out", str(out), "--max-new-tokens", "6", "--batch-size", "2"]  # fmt: skip
+    argv = ["--data", str(parquet), "--model-path", str(ckpt), "--backend", "hf", "--model", spec.model_name]
+    argv += ["--out", str(out), "--max-new-tokens", "6", "--batch-size", "2"]
     assert dig.main(argv) == 0
     predictions = (tmp_path / "res" / "results.predictions.jsonl").read_text().splitlines()
     assert len(predictions) == NUM_PAIRS

@@ -599,25 +599,9 @@ def test_build_mixes_rendered_and_photo_pairs_into_one_parquet(coco_dir, tmp_pat
     raw["stages"]["1"]["sources"] = {"rendered": 0.5, "photo": 0.5}
     stages = tmp_path / "stages.yaml"
     stages.write_text(yaml.safe_dump(raw))
-    argv = [
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--model",
-        "qwen2_5_vl_7b",
-        "--stage",
-        "1",
-        "--stages-file",
-        str(stages),
-        "--num-train",
-        "4",
-        "--num-val",
-        "2",
-        "--width",
-        "64",
-        "--height",
-        "48",
-        "--no-progress",
-    ]
+    argv = ["--out-dir", str(tmp_path / "data"), "--model", "qwen2_5_vl_7b", "--stage", "1"]
+    argv += ["--stages-file", str(stages), "--num-train", "4", "--num-val", "2"]
+    argv += ["--width", "64", "--height", "48", "--no-progress"]
     # without the COCO set: a clear error before anything is generated
     assert B.main(argv) == 2
     assert (
