@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from dig_common.checkpoints import processor_download_command
 from dig_common.cli import CliError, cli_main
 from dig_common.models import ModelSpec, load_model_spec, model_file
 from dig_common.prompts import build_vision_messages
@@ -34,8 +35,6 @@ PROG = "python -m data_prep.budget"
 # Text part of a prompt (instruction + chat template) in tokens: a generous bound for the offline estimate.
 PROMPT_TEXT_TOKENS = 300
 DEFAULT_MAX_PROMPT_LENGTH = 512  # verl's legacy_data.yaml default, used when the model file sets none
-# The processor's files: configs, tokenizer, chat template; no weights.
-PROCESSOR_FILES = ("*.json", "*.txt", "*.jinja")
 
 
 class ProcessorNotFound(CliError):
@@ -44,9 +43,8 @@ class ProcessorNotFound(CliError):
 
 def processor_fixes(spec: ModelSpec) -> str:
     """The three ways out of a missing processor (docs/cli.md, errors)."""
-    include = " ".join(f"--include '{pattern}'" for pattern in PROCESSOR_FILES)
     return (
-        f"fix: download its processor files (a few MB, no weights) with `hf download {spec.hf_path} {include}`, "
+        f"fix: download its processor files (a few MB, no weights) with `{processor_download_command(spec.hf_path)}`, "
         "or point at a local copy with --processor PATH, or add --estimate for the offline bound the launch dry run "
         "checks"
     )

@@ -14,8 +14,10 @@ from dig_common.cli import CliError
 # the hub's Qwen repos hold preprocessor_config.json).
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# What to fetch from the base model's repo: the processor's files only. Not '*.json': that would also bring the
-# base model's config.json and model.safetensors.index.json, which name shards a merged checkpoint does not have.
+# What to fetch of a model's processor (a few MB, no weights): into a checkpoint folder, its processor files only,
+# not '*.json', which would also bring the base model's config.json and model.safetensors.index.json (naming
+# shards a merged checkpoint does not have). Into the Hugging Face cache, config.json too (harmless there, and
+# what AutoProcessor falls back on to find the processor class).
 PROCESSOR_DOWNLOAD_PATTERNS = (
     "preprocessor_config.json",
     "video_preprocessor_config.json",
@@ -24,12 +26,26 @@ PROCESSOR_DOWNLOAD_PATTERNS = (
     "merges.txt",
     "chat_template*",
 )
+CACHE_PROCESSOR_PATTERNS = ("config.json", *PROCESSOR_DOWNLOAD_PATTERNS)
 
 
-def processor_download_command(hf_path: str, local_dir: str | Path) -> str:
-    """The command that copies ``hf_path``'s processor files (a few MB, no weights) into ``local_dir``."""
-    include = " ".join(f"'{pattern}'" for pattern in PROCESSOR_DOWNLOAD_PATTERNS)
-    return f"huggingface-cli download {hf_path} --include {include} --local-dir {local_dir}"
+def hf_download_command(
+    repo: str, patterns: tuple[str, ...] = (), local_dir: str | Path | None = None, repo_type: str | None = None
+) -> str:
+    """The one form of a download command the tools print (huggingface_hub's ``hf`` CLI; ``huggingface-cli``
+    no longer works in the huggingface_hub this repo installs)."""
+    parts = ["hf download", repo]
+    parts += [f"--repo-type {repo_type}"] if repo_type else []
+    parts += [f"--include '{pattern}'" for pattern in patterns]
+    parts += [f"--local-dir {local_dir}"] if local_dir is not None else []
+    return " ".join(parts)
+
+
+def processor_download_command(hf_path: str, local_dir: str | Path | None = None) -> str:
+    """Copies ``hf_path``'s processor files into ``local_dir`` (a checkpoint folder), or into the HF cache."""
+    if local_dir is None:
+        return hf_download_command(hf_path, CACHE_PROCESSOR_PATTERNS)
+    return hf_download_command(hf_path, PROCESSOR_DOWNLOAD_PATTERNS, local_dir)
 
 
 def check_checkpoint(model_path: str | Path, hf_path: str, flag: str = "--model-path") -> Path:

@@ -4,7 +4,7 @@
         (--model-path CKPT --backend vllm | --predictions answers.jsonl) --out runs/refcoco.json
 
 Data layout read: the Hugging Face parquet snapshots lmms-eval 0.7.3 reads, one folder per dataset under
-``--refcoco-dir`` (``huggingface-cli download lmms-lab-encoder/RefCOCO --repo-type dataset --local-dir
+``--refcoco-dir`` (``hf download lmms-lab-encoder/RefCOCO --repo-type dataset --local-dir
 <refcoco-dir>/RefCOCO``; likewise ``lmms-lab-encoder/RefCOCOplus`` -> ``<refcoco-dir>/RefCOCOplus`` and
 ``lmms-lab-encoder/RefCOCOg`` -> ``<refcoco-dir>/RefCOCOg``), files ``<folder>/data/<split>-*.parquet`` with the
 columns
@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dig_common.checkpoints import hf_download_command
 from dig_common.cli import CliError, cli_main
 from dig_common.models import ModelSpec, load_model_spec
 from dig_common.prompts import coordinate_frame
@@ -86,7 +87,7 @@ def parse_splits(text: str) -> list[tuple[str, str]]:
 
 def download_command(refcoco_dir: str | Path, dataset: str) -> str:
     folder = DATASETS[dataset][0]
-    return f"huggingface-cli download lmms-lab-encoder/{folder} --repo-type dataset --local-dir {Path(refcoco_dir) / folder}"
+    return hf_download_command(f"lmms-lab-encoder/{folder}", local_dir=Path(refcoco_dir) / folder, repo_type="dataset")
 
 
 def split_files(refcoco_dir: str | Path, dataset: str, split: str) -> list[str]:

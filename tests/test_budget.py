@@ -66,7 +66,10 @@ def test_readme_command_without_the_processor(tmp_path):
     assert proc.stderr.startswith(
         "python -m data_prep.budget: error: no processor for qwen3_vl_8b_thinking: Qwen/Qwen3-VL-8B-Thinking is not in"
     )
-    assert "`hf download Qwen/Qwen3-VL-8B-Thinking --include '*.json'" in proc.stderr
+    assert (
+        "`hf download Qwen/Qwen3-VL-8B-Thinking --include 'config.json' --include 'preprocessor_config.json'"
+        in proc.stderr
+    )
     assert proc.stderr.count("\n") == 1  # one line
 
 
@@ -80,7 +83,7 @@ def test_missing_processor_is_one_named_error_with_the_fixes(tmp_path, no_networ
     assert no_network == []
     err = capsys.readouterr().err
     assert err.startswith("python -m data_prep.budget: error: no processor for qwen3_vl_8b_thinking: dig-tests/")
-    assert "hf download dig-tests/no-such-processor --include '*.json' --include '*.txt' --include '*.jinja'" in err
+    assert "hf download dig-tests/no-such-processor --include 'config.json' --include 'preprocessor_config.json'" in err
     assert "--processor PATH" in err and "--estimate" in err and "Traceback" not in err
     with pytest.raises(budget.ProcessorNotFound, match="no such folder"):
         budget.load_processor(load_model_spec("qwen2_5_vl_7b"), str(tmp_path / "missing"))

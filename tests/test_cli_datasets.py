@@ -270,7 +270,10 @@ def test_budget_missing_processor_subprocess_is_one_fast_line(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 2 and proc.stdout.strip() == "False"
     line = error_line(proc.stderr, budget.PROG, "no processor for qwen3_vl_8b_thinking", "Qwen/Qwen3-VL-8B-Thinking")
-    assert "`hf download Qwen/Qwen3-VL-8B-Thinking --include '*.json' --include '*.txt' --include '*.jinja'`" in line
+    assert (
+        "`hf download Qwen/Qwen3-VL-8B-Thinking --include 'config.json' --include 'preprocessor_config.json' --include"
+        in line
+    )
     assert "--processor PATH" in line and "--estimate" in line
     proc = run_module("data_prep.budget", "--model", "qwen3_vl_8b_thinking", env=env)  # the entry point itself
     assert proc.returncode == 2 and proc.stdout == ""

@@ -22,7 +22,7 @@ from eval import dig, harness, refcoco, visualize
 
 REPO = Path(__file__).resolve().parents[1]
 NO_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
-PROCESSOR_FIX = "huggingface-cli download Qwen/Qwen2.5-VL-3B-Instruct --include 'preprocessor_config.json'"
+PROCESSOR_FIX = "hf download Qwen/Qwen2.5-VL-3B-Instruct --include 'preprocessor_config.json' --include"
 
 
 @pytest.fixture(autouse=True)
@@ -164,7 +164,7 @@ def test_refcoco_missing_folder_as_a_subprocess(tmp_path, predictions):
     argv = ["--refcoco-dir", str(folder), "--splits", "refcoco:val", "--predictions", str(predictions)]
     message = run_module("eval.refcoco", [*argv, "--out", str(tmp_path / "r.json")])
     assert message == (
-        f"--refcoco-dir {folder}: no such folder; download the snapshots: huggingface-cli download "
+        f"--refcoco-dir {folder}: no such folder; download the snapshots: hf download "
         f"lmms-lab-encoder/RefCOCO --repo-type dataset --local-dir {folder / 'RefCOCO'}"
     )
 
@@ -177,7 +177,7 @@ def test_refcoco_bad_inputs(tmp_path, capsys, predictions, weights_only):
         return run_main(refcoco.main, [*base, *argv], capsys, "eval.refcoco")
 
     message = error("--splits", "refcoco:val,refcocog:test", "--predictions", str(predictions))
-    assert message.startswith(f"no {tmp_path / 'RefCOCOg' / 'data'}/test-*.parquet; download it with `huggingface-cli")
+    assert message.startswith(f"no {tmp_path / 'RefCOCOg' / 'data'}/test-*.parquet; download it with `hf")
     assert error("--splits", "coco:val", "--predictions", str(predictions)).startswith(
         "--splits: 'coco:val' is not <dataset>:<split>"
     )

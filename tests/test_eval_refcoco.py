@@ -58,7 +58,7 @@ def test_reads_the_layout_one_sample_per_expression(root):
     assert [s.id for s in samples] == ["refcoco:val:1:0", "refcoco:val:1:1"]
     assert samples[1].expression == "cat on the left"
     assert samples[0].gt_box == [10, 10, 50, 50] and (samples[0].width, samples[0].height) == (SIZE, SIZE)
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download lmms-lab-encoder/RefCOCOplus"):
+    with pytest.raises(FileNotFoundError, match="hf download lmms-lab-encoder/RefCOCOplus"):
         refcoco.split_files(root, "refcoco+", "val")
     assert len(refcoco.parse_splits("all")) == 8
     with pytest.raises(ValueError, match="not <dataset>:<split>"):
