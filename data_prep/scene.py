@@ -547,13 +547,14 @@ def apply_edits(vocab: Vocabulary, scene: dict, edits: list[dict]) -> dict:
     return b
 
 
-def parse_k(k: int | str) -> tuple[int, int]:
-    """'3' -> (3, 3); '1-4' -> (1, 4). Raises ValueError with a clear message."""
+def parse_k(k: int | str, what: str = "--k") -> tuple[int, int]:
+    """'3' -> (3, 3); '1-4' -> (1, 4): the one reading of a K spec (CLI flags and the stages file). Raises
+    ValueError naming ``what``. K = 0 pairs come from no_diff_fraction, not from a K spec."""
     text = str(k).strip()
     try:
         lo, hi = (int(v) for v in text.split("-", 1)) if "-" in text else (int(text), int(text))
     except ValueError:
-        raise ValueError(f"--k: expected an integer or a range like '1-4', got {k!r}") from None
+        raise ValueError(f"{what}: expected an integer or a range like '1-4', got {k!r}") from None
     if lo < 1 or hi < lo:
-        raise ValueError(f"--k: expected 1 <= low <= high, got {k!r}")
+        raise ValueError(f"{what}: expected 1 <= low <= high, got {k!r} (pairs with K = 0 come from no_diff_fraction)")
     return lo, hi

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
+from data_prep.scene import parse_k
+from dig_common.yaml_error import yaml_error_line
+
 STAGES_FILE = Path(__file__).resolve().parent / "stages.yaml"
-_K_SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
 @dataclass(frozen=True)
@@ -68,18 +69,6 @@ class Curriculum:
         return replace(self, stages=stages)
 
 
-def parse_k(spec: str | int) -> tuple[int, int]:
-    """``"2"`` -> (2, 2); ``"1-4"`` -> (1, 4)."""
-    match = _K_SPEC.match(str(spec))
-    if not match:
-        raise ValueError(f"bad K spec {spec!r}: expected 'N' or 'LO-HI'")
-    low = int(match.group(1))
-    high = int(match.group(2) or low)
-    if low > high:
-        raise ValueError(f"bad K spec {spec!r}: LO > HI")
-    return low, high
-
-
 def _run(raw, stage_defaults: dict, where: str, max_differences: int) -> Run:
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a mapping {{k, num, seed}}, got {raw!r}")
@@ -90,8 +79,8 @@ def _run(raw, stage_defaults: dict, where: str, max_differences: int) -> Run:
     for key in ("k", "num", "seed"):
         if key not in merged:
             raise ValueError(f"{where}: missing {key!r}")
-    low, high = parse_k(merged["k"])
-    if low < 1 or high > max_differences:
+    low, high = parse_k(merged["k"], f"{where}: k")
+    if high > max_differences:
         raise ValueError(
             f"{where}: k={merged['k']!r} asks for K outside 1..{max_differences} "
             "(K = 0 pairs come from no_diff_fraction)"
@@ -117,10 +106,9 @@ def read_stages_yaml(path: Path):
     except FileNotFoundError as err:
         raise FileNotFoundError(f"stages file {path} not found: give an existing file with --stages-file") from err
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or " ".join(str(err).split())
-        raise ValueError(f"{where}: not valid YAML ({problem}): fix it or give another with --stages-file") from err
+        raise ValueError(
+            f"{path}: not valid YAML: {yaml_error_line(err)}: fix it or give another with --stages-file"
+        ) from err
 
 
 def load_curriculum(path: Path | str = STAGES_FILE) -> Curriculum:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_prep.manifest import append_entry, read_manifest
 from data_prep.scene import parse_k
 
 RENDERER = {"name": "synthetic", "version": "1", "samples": 0}
@@ -100,20 +101,17 @@ def write_pairs(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.jsonl"
-    done = set()
-    if manifest_path.exists():
-        done = {json.loads(line)["index"] for line in manifest_path.read_text().splitlines() if line.strip()}
-    with manifest_path.open("a", encoding="utf-8") as manifest:
-        for index in range(num):
-            if index in done:
-                continue
-            pair_id = f"s{seed}-{index:07d}"
-            shard = f"shard_{index // shard_size:03d}"
-            count = k(index) if callable(k) else k
-            write_pair(out / shard, pair_id, seed + index, count, width, height, noise)
-            entry = {"pair_id": pair_id, "json": f"{shard}/{pair_id}.json", "num_differences": count, "index": index}
-            manifest.write(json.dumps(entry) + "\n")
+    done = {e.index for e in read_manifest(out, required=False).entries}
+    for index in range(num):
+        if index in done:
+            continue
+        pair_id = f"s{seed}-{index:07d}"
+        shard = f"shard_{index // shard_size:03d}"
+        count = k(index) if callable(k) else k
+        write_pair(out / shard, pair_id, seed + index, count, width, height, noise)
+        append_entry(
+            out, {"pair_id": pair_id, "json": f"{shard}/{pair_id}.json", "num_differences": count, "index": index}
+        )
     accepted = len(done) + sum(1 for i in range(num) if i not in done)
     (out / "stats.json").write_text(json.dumps({"accepted": accepted, "rejected": {}}))
     return out

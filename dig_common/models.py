@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from dig_common.paths import BASE_MODEL_DIR
+from dig_common.yaml_error import yaml_error_line
 
 DEFAULT_MODEL = "qwen3_vl_8b_thinking"
 # reward_fns.geometry.COORD_MODES, repeated so that this module needs no numpy (a test checks they agree)
@@ -89,7 +90,7 @@ def load_model_spec(name_or_path: str | Path = DEFAULT_MODEL) -> ModelSpec:
     try:
         block = (yaml.safe_load(path.read_text()) or {}).get("dig")
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
+        raise ValueError(f"{path}: not valid YAML: {yaml_error_line(err)}") from err
     if not isinstance(block, dict):
         raise ValueError(f"{path}: missing the 'dig:' block")
     names = [f.name for f in fields(ModelSpec)]

@@ -33,6 +33,7 @@ from dig_common.checkpoints import check_checkpoint
 from dig_common.cli import CliError, cli_main
 from dig_common.fileio import atomic_write_text
 from dig_common.models import Decoding, ModelSpec, load_model_spec
+from dig_common.yaml_error import yaml_error_line
 from eval.backends import BACKENDS, PROMPT_TOKEN_BUDGET, require_backend
 from eval.options import add_model_arg, positive_int, require_file
 
@@ -118,8 +119,10 @@ def load_benchmarks(path: str | Path = BENCHMARKS_FILE) -> dict[str, Benchmark]:
     path = Path(path)
     try:
         table = (yaml.safe_load(path.read_text()) or {}).get("benchmarks")
-    except (OSError, yaml.YAMLError) as err:
+    except OSError as err:
         raise ValueError(f"cannot read benchmark list {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"benchmark list {path}: not valid YAML: {yaml_error_line(err)}") from err
     if not isinstance(table, dict) or not table:
         raise ValueError(f"{path}: needs a non-empty 'benchmarks:' mapping")
     out = {}
