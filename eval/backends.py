@@ -30,7 +30,11 @@ from dig_common.models import Decoding, ModelSpec
 
 BACKENDS = ("vllm", "hf")
 IMAGE_SPLIT = re.compile(r"(<image>)")
-PROMPT_TOKEN_BUDGET = 8192  # two images at the configs' max_pixels plus the instruction fit well inside
+# Context kept for the prompt beside max_new_tokens (vLLM needs a bound: a checkpoint's native 256k would not fit
+# the KV cache of one GPU). Not an estimate: data_prep.budget's prompt_token_bound is; this is several times the
+# largest bound of any model file (tests/test_budget.py checks it), because a prompt over the context fails its
+# request on the GPU while spare context costs nothing.
+PROMPT_TOKEN_BUDGET = 8192
 
 
 @dataclass

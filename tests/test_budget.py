@@ -15,7 +15,7 @@ import yaml
 
 from data_prep import budget
 from data_prep.budget import prompt_token_bound
-from dig_common.models import load_model_spec, model_file
+from dig_common.models import load_model_spec, model_file, model_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,3 +102,14 @@ def test_estimate_is_the_launch_dry_run_bound(tmp_path, no_network, capsys):
     assert report["fits"] and no_network == []
     assert budget.main(["--model", "qwen2_5_vl_7b", "--estimate", "--max-prompt-length", "300"]) == 1
     assert "data.max_prompt_length=300" in capsys.readouterr().err
+
+
+def test_eval_context_leaves_room_for_every_model_prompt():
+    """eval's vLLM context (PROMPT_TOKEN_BUDGET beside max_new_tokens) holds several times the largest prompt
+    bound of every model file, images at max_pixels: a prompt over it would fail on the GPU."""
+    from eval.backends import PROMPT_TOKEN_BUDGET
+
+    for name in model_names():
+        spec = load_model_spec(name)
+        largest = prompt_token_bound(*budget.largest_image_size(spec), spec)
+        assert 4 * largest <= PROMPT_TOKEN_BUDGET, (name, largest)
