@@ -83,13 +83,27 @@ def ray_head(temp_dir: Path, num_gpus: int, num_cpus: int, join_timeout: float =
     port, client, node_manager, object_manager, metrics, agent_grpc, agent_http, runtime_env = free_ports(8)
     worker_start = free_port_range()
     log = temp_dir.parent / f"{temp_dir.name}.log"
-    command = [*RAY_START, "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-               f"--num-gpus={num_gpus}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-               "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={client}",
-               f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-               f"--metrics-export-port={metrics}", f"--dashboard-agent-grpc-port={agent_grpc}",
-               f"--dashboard-agent-listen-port={agent_http}", f"--runtime-env-agent-port={runtime_env}",
-               f"--min-worker-port={worker_start}", f"--max-worker-port={worker_start + 63}"]  # fmt: skip
+    command = [
+        *RAY_START,
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--num-gpus={num_gpus}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--ray-client-server-port={client}",
+        f"--node-manager-port={node_manager}",
+        f"--object-manager-port={object_manager}",
+        f"--metrics-export-port={metrics}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--min-worker-port={worker_start}",
+        f"--max-worker-port={worker_start + 63}",
+    ]
     # `ray start` clusters require token authentication (Ray >= 2.5x): one random token per head
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

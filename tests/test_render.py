@@ -145,7 +145,7 @@ def _manual_scene(vocab, objects, camera_location=(7.4, -7.4, 1.0)):
         S.resolve_object(
             vocab,
             {"id": i, "shape": sh, "color": c, "material": "rubber", "size": sz, "x": x, "y": y, "rotation_deg": 45.0},
-        )  # fmt: skip
+        )
         for i, (sh, c, sz, x, y) in enumerate(objects, 1)
     ]
     return spec
@@ -155,9 +155,19 @@ def _manual_scene(vocab, objects, camera_location=(7.4, -7.4, 1.0)):
 def test_gate_rejects_addition_hidden_behind_object(vocab, worker, tmp_path, prepass):
     # Low camera: a large cube close to it hides a small sphere placed right behind it.
     a = _manual_scene(vocab, [("cube", "red", "large", 2.0, -2.0), ("cylinder", "blue", "large", -2.0, 1.5)])
-    hidden = {"type": "addition", "object_id": 3,
-              "object": {"shape": "sphere", "color": "yellow", "material": "rubber", "size": "small", "x": 0.8,
-                         "y": -0.8, "rotation_deg": 0.0}}  # fmt: skip
+    hidden = {
+        "type": "addition",
+        "object_id": 3,
+        "object": {
+            "shape": "sphere",
+            "color": "yellow",
+            "material": "rubber",
+            "size": "small",
+            "x": 0.8,
+            "y": -0.8,
+            "rotation_deg": 0.0,
+        },
+    }
     b = S.apply_edits(vocab, a, [hidden])
     ans = worker.request(_job(vocab, tmp_path, a, b, [{"type": "addition", "object_id": 3}], "hidden", prepass=prepass))
     assert ("pre-pass" in ans["detail"]) == prepass
@@ -213,14 +223,46 @@ def test_device_selection_and_a_missing_gpu_stops_before_rendering(worker, tmp_p
     assert missing, "no machine has HIP and CUDA GPUs at once"
     out = tmp_path / "gpu-run"
     with pytest.raises(SystemExit) as exc:
-        main(["--num", "2", "--out", str(out), "--width", "64", "--height", "64", "--samples", "1", "--no-denoise",
-              "--no-progress", "--device", missing[0]])  # fmt: skip
+        main(
+            [
+                "--num",
+                "2",
+                "--out",
+                str(out),
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--samples",
+                "1",
+                "--no-denoise",
+                "--no-progress",
+                "--device",
+                missing[0],
+            ]
+        )
     assert exc.value.code == 2
     assert f"no {missing[0].upper()} device" in capsys.readouterr().err
     assert not list(out.rglob("*.png")) and not (out / "manifest.jsonl").exists()  # nothing was rendered
     # auto falls back to (or finds) a device and the records say which one rendered them.
-    main(["--num", "1", "--out", str(tmp_path / "auto"), "--width", "64", "--height", "64", "--samples", "1",
-          "--no-denoise", "--no-progress", "--device", "auto"])  # fmt: skip
+    main(
+        [
+            "--num",
+            "1",
+            "--out",
+            str(tmp_path / "auto"),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--samples",
+            "1",
+            "--no-denoise",
+            "--no-progress",
+            "--device",
+            "auto",
+        ]
+    )
     (rec,) = [p for p in (tmp_path / "auto").glob("shard-*/s*-*.json")]
     import json
 
