@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_launch import dry_settings
 
 from recipes.dig import launch
 from recipes.dig.handoff import DONE_MARKER, is_merged, run_merge
@@ -86,15 +87,7 @@ def stage1_run(tmp_path_factory):
 
 
 def settings(root: Path, stage: int, **kwargs) -> Settings:
-    return Settings(
-        stage=stage,
-        model=MODEL,
-        ckpt_dir=root / "ckpt",
-        data_dir=root / "data",
-        dry_run=True,
-        gpus_per_node=8,
-        **kwargs,
-    )
+    return dry_settings(root, stage, model=MODEL, **kwargs)
 
 
 def test_handoff_chooses_last_step_merges_once(stage1_run):

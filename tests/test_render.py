@@ -206,6 +206,12 @@ def test_gate_rejects_object_outside_frame(vocab, worker, tmp_path):
     assert not Path(tmp_path / "frame_a.png").exists()  # rejected before rendering
 
 
+def tiny_run_args(out: Path, num: int, device: str) -> list[str]:
+    """data_prep.generate's flags for a quick 64x64, 1 spp run."""
+    size = ["--width", "64", "--height", "64", "--samples", "1", "--no-denoise"]
+    return ["--num", str(num), "--out", str(out), *size, "--no-progress", "--device", device]
+
+
 def test_device_selection_and_a_missing_gpu_stops_before_rendering(worker, tmp_path, capsys):
     from data_prep.generate import RenderDeviceError, main
 
@@ -223,46 +229,12 @@ def test_device_selection_and_a_missing_gpu_stops_before_rendering(worker, tmp_p
     assert missing, "no machine has HIP and CUDA GPUs at once"
     out = tmp_path / "gpu-run"
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "--num",
-                "2",
-                "--out",
-                str(out),
-                "--width",
-                "64",
-                "--height",
-                "64",
-                "--samples",
-                "1",
-                "--no-denoise",
-                "--no-progress",
-                "--device",
-                missing[0],
-            ]
-        )
+        main(tiny_run_args(out, 2, missing[0]))
     assert exc.value.code == 2
     assert f"no {missing[0].upper()} device" in capsys.readouterr().err
     assert not list(out.rglob("*.png")) and not (out / "manifest.jsonl").exists()  # nothing was rendered
     # auto falls back to (or finds) a device and the records say which one rendered them.
-    main(
-        [
-            "--num",
-            "1",
-            "--out",
-            str(tmp_path / "auto"),
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--samples",
-            "1",
-            "--no-denoise",
-            "--no-progress",
-            "--device",
-            "auto",
-        ]
-    )
+    main(tiny_run_args(tmp_path / "auto", 1, "auto"))
     (rec,) = [p for p in (tmp_path / "auto").glob("shard-*/s*-*.json")]
     import json
 

@@ -677,6 +677,10 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
     def padded(nested):
         return response_from_nested(nested, response_mask).to_padded_tensor(0.0)
 
+    def log_prob_request(entropy: bool):
+        """A log-prob call's batch with the settings the trainer sends along."""
+        return with_info(batch, calculate_entropy=entropy, compute_loss=False, temperature=temperature)
+
     with verl_on_cpu():
         ref = ActorRolloutRefWorker(config=copy.deepcopy(cfg.actor_rollout_ref), role="ref")
         ref.init_model()
@@ -692,9 +696,7 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
         )
         params_before = _full_state(module)
 
-        ref_out = ref.compute_ref_log_prob(
-            with_info(batch, calculate_entropy=False, compute_loss=False, temperature=temperature)
-        )
+        ref_out = ref.compute_ref_log_prob(log_prob_request(entropy=False))
         batch["ref_log_prob"] = response_from_nested(ref_out["log_probs"], response_mask)
         actor_cfg = cfg.actor_rollout_ref.actor
         mini_batch = actor_cfg.ppo_mini_batch_size * cfg.actor_rollout_ref.rollout.n
@@ -711,9 +713,7 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
         )
         metrics, log_probs, seconds, cpu_seconds = [], [], [], []
         for _ in range(num_updates):
-            old = actor.compute_log_prob(
-                with_info(batch, calculate_entropy=True, compute_loss=False, temperature=temperature)
-            )
+            old = actor.compute_log_prob(log_prob_request(entropy=True))
             batch["old_log_probs"] = response_from_nested(old["log_probs"], response_mask)
             log_probs.append(padded(old["log_probs"]))
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -721,9 +721,7 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
             metrics.append(dict(out["metrics"]))
-        final = actor.compute_log_prob(
-            with_info(batch, calculate_entropy=False, compute_loss=False, temperature=temperature)
-        )
+        final = actor.compute_log_prob(log_prob_request(entropy=False))
         hook.remove()
         return StepResult(
             initial_log_probs=log_probs[0],

@@ -106,8 +106,7 @@ def compose(overrides: list[str]):
             (o for o in overrides if f"'{o.split('=', 1)[0].lstrip('+~')}'" in message), None
         )
         hint = f"override {culprit!r} rejected" if culprit else "config composition failed"
-        one_line = " ".join(message.split())  # Hydra's messages span lines; the error is one (docs/cli.md)
-        raise LaunchError(f"{hint}: {one_line} (new keys need a leading '+'; check the spelling)") from err
+        raise LaunchError(f"{hint}: {message} (new keys need a leading '+'; check the spelling)") from err
 
 
 def check_override_types(base_cfg, cfg, overrides: list[str]) -> None:

@@ -84,9 +84,8 @@ def gpu_boundary(err: BaseException) -> str | None:
     hit = next((line for line in reversed(lines) if any(m in line for m in GPU_BOUNDARY_MARKERS)), None)
     if hit is None:
         return None
-    return (
-        f"training stopped at the GPU boundary: verl's workers need CUDA/vLLM, which this machine lacks ({hit[:300]})"
-    )
+    reason = "verl's workers need CUDA/vLLM, which this machine lacks"
+    return f"training stopped at the GPU boundary: {reason} ({hit[:300]})"
 
 
 @hydra.main(config_path="config", config_name="dig_grpo", version_base=None)

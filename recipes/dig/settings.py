@@ -27,6 +27,10 @@ class LaunchError(CliError):
     """A mistake in the launch inputs; the message names the env var, override, file or stage at fault. Bad input
     in the sense of docs/cli.md: the launcher reports it as one ``prog: error: ...`` line, exit status 2."""
 
+    def __init__(self, message: str):
+        # one line, also where it quotes Hydra or verl, whose messages span several
+        super().__init__(" ".join(str(message).split()))
+
 
 @dataclass(frozen=True)
 class Knob:
