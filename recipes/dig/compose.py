@@ -9,7 +9,7 @@ from pathlib import Path
 from dig_common.fileio import atomic_output
 from dig_common.models import ModelSpec, load_model_spec, model_file
 from dig_common.paths import BASE_MODEL_DIR, RECIPE_DIR
-from recipes.dig.settings import REPO_ROOT, LaunchError, Settings
+from recipes.dig.settings import REPO_ROOT, LaunchError, Settings, override_key
 
 CONFIG_DIR = RECIPE_DIR / "config"
 CONFIG_NAME = "dig_grpo"
@@ -76,7 +76,7 @@ def stage_overrides(settings: Settings, stage: int, model_option: str, overlay: 
 
 def check_override_syntax(overrides: list[str]) -> None:
     for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
+        key = override_key(item).lstrip("~")  # ~key deletes it
         if "=" not in item and not item.startswith("~"):
             raise LaunchError(f"override {item!r}: expected key=value (Hydra syntax)")
         if key.startswith(LEGACY_REWARD_PREFIXES):
@@ -103,7 +103,7 @@ def compose(overrides: list[str]):
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         message = str(err).strip()
         culprit = next((o for o in overrides if o in message), None) or next(
-            (o for o in overrides if f"'{o.split('=', 1)[0].lstrip('+~')}'" in message), None
+            (o for o in overrides if f"'{override_key(o).lstrip('~')}'" in message), None
         )
         hint = f"override {culprit!r} rejected" if culprit else "config composition failed"
         raise LaunchError(f"{hint}: {message} (new keys need a leading '+'; check the spelling)") from err

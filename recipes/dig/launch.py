@@ -55,7 +55,7 @@ from recipes.dig.preflight import (
     load_reward,
     wandb_credentials,
 )
-from recipes.dig.settings import REPO_ROOT, STAGES, LaunchError, Settings
+from recipes.dig.settings import REPO_ROOT, STAGES, LaunchError, Settings, override_key
 
 
 @dataclass
@@ -86,8 +86,8 @@ def attention_overrides(spec: ModelSpec, settings: Settings, cfg) -> tuple[Atten
         choice = choose_attention(spec, flash_attn_in(settings.python), user_attn, user_padding, sp_size)
     except AttentionError as err:
         raise LaunchError(f"attention backend: {err}") from err
-    given = {o.split("=", 1)[0].lstrip("+") for o in settings.extra_overrides}
-    return choice, [o for o in choice.overrides() if o.split("=", 1)[0].lstrip("+") not in given]
+    given = {override_key(o) for o in settings.extra_overrides}
+    return choice, [o for o in choice.overrides() if override_key(o) not in given]
 
 
 def plan_stage(settings: Settings, overlay_root: Path | None = None) -> Plan:

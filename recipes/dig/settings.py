@@ -146,14 +146,19 @@ def positive_int(name: str, raw: str | None) -> int | None:
     return int(text)
 
 
+def override_key(override: str) -> str:
+    """The config key a Hydra override sets: ``a.b=1``, ``+a.b=1`` (add) and ``++a.b=1`` (add or replace)."""
+    return override.split("=", 1)[0].lstrip("+")
+
+
 def split_model_override(model_env: str, overrides: list[str]) -> tuple[str, list[str]]:
     """MODEL from the environment or the Hydra spelling ``base_model=NAME``; the latter leaves the overrides."""
-    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "base_model"]
+    chosen = [o.split("=", 1)[1] for o in overrides if override_key(o) == "base_model"]
     if not chosen:
         return model_env or DEFAULT_MODEL, list(overrides)
     if model_env and model_env != chosen[-1]:
         raise LaunchError(f"MODEL={model_env} and override base_model={chosen[-1]} disagree; give one")
-    return chosen[-1], [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "base_model"]
+    return chosen[-1], [o for o in overrides if override_key(o) != "base_model"]
 
 
 @dataclass
