@@ -16,25 +16,40 @@ import tempfile
 import time
 from pathlib import Path
 
+from dig_common.models import DEFAULT_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="qwen3_vl_8b_thinking")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, DRY_RUN="1", DIG_ASSUME_PREVIOUS="1", MODEL=args.model, CKPT_DIR=f"{tmp}/ckpt",
-                   DATA_DIR=f"{tmp}/data")  # fmt: skip
+        env = dict(
+            os.environ,
+            DRY_RUN="1",
+            DIG_ASSUME_PREVIOUS="1",
+            MODEL=args.model,
+            CKPT_DIR=f"{tmp}/ckpt",
+            DATA_DIR=f"{tmp}/data",
+        )
         for _ in range(args.repeats):
             for stage in (1, 2, 3):
                 start = time.perf_counter()
-                result = subprocess.run(["bash", str(REPO / "launch" / f"grpo_stage{stage}.sh")], env=env,
-                                        capture_output=True, text=True)  # fmt: skip
+                result = subprocess.run(
+                    ["bash", str(REPO / "launch" / f"grpo_stage{stage}.sh")], env=env, capture_output=True, text=True
+                )
                 wall = time.perf_counter() - start
-                record = {"bench": "launch_dry_run", "model": args.model, "stage": stage, "wall_s": round(wall, 2),
-                          "rc": result.returncode, "cpus": os.cpu_count()}  # fmt: skip
+                record = {
+                    "bench": "launch_dry_run",
+                    "model": args.model,
+                    "stage": stage,
+                    "wall_s": round(wall, 2),
+                    "rc": result.returncode,
+                    "cpus": os.cpu_count(),
+                }
                 print(json.dumps(record), flush=True)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -28,17 +29,35 @@ ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_N
 def child(args) -> None:
     from data_prep.photo_pairs import PhotoConfig, generate
 
-    cfg = PhotoConfig(out=Path(args.out), num=args.pairs, coco=args.coco, images=args.images, k=args.k, seed=args.seed,
-                      width=args.width, height=args.height, progress=False)  # fmt: skip
+    cfg = PhotoConfig(
+        out=Path(args.out),
+        num=args.pairs,
+        coco=args.coco,
+        images=args.images,
+        k=args.k,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        progress=False,
+    )
     cpu0, wall0 = time.process_time(), time.perf_counter()
     stats = generate(cfg)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    print(json.dumps({
-        "pairs": stats["accepted"], "k": args.k, "size": f"{args.width}x{args.height}", "wall_s": round(wall, 2),
-        "pairs_per_s": round(stats["accepted"] / wall, 2), "cpu_s_per_pair": round(cpu / stats["accepted"], 4),
-        "acceptance_rate": stats["acceptance_rate"], "rejected": stats["rejected"],
-        "differences_by_type": stats["differences_by_type"],
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "pairs": stats["accepted"],
+                "k": args.k,
+                "size": f"{args.width}x{args.height}",
+                "wall_s": round(wall, 2),
+                "pairs_per_s": round(stats["accepted"] / wall, 2),
+                "cpu_s_per_pair": round(cpu / stats["accepted"], 4),
+                "acceptance_rate": stats["acceptance_rate"],
+                "rejected": stats["rejected"],
+                "differences_by_type": stats["differences_by_type"],
+            }
+        )
+    )
 
 
 def proc_status_mb(key: str) -> float:
@@ -62,11 +81,19 @@ def index_child(path: Path, images: Path, mode: str) -> None:
     peak, rss = proc_status_mb("VmHWM"), proc_status_mb("VmRSS")
     if mode == "parse":
         write_index_cache(cfg)
-    print(json.dumps({
-        "index": mode, "annotation_mb": round(path.stat().st_size / 2**20, 1), "load_s": round(seconds, 2),
-        "usable_instances": len(coco.instances), "peak_rss_mb": round(peak, 1), "rss_after_load_mb": round(rss, 1),
-        "rss_before_mb": round(before, 1),
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "index": mode,
+                "annotation_mb": round(path.stat().st_size / 2**20, 1),
+                "load_s": round(seconds, 2),
+                "usable_instances": len(coco.instances),
+                "peak_rss_mb": round(peak, 1),
+                "rss_after_load_mb": round(rss, 1),
+                "rss_before_mb": round(before, 1),
+            }
+        )
+    )
 
 
 def write_large_index(drawn: Path, num_annotations: int, out: Path) -> Path:
@@ -87,12 +114,30 @@ def write_large_index(drawn: Path, num_annotations: int, out: Path) -> Path:
         poly = []
         for t in range(40):
             a = 2 * 3.14159 * t / 40
-            poly += [round(cx + r * rng.uniform(0.7, 1.0) * __import__("math").cos(a), 2),
-                     round(cy + r * rng.uniform(0.7, 1.0) * __import__("math").sin(a), 2)]  # fmt: skip
-        annotations.append({"id": j + 1, "image_id": image["id"], "category_id": 1 + j % 5, "iscrowd": 0,
-                            "bbox": [cx - r, cy - r, 2 * r, 2 * r], "area": 2.5 * r * r, "segmentation": [poly]})  # fmt: skip
+            poly += [
+                round(cx + r * rng.uniform(0.7, 1.0) * math.cos(a), 2),
+                round(cy + r * rng.uniform(0.7, 1.0) * math.sin(a), 2),
+            ]
+        annotations.append(
+            {
+                "id": j + 1,
+                "image_id": image["id"],
+                "category_id": 1 + j % 5,
+                "iscrowd": 0,
+                "bbox": [cx - r, cy - r, 2 * r, 2 * r],
+                "area": 2.5 * r * r,
+                "segmentation": [poly],
+            }
+        )
     out.write_text(json.dumps({"images": images, "annotations": annotations, "categories": base["categories"]}))
     return out
+
+
+def run_child(flags: dict) -> dict:
+    """This script in a fresh single-threaded process (its peak RSS is its own); its last line is JSON."""
+    cmd = [sys.executable, __file__, *(part for flag, value in flags.items() for part in (flag, str(value)))]
+    done = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -132,44 +177,38 @@ def main() -> int:
     if args.index_annotations:
         big = write_large_index(args.coco.parent, args.index_annotations, args.workdir / "large.json")
         for mode in ("parse", "cache"):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child-index",
-                str(big),
-                "--images",
-                str(args.images),
-                "--index-mode",
-                mode,
-            ]
-            line = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, check=True)
-            print(
-                json.dumps({**json.loads(line.stdout.strip().splitlines()[-1]), "annotations": args.index_annotations})
-            )
+            index = run_child({"--child-index": big, "--images": args.images, "--index-mode": mode})
+            print(json.dumps({**index, "annotations": args.index_annotations}))
         big.unlink()
         shutil.rmtree(args.workdir / "index-cache", ignore_errors=True)
     results = []
     for repeat in range(args.repeats):
         out = args.workdir / f"run-{repeat}"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, __file__, "--child-out", str(out), "--pairs", str(args.pairs), "--k", args.k,
-               "--seed", str(args.seed + repeat), "--width", str(args.width), "--height", str(args.height),
-               "--coco", str(args.coco), "--images", str(args.images)]  # fmt: skip
-        line = subprocess.run(cmd, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, check=True)
-        result = json.loads(line.stdout.strip().splitlines()[-1])
+        flags = {"--child-out": out, "--pairs": args.pairs, "--k": args.k, "--seed": args.seed + repeat}
+        flags |= {"--width": args.width, "--height": args.height, "--coco": args.coco, "--images": args.images}
+        result = run_child(flags)
         print(json.dumps({"repeat": repeat, **result}), flush=True)
         results.append(result)
     if not results:
         return 0
-    print(json.dumps({
-        "summary": True, "repeats": len(results), "pairs_per_run": args.pairs, "k": args.k,
-        "size": f"{args.width}x{args.height}", "coco": str(args.coco),
-        "median_wall_pairs_per_s": statistics.median(r["pairs_per_s"] for r in results),
-        "median_cpu_s_per_pair": statistics.median(r["cpu_s_per_pair"] for r in results),
-        "pairs_per_s_one_free_core": round(1 / statistics.median(r["cpu_s_per_pair"] for r in results), 1),
-        "median_acceptance_rate": statistics.median(r["acceptance_rate"] for r in results),
-        "load_average": os.getloadavg()[0],
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "repeats": len(results),
+                "pairs_per_run": args.pairs,
+                "k": args.k,
+                "size": f"{args.width}x{args.height}",
+                "coco": str(args.coco),
+                "median_wall_pairs_per_s": statistics.median(r["pairs_per_s"] for r in results),
+                "median_cpu_s_per_pair": statistics.median(r["cpu_s_per_pair"] for r in results),
+                "pairs_per_s_one_free_core": round(1 / statistics.median(r["cpu_s_per_pair"] for r in results), 1),
+                "median_acceptance_rate": statistics.median(r["acceptance_rate"] for r in results),
+                "load_average": os.getloadavg()[0],
+            }
+        )
+    )
     return 0
 
 

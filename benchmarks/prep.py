@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-MODEL = "qwen3_vl_8b_thinking"
+from data_prep.to_verl import DEFAULT_ROW_GROUP
+from dig_common.models import DEFAULT_MODEL
 
 
 def rss_mb() -> float:
@@ -29,7 +30,7 @@ def child(pairs: Path, out: Path, row_group_size: int) -> None:
 
     baseline = rss_mb()  # interpreter + pyarrow + PIL imported
     started = time.perf_counter()
-    result = to_verl.convert(pairs, out, MODEL, stage=3, split="train", row_group_size=row_group_size)
+    result = to_verl.convert(pairs, out, DEFAULT_MODEL, stage=3, split="train", row_group_size=row_group_size)
     seconds = time.perf_counter() - started
     print(
         json.dumps(
@@ -59,7 +60,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dig-prep-bench"))
     parser.add_argument("--width", type=int, default=480)
     parser.add_argument("--height", type=int, default=320)
-    parser.add_argument("--row-group-size", type=int, default=16)
+    parser.add_argument("--row-group-size", type=int, default=DEFAULT_ROW_GROUP)
     parser.add_argument("--repeats", type=int, default=2, help="conversions per size; the best is reported")
     parser.add_argument("--child", nargs=2, metavar=("PAIRS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -30,8 +30,13 @@ from data_prep import scene as S  # noqa: E402
 from data_prep.generate import GenerateConfig, RenderWorker, generate, sample_candidate  # noqa: E402
 
 # Same scene, same bounces: the figures isolate the cost and noise of samples + denoiser.
-REFERENCE = {"samples": 128, "denoise": True, "denoising_quality": "HIGH", "denoising_prefilter": "ACCURATE",
-             "denoising_input_passes": "RGB_ALBEDO_NORMAL"}  # fmt: skip
+REFERENCE = {
+    "samples": 128,
+    "denoise": True,
+    "denoising_quality": "HIGH",
+    "denoising_prefilter": "ACCURATE",
+    "denoising_input_passes": "RGB_ALBEDO_NORMAL",
+}
 CLEVR = {"samples": 512, "denoise": False}
 
 
@@ -82,9 +87,16 @@ def image_quality(n_scenes: int, tmp: Path, skip_clevr: bool) -> None:
     with RenderWorker() as worker:
 
         def render(name, scene, settings, seed):
-            job = {"scene_a": scene, "scene_b": scene, "differences": [], "render": dict(settings, seed=seed),
-                   "gates": gates, "out_a": str(tmp / f"{name}.png"), "out_b": str(tmp / f"{name}_b.png"),
-                   "only_a": True}  # fmt: skip
+            job = {
+                "scene_a": scene,
+                "scene_b": scene,
+                "differences": [],
+                "render": dict(settings, seed=seed),
+                "gates": gates,
+                "out_a": str(tmp / f"{name}.png"),
+                "out_b": str(tmp / f"{name}_b.png"),
+                "only_a": True,
+            }
             ans = worker.request(job)
             return np.asarray(Image.open(tmp / f"{name}.png").convert("RGB")), ans["timing"]["cpu_s"]
 
@@ -96,18 +108,27 @@ def image_quality(n_scenes: int, tmp: Path, skip_clevr: bool) -> None:
             values.append(psnr(img, ref))
             cpu["default"].append(c)
             cpu["reference"].append(cr)
-        emit(metric="psnr_default_vs_128spp_reference_db", value=round(float(np.mean(values)), 2),
-             per_scene=[round(v, 2) for v in values], scenes=n_scenes,
-             cpu_s_per_image_default=round(float(np.mean(cpu["default"])), 2),
-             cpu_s_per_image_reference=round(float(np.mean(cpu["reference"])), 2))  # fmt: skip
+        emit(
+            metric="psnr_default_vs_128spp_reference_db",
+            value=round(float(np.mean(values)), 2),
+            per_scene=[round(v, 2) for v in values],
+            scenes=n_scenes,
+            cpu_s_per_image_default=round(float(np.mean(cpu["default"])), 2),
+            cpu_s_per_image_reference=round(float(np.mean(cpu["reference"])), 2),
+        )
         if not skip_clevr:
             sc = scenes[0]
             img, c = render("clevr0", sc, {**default, **CLEVR}, 0)
             ref = np.asarray(Image.open(tmp / "ref0.png").convert("RGB"))
-            emit(metric="clevr_512spp_cost_ratio", value=round(c / cpu["default"][0], 1),
-                 cpu_s_per_image_clevr=round(c, 2), cpu_s_per_image_default=round(cpu["default"][0], 2),
-                 psnr_clevr_vs_reference_db=round(psnr(img, ref), 2),
-                 psnr_default_vs_reference_db=round(values[0], 2), scene=0)  # fmt: skip
+            emit(
+                metric="clevr_512spp_cost_ratio",
+                value=round(c / cpu["default"][0], 1),
+                cpu_s_per_image_clevr=round(c, 2),
+                cpu_s_per_image_default=round(cpu["default"][0], 2),
+                psnr_clevr_vs_reference_db=round(psnr(img, ref), 2),
+                psnr_default_vs_reference_db=round(values[0], 2),
+                scene=0,
+            )
 
 
 def main() -> int:

@@ -73,8 +73,8 @@ def main() -> int:
         runs = []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory(prefix=f"dig-train-step-{family}-") as workdir:
-                command = [sys.executable, __file__, "--child", family, "--updates", str(args.updates),
-                           "--workdir", workdir]  # fmt: skip
+                command = [sys.executable, __file__, "--child", family, "--updates", str(args.updates)]
+                command += ["--workdir", workdir]
                 proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, **env})
             if proc.returncode:
                 sys.stderr.write(proc.stderr[-4000:])

@@ -77,19 +77,29 @@ def ray_processes(temp_dir: Path) -> list[str]:
     return found
 
 
+PORT_FLAGS = (
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "dashboard-agent-grpc-port",
+    "dashboard-agent-listen-port",
+    "runtime-env-agent-port",
+)
+
+
 @contextlib.contextmanager
 def ray_head(temp_dir: Path, num_gpus: int, num_cpus: int, join_timeout: float = 90):
     temp_dir.mkdir(parents=True, exist_ok=True)
-    port, client, node_manager, object_manager, metrics, agent_grpc, agent_http, runtime_env = free_ports(8)
+    port, *others = free_ports(1 + len(PORT_FLAGS))
     worker_start = free_port_range()
     log = temp_dir.parent / f"{temp_dir.name}.log"
-    command = [*RAY_START, "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-               f"--num-gpus={num_gpus}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-               "--include-dashboard=false", "--disable-usage-stats", f"--ray-client-server-port={client}",
-               f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-               f"--metrics-export-port={metrics}", f"--dashboard-agent-grpc-port={agent_grpc}",
-               f"--dashboard-agent-listen-port={agent_http}", f"--runtime-env-agent-port={runtime_env}",
-               f"--min-worker-port={worker_start}", f"--max-worker-port={worker_start + 63}"]  # fmt: skip
+    # every port the head opens on a free one: no clash with another Ray on this machine
+    ports = dict(zip(PORT_FLAGS, others, strict=True))
+    ports |= {"port": port, "min-worker-port": worker_start, "max-worker-port": worker_start + 63}
+    command = [*RAY_START, "--head", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
+    command += [f"--num-gpus={num_gpus}", f"--num-cpus={num_cpus}", "--include-dashboard=false"]
+    command += ["--disable-usage-stats", *(f"--{flag}={value}" for flag, value in ports.items())]
     # `ray start` clusters require token authentication (Ray >= 2.5x): one random token per head
     token = secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -46,8 +46,9 @@ def launch_env(tmp_path, monkeypatch):
 
 
 def dry_settings(tmp_path: Path, stage: int, **kwargs) -> Settings:
-    return Settings(stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True,
-                           gpus_per_node=8, **kwargs)  # fmt: skip
+    return Settings(
+        stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True, gpus_per_node=8, **kwargs
+    )
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -68,7 +69,7 @@ def write_stage_parquet(path: Path, min_pixels: int, max_pixels: int, width: int
             "reward_model": {
                 "style": "rule",
                 "ground_truth": json.dumps({"boxes": [[1, 2, 9, 9]], "width": width, "height": height}),
-            },  # fmt: skip
+            },
             "extra_info": {
                 "split": path.stem,
                 "index": i,
@@ -78,7 +79,7 @@ def write_stage_parquet(path: Path, min_pixels: int, max_pixels: int, width: int
                 "types": ["color"],
                 "width": width,
                 "height": height,
-            },  # fmt: skip
+            },
         }
         for i in range(2)
     ]
@@ -112,8 +113,12 @@ def test_dry_run_every_stage_of_every_model(model, tmp_path):
         assert (rollout.name, rollout.mode, rollout.limit_images, rollout.n) == ("vllm", "async", 2, 8)
         # validation decodes as the model file's dig.decoding says (the model card's sampling; greedy: do_sample off)
         val, decoding = rollout.val_kwargs, spec.decoding
-        assert (val.temperature, val.top_p, val.top_k, val.n) == (decoding.temperature, decoding.top_p,
-                                                                  decoding.top_k, decoding.n)  # fmt: skip
+        assert (val.temperature, val.top_p, val.top_k, val.n) == (
+            decoding.temperature,
+            decoding.top_p,
+            decoding.top_k,
+            decoding.n,
+        )
         assert val.do_sample == (not decoding.greedy) and rollout.seed == decoding.seed
         assert decoding.greedy == (spec.family == "qwen2_5_vl") and (decoding.n > 1) == (not decoding.greedy)
         # reward through reward.custom_reward_function, its model kwargs from the model file's dig: block
@@ -132,8 +137,8 @@ def test_dry_run_every_stage_of_every_model(model, tmp_path):
         assert cfg.actor_rollout_ref.model.path == expected_init
         # no data yet: the run will build it, and says how
         assert not plan.data.ready
-        assert plan.data.build_command[-6:] == ["--data-dir", str(tmp_path / "data"), "--model", model, "--stage",
-                                                str(stage)]  # fmt: skip
+        build_args = ["--out-dir", str(tmp_path / "data"), "--model", model, "--stage", str(stage)]
+        assert plan.data.build_command[-6:] == build_args
         assert any("pairs x 4.5 s/pair" in line for line in plan.data.lines)
         command = plan.train_command()
         assert command[1:3] == ["-m", "recipes.dig.main"] and f"stage=stage{stage}" in command
@@ -141,27 +146,52 @@ def test_dry_run_every_stage_of_every_model(model, tmp_path):
 
 def test_stage1_script_dry_run_subprocess(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
-    env.update(DRY_RUN="1", CKPT_DIR=str(tmp_path / "ckpt"), DATA_DIR=str(tmp_path / "data"), NNODES="2",
-               GPUS_PER_NODE="4", MODEL="qwen2_5_vl_3b", LOGGER="console,wandb")  # fmt: skip
-    result = subprocess.run(["bash", str(REPO / "launch" / "grpo_stage1.sh"), "trainer.total_epochs=2"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    env.update(
+        DRY_RUN="1",
+        CKPT_DIR=str(tmp_path / "ckpt"),
+        DATA_DIR=str(tmp_path / "data"),
+        NNODES="2",
+        GPUS_PER_NODE="4",
+        MODEL="qwen2_5_vl_3b",
+        LOGGER="console,wandb",
+    )
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "grpo_stage1.sh"), "trainer.total_epochs=2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "DRY_RUN: stage 1 OK" in out
     assert "GPUs: 2 node(s) x 4" in out
-    assert "-m data_prep.build --data-dir" in out  # data missing: says it will build it
+    assert "-m data_prep.build --out-dir" in out  # data missing: says it will build it
     command = next(line for line in out.splitlines() if line.startswith("[dig] command: "))
-    for override in ("base_model=qwen2_5_vl_3b", "stage=stage1", "trainer.nnodes=2", "trainer.n_gpus_per_node=4",
-                     "trainer.logger=[console,wandb]", "trainer.total_epochs=2"):  # fmt: skip
+    for override in (
+        "base_model=qwen2_5_vl_3b",
+        "stage=stage1",
+        "trainer.nnodes=2",
+        "trainer.n_gpus_per_node=4",
+        "trainer.logger=[console,wandb]",
+        "trainer.total_epochs=2",
+    ):
         assert override in command
     assert not (tmp_path / "ckpt").exists()  # a dry run writes nothing
 
 
 def test_training_entry_point_composes_the_dry_run_config(tmp_path):
-    plan = launch.plan_stage(dry_settings(tmp_path, 1, model="qwen3_vl_4b_thinking",
-                                          extra_overrides=["trainer.save_freq=10"]))  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "recipes.dig.main", *plan.overrides, "--cfg", "job"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    plan = launch.plan_stage(
+        dry_settings(tmp_path, 1, model="qwen3_vl_4b_thinking", extra_overrides=["trainer.save_freq=10"])
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.dig.main", *plan.overrides, "--cfg", "job"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     composed_by_main = yaml.safe_load(result.stdout)
     assert composed_by_main == OmegaConf.to_container(plan.cfg, resolve=False)
@@ -215,34 +245,61 @@ def run_launch(args: list[str], capsys) -> tuple[int, str]:
 
 BAD_INPUTS = {
     # name: (env, argv, substrings of the error)
-    "typo_override": ({}, ["--stage", "1", "actor_rollout_ref.rollout.nn=3"],
-                      ["'actor_rollout_ref.rollout.nn=3' rejected", "Could not override"]),
+    "typo_override": (
+        {},
+        ["--stage", "1", "actor_rollout_ref.rollout.nn=3"],
+        ["'actor_rollout_ref.rollout.nn=3' rejected", "Could not override"],
+    ),
     "typo_value_type": ({}, ["--stage", "1", "trainer.save_freq=often"], ["trainer.save_freq=often"]),
-    "unknown_model": ({"MODEL": "qwen9_vl"}, ["--stage", "1"], ["MODEL=qwen9_vl", "unknown model 'qwen9_vl'",
-                                                                "qwen3_vl_8b_thinking"]),
+    "unknown_model": (
+        {"MODEL": "qwen9_vl"},
+        ["--stage", "1"],
+        ["MODEL=qwen9_vl", "unknown model 'qwen9_vl'", "qwen3_vl_8b_thinking"],
+    ),
     "missing_model_file": ({"MODEL": "/nonexistent/m.yaml"}, ["--stage", "1"], ["model config file not found"]),
-    "missing_previous_stage": ({}, ["--stage", "2"], ["stage 1 checkpoint missing", "launch/grpo_stage1.sh",
-                                                      "INIT_MODEL"]),
+    "missing_previous_stage": (
+        {},
+        ["--stage", "2"],
+        ["stage 1 checkpoint missing", "launch/grpo_stage1.sh", "INIT_MODEL"],
+    ),
     "missing_previous_stage3": ({}, ["--stage", "3"], ["stage 2 checkpoint missing", "launch/grpo_stage2.sh"]),
-    "legacy_reward_key": ({}, ["--stage", "1", "custom_reward_function.path=/x.py"],
-                          ["custom_reward_function.path=/x.py", "reward.custom_reward_function"]),
+    "legacy_reward_key": (
+        {},
+        ["--stage", "1", "custom_reward_function.path=/x.py"],
+        ["custom_reward_function.path=/x.py", "reward.custom_reward_function"],
+    ),
     "stage_override": ({}, ["--stage", "1", "stage=stage2"], ["the stage is chosen by the script"]),
     "model_twice": ({"MODEL": "qwen2_5_vl_3b"}, ["--stage", "1", "base_model=qwen2_5_vl_7b"], ["disagree"]),
-    "verl_validate_config": ({}, ["--stage", "1", "actor_rollout_ref.actor.use_dynamic_bsz=false"],
-                             ["verl validate_config rejected", "ppo_micro_batch_size"]),
-    "reward_kwargs_off_model": ({}, ["--stage", "1", "reward.custom_reward_function.reward_kwargs.coord_mode=abs"],
-                                ["reward_kwargs.coord_mode='abs'", "dig.coord_mode='rel1000'"]),
-    "typo_reward_knob": ({}, ["--stage", "1", "+reward.custom_reward_function.reward_kwargs.iou_thresh=0.7"],
-                         ["reward_kwargs", "unknown reward knob(s) iou_thresh"]),
-    "reward_knob_out_of_range": ({}, ["--stage", "1", "+reward.custom_reward_function.reward_kwargs.w_format=2"],
-                                 ["w_format=2"]),
+    "verl_validate_config": (
+        {},
+        ["--stage", "1", "actor_rollout_ref.actor.use_dynamic_bsz=false"],
+        ["verl validate_config rejected", "ppo_micro_batch_size"],
+    ),
+    "reward_kwargs_off_model": (
+        {},
+        ["--stage", "1", "reward.custom_reward_function.reward_kwargs.coord_mode=abs"],
+        ["reward_kwargs.coord_mode='abs'", "dig.coord_mode='rel1000'"],
+    ),
+    "typo_reward_knob": (
+        {},
+        ["--stage", "1", "+reward.custom_reward_function.reward_kwargs.iou_thresh=0.7"],
+        ["reward_kwargs", "unknown reward knob(s) iou_thresh"],
+    ),
+    "reward_knob_out_of_range": (
+        {},
+        ["--stage", "1", "+reward.custom_reward_function.reward_kwargs.w_format=2"],
+        ["w_format=2"],
+    ),
     "bad_nnodes": ({"NNODES": "two"}, ["--stage", "1"], ["NNODES='two'"]),
     "tp_vs_gpus": ({"GPUS_PER_NODE": "3"}, ["--stage", "1"], ["tensor_model_parallel_size=2", "n_gpus_per_node=3"]),
     "unknown_logger": ({"LOGGER": "console,wandbb"}, ["--stage", "1"], ["unknown backend(s) ['wandbb']"]),
     "prompt_budget": ({}, ["--stage", "1", "data.max_prompt_length=256"], ["data.max_prompt_length=256"]),
-    "reward_not_loadable": ({}, ["--stage", "1", "reward.custom_reward_function.path=pkg://reward_fns.nope"],
-                            ["reward.custom_reward_function.path=pkg://reward_fns.nope", "cannot load"]),
-}  # fmt: skip
+    "reward_not_loadable": (
+        {},
+        ["--stage", "1", "reward.custom_reward_function.path=pkg://reward_fns.nope"],
+        ["reward.custom_reward_function.path=pkg://reward_fns.nope", "cannot load"],
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -252,9 +309,18 @@ def test_bad_input_names_its_culprit(case, launch_env, monkeypatch, capsys):
         monkeypatch.setenv(key, value)
     rc, err = run_launch(argv, capsys)
     assert rc == 2
-    assert "[dig] ERROR:" in err
+    assert err.startswith("python -m recipes.dig.launch: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
     for text in expected:
         assert text in err, err
+
+
+def test_bad_stage_is_an_argparse_error_in_the_same_form(launch_env, capsys):
+    with pytest.raises(SystemExit) as stop:
+        launch.main(["--stage", "4"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.splitlines()[-1].startswith("python -m recipes.dig.launch: error: argument --stage: invalid choice: 4")
 
 
 def test_data_built_for_another_model_is_rejected(launch_env, monkeypatch, capsys):
@@ -286,8 +352,14 @@ def test_script_refuses_an_interpreter_without_the_stack(tmp_path):
     """launch/common.sh verifies the environment before anything: /bin/false stands for a Python without verl."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
     env.update(DRY_RUN="1", DIG_PYTHON="/bin/false", CKPT_DIR=str(tmp_path / "ckpt"))
-    result = subprocess.run(["bash", str(REPO / "launch" / "grpo_stage1.sh")], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "grpo_stage1.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "/bin/false cannot import verl/hydra/recipes" in result.stderr and "SETUP_ENV=1" in result.stderr
 
@@ -295,8 +367,14 @@ def test_script_refuses_an_interpreter_without_the_stack(tmp_path):
 def test_training_entry_point_without_gpu_stops_before_ray(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
     overrides = [f"curriculum.ckpt_dir={tmp_path / 'ckpt'}", f"curriculum.data_dir={tmp_path / 'data'}"]
-    result = subprocess.run([sys.executable, "-m", "recipes.dig.main", *overrides], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.dig.main", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "no GPU visible" in result.stderr
     assert "ray init kwargs" not in result.stdout  # run_ppo never reached ray.init
@@ -363,10 +441,22 @@ def test_attention_choice_is_printed_and_reaches_verl_for_every_model(launch_env
 
 
 def test_attention_user_override_wins_and_a_crashing_one_is_refused(launch_env, capsys):
-    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen3_vl_4b_thinking",
-                                          extra_overrides=["+actor_rollout_ref.model.override_config.attn_implementation=eager"]))  # fmt: skip
+    plan = launch.plan_stage(
+        dry_settings(
+            launch_env,
+            1,
+            model="qwen3_vl_4b_thinking",
+            extra_overrides=["+actor_rollout_ref.model.override_config.attn_implementation=eager"],
+        )
+    )
     assert plan.cfg.actor_rollout_ref.model.override_config.attn_implementation == "eager"
     assert "set by the user" in plan.attention.reason
     with pytest.raises(LaunchError, match=r"attention backend: qwen2_5_vl_3b \(qwen2_5_vl\) with use_remove_padding"):
-        launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b",
-                                       extra_overrides=["actor_rollout_ref.model.use_remove_padding=true"]))  # fmt: skip
+        launch.plan_stage(
+            dry_settings(
+                launch_env,
+                1,
+                model="qwen2_5_vl_3b",
+                extra_overrides=["actor_rollout_ref.model.use_remove_padding=true"],
+            )
+        )

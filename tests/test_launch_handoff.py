@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_launch import dry_settings
 
 from recipes.dig import launch
 from recipes.dig.handoff import DONE_MARKER, is_merged, run_merge
@@ -55,10 +56,22 @@ dist.destroy_process_group()
 
 
 def save_fsdp_checkpoint(actor_dir: Path, step: int) -> None:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", FSDP_SAVE, FAMILY, str(actor_dir), str(step)], env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(29500 + os.getpid() % 1000),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", FSDP_SAVE, FAMILY, str(actor_dir), str(step)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -74,8 +87,7 @@ def stage1_run(tmp_path_factory):
 
 
 def settings(root: Path, stage: int, **kwargs) -> Settings:
-    return Settings(stage=stage, model=MODEL, ckpt_dir=root / "ckpt", data_dir=root / "data", dry_run=True,
-                           gpus_per_node=8, **kwargs)  # fmt: skip
+    return dry_settings(root, stage, model=MODEL, **kwargs)
 
 
 def test_handoff_chooses_last_step_merges_once(stage1_run):
@@ -132,8 +144,9 @@ def test_curriculum_skips_finished_stage(stage1_run):
         write_done_marker(launch.plan_stage(settings(root, 1)).cfg)
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "INIT_MODEL", "STAGES", "LOGGER")}
     env.update(DRY_RUN="1", MODEL=MODEL, CKPT_DIR=str(root / "ckpt"), DATA_DIR=str(root / "data"))
-    result = subprocess.run(["bash", str(REPO / "launch" / "curriculum.sh")], env=env, cwd=root,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "curriculum.sh")], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "curriculum: stage 1 already finished (" in out

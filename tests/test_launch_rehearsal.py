@@ -57,13 +57,29 @@ def test_real_curriculum_rerun_reaches_the_gpu_boundary(cluster):
     (stage1 / DONE_MARKER).write_text(json.dumps({"global_step": 4, "stage": 1, "model": MODEL}))
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS and not k.startswith("RAY_")}
-    env.update(head.env(), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", DRY_RUN="false",
-               CKPT_DIR=str(root / "ckpt"), DATA_DIR=str(root / "data"), GPUS_PER_NODE="1", STAGES="1 2",
-               INIT_MODEL=str(tiny), LOGGER="console")  # fmt: skip
+    env.update(
+        head.env(),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        DRY_RUN="false",
+        CKPT_DIR=str(root / "ckpt"),
+        DATA_DIR=str(root / "data"),
+        GPUS_PER_NODE="1",
+        STAGES="1 2",
+        INIT_MODEL=str(tiny),
+        LOGGER="console",
+    )
     log = root / "curriculum.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "launch" / "curriculum.sh"), f"base_model={MODEL}", *SMALL_BATCH],
-                                cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            ["bash", str(REPO / "launch" / "curriculum.sh"), f"base_model={MODEL}", *SMALL_BATCH],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=TRAINER_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -81,12 +97,20 @@ def test_real_curriculum_rerun_reaches_the_gpu_boundary(cluster):
     exp2 = root / "ckpt" / "dig" / f"{MODEL}_stage2"
     assert f"[dig] experiment: dig/{MODEL}_stage2 -> {exp2} (resume_mode=auto)" in lines
     for split in ("train", "val"):
-        assert any(line.startswith(f"[dig] data {split}: {root / 'data' / 'stage2' / f'{split}.parquet'} (2 rows")
-                   for line in lines)  # fmt: skip
+        assert any(
+            line.startswith(f"[dig] data {split}: {root / 'data' / 'stage2' / f'{split}.parquet'} (2 rows")
+            for line in lines
+        )
     command = next(line for line in lines if line.startswith("[dig] command: "))
-    for override in (f"base_model={MODEL}", "stage=stage2", f"curriculum.data_dir={root / 'data'}",
-                     f"curriculum.ckpt_dir={root / 'ckpt'}", "trainer.n_gpus_per_node=1",
-                     f"actor_rollout_ref.model.path={merged}", *SMALL_BATCH):  # fmt: skip
+    for override in (
+        f"base_model={MODEL}",
+        "stage=stage2",
+        f"curriculum.data_dir={root / 'data'}",
+        f"curriculum.ckpt_dir={root / 'ckpt'}",
+        "trainer.n_gpus_per_node=1",
+        f"actor_rollout_ref.model.path={merged}",
+        *SMALL_BATCH,
+    ):
         assert f" {override}" in command, (override, command)
     assert "stage=stage1" not in text and "DRY_RUN" not in text
 
@@ -95,7 +119,7 @@ def test_real_curriculum_rerun_reaches_the_gpu_boundary(cluster):
     assert text.count("filter dataset len: 2") == 2
 
     # then the trainer stopped at the GPU boundary with one named message, and the curriculum stopped with it
-    stops = [line for line in lines if line.startswith("[dig] ERROR: ")]
+    stops = [line for line in lines if line.startswith("python -m recipes.dig.main: error: ")]
     assert len(stops) == 1 and "training stopped at the GPU boundary" in stops[0], tail
     assert rc != 0 and "[dig] curriculum: stage 2 failed" in text
     assert not (exp2 / DONE_MARKER).exists()

@@ -24,8 +24,9 @@ def bash_bool(value: str | None, *extra: str, func: str = "dig_bool DRY_RUN") ->
     for item in extra:
         key, val = item.split("=", 1)
         env[key] = val
-    return subprocess.run(["bash", "-c", f"source {COMMON_SH} && {func}"], env=env, capture_output=True, text=True,
-                          timeout=30)  # fmt: skip
+    return subprocess.run(
+        ["bash", "-c", f"source {COMMON_SH} && {func}"], env=env, capture_output=True, text=True, timeout=30
+    )
 
 
 def python_bool(value: str | None) -> int | str:

@@ -167,10 +167,21 @@ def ray_environment(tmp_path: Path):
 
 def submit(env: dict, log: Path, *overrides: str) -> str:
     result = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", f"--output={log}", f"--chdir={REPO}", "launch/slurm/dig_grpo.sbatch",
-         *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            f"--output={log}",
+            f"--chdir={REPO}",
+            "launch/slurm/dig_grpo.sbatch",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
 
@@ -215,8 +226,9 @@ def test_sbatch_two_nodes_curriculum_dry_run_with_requeue(local_slurm, tmp_path)
     assert "[dig] GPUs: 2 node(s) x 8" in second
     commands = [line for line in second.splitlines() if line.startswith("[dig] command: ")]
     assert len(commands) == 3
-    assert all("trainer.nnodes=2" in c and "trainer.n_gpus_per_node=8" in c and "trainer.total_epochs=2" in c
-               for c in commands)  # fmt: skip
+    assert all(
+        "trainer.nnodes=2" in c and "trainer.n_gpus_per_node=8" in c and "trainer.total_epochs=2" in c for c in commands
+    )
     assert "curriculum: done" in second and "finished with rc=0" in second
     assert text.count("[dig] stopping Ray") == 2  # both runs stop their Ray cluster
 
@@ -230,19 +242,30 @@ def test_sbatch_two_nodes_real_run_requeue_skips_the_finished_stage(local_slurm,
     tiny = save_tiny_checkpoint("qwen2_5_vl", tmp_path / "tiny")
     for stage in (1, 2):
         for split in ("train", "val"):
-            write_stage_parquet(tmp_path / "data" / f"stage{stage}" / f"{split}.parquet", spec.min_pixels,
-                                spec.max_pixels)  # fmt: skip
+            write_stage_parquet(
+                tmp_path / "data" / f"stage{stage}" / f"{split}.parquet", spec.min_pixels, spec.max_pixels
+            )
     with ray_environment(tmp_path) as ray_env:
         env = base_env(env, tmp_path, ray_env)
-        env.update(DRY_RUN="false", MODEL="qwen2_5_vl_3b", GPUS_PER_NODE="8", INIT_MODEL=str(tiny), LOGGER="console",
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # fmt: skip
+        env.update(
+            DRY_RUN="false",
+            MODEL="qwen2_5_vl_3b",
+            GPUS_PER_NODE="8",
+            INIT_MODEL=str(tiny),
+            LOGGER="console",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+        )
         log = tmp_path / "job.out"
         job = submit(env, log, "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2")
 
         def trainer_started(stage: int) -> bool:
             text = log.read_text() if log.exists() else ""
-            return any(line.startswith("[dig] command: ") and f"stage=stage{stage}" in line
-                       for line in text.partition("requeueing job")[2 if stage == 2 else 0].splitlines())  # fmt: skip
+            return any(
+                line.startswith("[dig] command: ") and f"stage=stage{stage}" in line
+                for line in text.partition("requeueing job")[2 if stage == 2 else 0].splitlines()
+            )
 
         try:
             wait_for(lambda: trainer_started(1), 300, "the stage 1 trainer", log)
@@ -255,8 +278,12 @@ def test_sbatch_two_nodes_real_run_requeue_skips_the_finished_stage(local_slurm,
             wait_for(lambda: log.read_text().count("[dig] stopping Ray") == 2, 120, "Ray to stop", log)
         finally:
             subprocess.run(["scancel", job], env=env, capture_output=True)
-            wait_for(lambda: job_field(job, "JobState", env) in ("CANCELLED", "COMPLETED", "FAILED", ""), 120,
-                     "the job to end", log)  # fmt: skip
+            wait_for(
+                lambda: job_field(job, "JobState", env) in ("CANCELLED", "COMPLETED", "FAILED", ""),
+                120,
+                "the job to end",
+                log,
+            )
     text = log.read_text()
     first, _, second = text.partition("requeueing job")
     for part in (first, second):

@@ -145,7 +145,7 @@ def _manual_scene(vocab, objects, camera_location=(7.4, -7.4, 1.0)):
         S.resolve_object(
             vocab,
             {"id": i, "shape": sh, "color": c, "material": "rubber", "size": sz, "x": x, "y": y, "rotation_deg": 45.0},
-        )  # fmt: skip
+        )
         for i, (sh, c, sz, x, y) in enumerate(objects, 1)
     ]
     return spec
@@ -155,9 +155,19 @@ def _manual_scene(vocab, objects, camera_location=(7.4, -7.4, 1.0)):
 def test_gate_rejects_addition_hidden_behind_object(vocab, worker, tmp_path, prepass):
     # Low camera: a large cube close to it hides a small sphere placed right behind it.
     a = _manual_scene(vocab, [("cube", "red", "large", 2.0, -2.0), ("cylinder", "blue", "large", -2.0, 1.5)])
-    hidden = {"type": "addition", "object_id": 3,
-              "object": {"shape": "sphere", "color": "yellow", "material": "rubber", "size": "small", "x": 0.8,
-                         "y": -0.8, "rotation_deg": 0.0}}  # fmt: skip
+    hidden = {
+        "type": "addition",
+        "object_id": 3,
+        "object": {
+            "shape": "sphere",
+            "color": "yellow",
+            "material": "rubber",
+            "size": "small",
+            "x": 0.8,
+            "y": -0.8,
+            "rotation_deg": 0.0,
+        },
+    }
     b = S.apply_edits(vocab, a, [hidden])
     ans = worker.request(_job(vocab, tmp_path, a, b, [{"type": "addition", "object_id": 3}], "hidden", prepass=prepass))
     assert ("pre-pass" in ans["detail"]) == prepass
@@ -196,6 +206,12 @@ def test_gate_rejects_object_outside_frame(vocab, worker, tmp_path):
     assert not Path(tmp_path / "frame_a.png").exists()  # rejected before rendering
 
 
+def tiny_run_args(out: Path, num: int, device: str) -> list[str]:
+    """data_prep.generate's flags for a quick 64x64, 1 spp run."""
+    size = ["--width", "64", "--height", "64", "--samples", "1", "--no-denoise"]
+    return ["--num", str(num), "--out-dir", str(out), *size, "--no-progress", "--device", device]
+
+
 def test_device_selection_and_a_missing_gpu_stops_before_rendering(worker, tmp_path, capsys):
     from data_prep.generate import RenderDeviceError, main
 
@@ -212,13 +228,11 @@ def test_device_selection_and_a_missing_gpu_stops_before_rendering(worker, tmp_p
     worker.select_device("cpu")
     assert missing, "no machine has HIP and CUDA GPUs at once"
     out = tmp_path / "gpu-run"
-    assert main(["--num", "2", "--out-dir", str(out), "--width", "64", "--height", "64", "--samples", "1",
-                 "--no-denoise", "--no-progress", "--device", missing[0]]) == 2  # fmt: skip
+    assert main(tiny_run_args(out, 2, missing[0])) == 2
     assert f"no {missing[0].upper()} device" in capsys.readouterr().err
     assert not list(out.rglob("*.png")) and not (out / "manifest.jsonl").exists()  # nothing was rendered
     # auto falls back to (or finds) a device and the records say which one rendered them.
-    main(["--num", "1", "--out-dir", str(tmp_path / "auto"), "--width", "64", "--height", "64", "--samples", "1",
-          "--no-denoise", "--no-progress", "--device", "auto"])  # fmt: skip
+    main(tiny_run_args(tmp_path / "auto", 1, "auto"))
     (rec,) = [p for p in (tmp_path / "auto").glob("shard-*/s*-*.json")]
     import json
 

@@ -39,6 +39,11 @@ B = [400, 400, 500, 600]
 C = [700, 100, 900, 300]
 
 
+# Every metric of a perfect answer but the counts; every metric of an answer that fails format but num_gt.
+PERFECT = {"score": 1.0, "acc": 1.0, "format": 1.0, "f1": 1.0, "precision": 1.0, "recall": 1.0, "miou": 1.0}
+FORMAT_FAILED = dict.fromkeys(["score", "acc", "format", "f1", "precision", "recall", "miou", "num_pred"], 0.0)
+
+
 def assert_result(result, **expected):
     assert tuple(result) == RESULT_KEYS
     assert all(isinstance(v, float) for v in result.values())
@@ -50,18 +55,7 @@ def assert_result(result, **expected):
 
 
 def test_perfect_answer_scores_one():
-    assert_result(
-        score(boxes_text([A, B]), [A, B]),
-        score=1.0,
-        acc=1.0,
-        format=1.0,
-        f1=1.0,
-        precision=1.0,
-        recall=1.0,
-        miou=1.0,
-        num_pred=2.0,
-        num_gt=2.0,
-    )
+    assert_result(score(boxes_text([A, B]), [A, B]), **PERFECT, num_pred=2.0, num_gt=2.0)
 
 
 def test_empty_gt_and_empty_answer_scores_one():
@@ -183,7 +177,7 @@ def test_think_block():
     assert score(f"<think>maybe {wrong}</think>{right}", [A])["score"] == 1.0
     assert score(f"<think>a</think>x<think>b {wrong}</think>{right}", [A])["score"] == 1.0
     # a thinking model must close its thought
-    assert_result(score(f"<think>{right}", [A], require_think=True), score=0.0, format=0.0)
+    assert_result(score(f"<think>{right}", [A], require_think=True), **FORMAT_FAILED, num_gt=1.0)
     assert score(right, [A], require_think=True)["format"] == 0.0
     assert score(f"<think>x</think>{right}", [A], require_think=True)["score"] == 1.0
     # a non-thinking model may answer directly
@@ -223,18 +217,7 @@ def test_think_block():
     ],
 )
 def test_malformed_answers_fail_format(answer):
-    assert_result(
-        score(answer, [A]),
-        score=0.0,
-        acc=0.0,
-        format=0.0,
-        f1=0.0,
-        precision=0.0,
-        recall=0.0,
-        miou=0.0,
-        num_pred=0.0,
-        num_gt=1.0,
-    )
+    assert_result(score(answer, [A]), **FORMAT_FAILED, num_gt=1.0)
 
 
 def test_partly_outside_boxes_are_clipped():
@@ -259,7 +242,7 @@ def test_overlong_answer_fails_before_parsing():
 
 @pytest.mark.parametrize("response", [None, b"[[1,2,3,4]]", 42, ["[[1,2,3,4]]"]])
 def test_non_string_responses_never_raise(response):
-    assert_result(compute_score("dig", response, gt_json([A])), score=0.0, format=0.0)
+    assert_result(compute_score("dig", response, gt_json([A])), **FORMAT_FAILED, num_gt=1.0)
 
 
 @pytest.mark.parametrize(

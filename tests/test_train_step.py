@@ -109,8 +109,10 @@ def test_bad_rows_are_stopped_before_the_workers(family, edit, message, tmp_path
 def test_constant_reward_is_stopped_before_the_workers(family, tmp_path, fronts):
     front = fronts(family)
     constant = tmp_path / "constant_reward.py"
-    constant.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):\n"
-                        "    return {'score': 0.5}\n")  # fmt: skip
+    constant.write_text(
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):\n"
+        "    return {'score': 0.5}\n"
+    )
     cfg = support.recipe_config(family, front.checkpoint, (f"reward.custom_reward_function.path={constant}",))
     samples = [support.Sample(s.prompt, s.response_ids) for s in front.samples]
     support.score(samples, support.reward_fn_from_config(cfg), front.processor.tokenizer)

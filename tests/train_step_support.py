@@ -430,9 +430,16 @@ def rollout(prompts: list[Prompt], model, processor, spec, seed: int = 0) -> lis
             inputs.pop("mm_token_type_ids", None)
         torch.manual_seed(seed + index)
         with torch.no_grad():
-            out = model.generate(**inputs, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=SAMPLED_TOKENS, num_return_sequences=GROUP_SIZE - 1,
-                                 bad_words_ids=vision_token_ids(tokenizer))  # fmt: skip
+            out = model.generate(
+                **inputs,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=SAMPLED_TOKENS,
+                num_return_sequences=GROUP_SIZE - 1,
+                bad_words_ids=vision_token_ids(tokenizer),
+            )
         responses = [_strip_padding(row[len(prompt.prompt_ids) :].tolist(), tokenizer) for row in out]
         answer = ground_truth_answer(prompt.item["reward_model"]["ground_truth"], spec)
         responses.append(tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
@@ -535,8 +542,9 @@ def to_batch(samples: list[Sample], processor, advantages=None, mask=None):
     import torch
     from tensordict import NonTensorStack, TensorDict
 
-    fields: dict[str, list] = {k: [] for k in ("prompts", "responses", "input_ids", "attention_mask",
-                                               "response_mask", "position_ids")}  # fmt: skip
+    fields: dict[str, list] = {
+        k: [] for k in ("prompts", "responses", "input_ids", "attention_mask", "response_mask", "position_ids")
+    }
     multi_modal = []
     for sample in samples:
         prompts = torch.tensor(sample.prompt.prompt_ids)
@@ -669,6 +677,10 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
     def padded(nested):
         return response_from_nested(nested, response_mask).to_padded_tensor(0.0)
 
+    def log_prob_request(entropy: bool):
+        """A log-prob call's batch with the settings the trainer sends along."""
+        return with_info(batch, calculate_entropy=entropy, compute_loss=False, temperature=temperature)
+
     with verl_on_cpu():
         ref = ActorRolloutRefWorker(config=copy.deepcopy(cfg.actor_rollout_ref), role="ref")
         ref.init_model()
@@ -684,19 +696,24 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
         )
         params_before = _full_state(module)
 
-        ref_out = ref.compute_ref_log_prob(with_info(batch, calculate_entropy=False, compute_loss=False,
-                                                     temperature=temperature))  # fmt: skip
+        ref_out = ref.compute_ref_log_prob(log_prob_request(entropy=False))
         batch["ref_log_prob"] = response_from_nested(ref_out["log_probs"], response_mask)
         actor_cfg = cfg.actor_rollout_ref.actor
         mini_batch = actor_cfg.ppo_mini_batch_size * cfg.actor_rollout_ref.rollout.n
-        update_info = dict(calculate_entropy=actor_cfg.calculate_entropy or actor_cfg.entropy_coeff != 0,
-                           distillation_use_topk=False, distillation_only=False, global_batch_size=mini_batch,
-                           mini_batch_size=mini_batch, epochs=actor_cfg.ppo_epochs, seed=actor_cfg.data_loader_seed,
-                           dataloader_kwargs={"shuffle": actor_cfg.shuffle}, temperature=temperature)  # fmt: skip
+        update_info = dict(
+            calculate_entropy=actor_cfg.calculate_entropy or actor_cfg.entropy_coeff != 0,
+            distillation_use_topk=False,
+            distillation_only=False,
+            global_batch_size=mini_batch,
+            mini_batch_size=mini_batch,
+            epochs=actor_cfg.ppo_epochs,
+            seed=actor_cfg.data_loader_seed,
+            dataloader_kwargs={"shuffle": actor_cfg.shuffle},
+            temperature=temperature,
+        )
         metrics, log_probs, seconds, cpu_seconds = [], [], [], []
         for _ in range(num_updates):
-            old = actor.compute_log_prob(with_info(batch, calculate_entropy=True, compute_loss=False,
-                                                   temperature=temperature))  # fmt: skip
+            old = actor.compute_log_prob(log_prob_request(entropy=True))
             batch["old_log_probs"] = response_from_nested(old["log_probs"], response_mask)
             log_probs.append(padded(old["log_probs"]))
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -704,8 +721,7 @@ def train_steps(front: Front, num_updates: int = NUM_UPDATES) -> StepResult:
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
             metrics.append(dict(out["metrics"]))
-        final = actor.compute_log_prob(with_info(batch, calculate_entropy=False, compute_loss=False,
-                                                 temperature=temperature))  # fmt: skip
+        final = actor.compute_log_prob(log_prob_request(entropy=False))
         hook.remove()
         return StepResult(
             initial_log_probs=log_probs[0],

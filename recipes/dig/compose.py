@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from dig_common.fileio import atomic_output
 from dig_common.models import ModelSpec, load_model_spec, model_file
-from recipes.dig.settings import REPO_ROOT, LaunchError, Settings
+from dig_common.paths import BASE_MODEL_DIR, RECIPE_DIR
+from recipes.dig.settings import REPO_ROOT, LaunchError, Settings, override_key
 
-CONFIG_DIR = Path(__file__).resolve().parent / "config"
+CONFIG_DIR = RECIPE_DIR / "config"
 CONFIG_NAME = "dig_grpo"
 # Top-level keys verl 0.9's main_ppo no longer migrates: Hydra accepts them, verl silently ignores them.
 LEGACY_REWARD_PREFIXES = ("custom_reward_function.", "reward_model.reward_kwargs", "reward_model.reward_manager")
@@ -30,9 +31,9 @@ def resolve_model(settings: Settings) -> tuple[ModelSpec, str, Path | None]:
             f"MODEL={settings.model}: dig.model_name={spec.model_name!r} differs from the file name {path.stem!r}; "
             f"set model_name: {path.stem} in {path} (it names the experiment and its checkpoints)"
         )
-    if path.parent.resolve() == (CONFIG_DIR / "base_model").resolve():
+    if path.parent.resolve() == BASE_MODEL_DIR.resolve():
         return spec, path.stem, None
-    if (CONFIG_DIR / "base_model" / f"{path.stem}.yaml").exists():
+    if (BASE_MODEL_DIR / f"{path.stem}.yaml").exists():
         raise LaunchError(
             f"MODEL={settings.model}: its name {path.stem!r} clashes with a built-in model; rename the file"
         )
@@ -41,11 +42,8 @@ def resolve_model(settings: Settings) -> tuple[ModelSpec, str, Path | None]:
 
 def model_overlay_dir(model_path: Path, root: Path) -> Path:
     """A search-path folder holding base_model/<stem>.yaml, so Hydra can select a model file from anywhere."""
-    target = root / "base_model" / model_path.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copyfile(model_path, tmp)
-    os.replace(tmp, target)
+    with atomic_output(root / "base_model" / model_path.name) as tmp:
+        shutil.copyfile(model_path, tmp)
     return root
 
 
@@ -78,7 +76,7 @@ def stage_overrides(settings: Settings, stage: int, model_option: str, overlay: 
 
 def check_override_syntax(overrides: list[str]) -> None:
     for item in overrides:
-        key = item.split("=", 1)[0].lstrip("+~")
+        key = override_key(item).lstrip("~")  # ~key deletes it
         if "=" not in item and not item.startswith("~"):
             raise LaunchError(f"override {item!r}: expected key=value (Hydra syntax)")
         if key.startswith(LEGACY_REWARD_PREFIXES):
@@ -105,7 +103,7 @@ def compose(overrides: list[str]):
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         message = str(err).strip()
         culprit = next((o for o in overrides if o in message), None) or next(
-            (o for o in overrides if f"'{o.split('=', 1)[0].lstrip('+~')}'" in message), None
+            (o for o in overrides if f"'{override_key(o).lstrip('~')}'" in message), None
         )
         hint = f"override {culprit!r} rejected" if culprit else "config composition failed"
         raise LaunchError(f"{hint}: {message} (new keys need a leading '+'; check the spelling)") from err

@@ -11,6 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from dig_common.fileio import temp_path
 from dig_common.models import ModelSpec
 from recipes.dig.settings import LaunchError, Settings
 
@@ -62,8 +63,8 @@ def is_merged(target: Path) -> bool:
 
 
 def merge_command(python: str, actor_dir: Path, target: Path) -> list[str]:
-    return [python, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir", str(actor_dir),
-            "--target_dir", str(target)]  # fmt: skip
+    merger = [python, "-m", "verl.model_merger", "merge", "--backend", "fsdp"]
+    return [*merger, "--local_dir", str(actor_dir), "--target_dir", str(target)]
 
 
 def plan_handoff(settings: Settings, stage: int, prev_cfg, spec: ModelSpec) -> Handoff:
@@ -107,17 +108,20 @@ def plan_handoff(settings: Settings, stage: int, prev_cfg, spec: ModelSpec) -> H
 
 
 def run_merge(handoff: Handoff) -> None:
-    """verl's FSDP->HF merger into a temp dir, then rename: a killed merge never looks finished."""
+    """verl's FSDP->HF merger into a temp dir, then rename: a killed merge never looks finished.
+
+    A folder, so not ``atomic_output`` (files only); the temp name is the same sibling ``temp_path`` gives."""
     assert handoff.merge_command and handoff.merge_target
     target = handoff.merge_target
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp = temp_path(target)
     shutil.rmtree(tmp, ignore_errors=True)
     command = handoff.merge_command[:-1] + [str(tmp)]
     print(f"[dig] merging: {shlex.join(command)}", flush=True)
-    result = subprocess.run(command, check=False)
-    if result.returncode != 0 or not is_merged(tmp):
-        raise LaunchError(f"model merge failed (rc={result.returncode}): {shlex.join(command)}")
-    if target.exists():  # a concurrent merge finished first
-        shutil.rmtree(tmp)
-    else:
-        os.replace(tmp, target)
+    try:
+        result = subprocess.run(command, check=False)
+        if result.returncode != 0 or not is_merged(tmp):
+            raise LaunchError(f"model merge failed (rc={result.returncode}): {shlex.join(command)}")
+        if not target.exists():  # else a concurrent merge finished first: keep it
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

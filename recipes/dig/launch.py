@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dig_common.cli import cli_main
 from dig_common.models import ModelSpec
 from recipes.dig.attention import (
     AttentionChoice,
@@ -54,7 +55,7 @@ from recipes.dig.preflight import (
     load_reward,
     wandb_credentials,
 )
-from recipes.dig.settings import REPO_ROOT, STAGES, LaunchError, Settings
+from recipes.dig.settings import REPO_ROOT, STAGES, LaunchError, Settings, override_key
 
 
 @dataclass
@@ -85,8 +86,8 @@ def attention_overrides(spec: ModelSpec, settings: Settings, cfg) -> tuple[Atten
         choice = choose_attention(spec, flash_attn_in(settings.python), user_attn, user_padding, sp_size)
     except AttentionError as err:
         raise LaunchError(f"attention backend: {err}") from err
-    given = {o.split("=", 1)[0].lstrip("+") for o in settings.extra_overrides}
-    return choice, [o for o in choice.overrides() if o.split("=", 1)[0].lstrip("+") not in given]
+    given = {override_key(o) for o in settings.extra_overrides}
+    return choice, [o for o in choice.overrides() if override_key(o) not in given]
 
 
 def plan_stage(settings: Settings, overlay_root: Path | None = None) -> Plan:
@@ -113,8 +114,9 @@ def plan_stage(settings: Settings, overlay_root: Path | None = None) -> Plan:
     overrides += attention_args + settings.extra_overrides
     cfg = compose(overrides)
     if settings.extra_overrides:
-        check_override_types(compose(overrides[: len(overrides) - len(settings.extra_overrides)]), cfg,
-                             settings.extra_overrides)  # fmt: skip
+        check_override_types(
+            compose(overrides[: len(overrides) - len(settings.extra_overrides)]), cfg, settings.extra_overrides
+        )
     validate(cfg)
     check_reward_kwargs(cfg, spec)
     probe = load_reward(cfg)
@@ -141,8 +143,10 @@ def describe(plan: Plan) -> str:
     if plan.handoff.merge_command:
         lines.append(f"[dig] merge: {shlex.join(plan.handoff.merge_command)}")
     lines += [f"[dig] {line}" for line in plan.data.lines]
-    lines.append(f"[dig] reward: {cfg.reward.custom_reward_function.path}::{cfg.reward.custom_reward_function.name} "
-                 f"loaded by verl (probe on a malformed answer: {plan.reward_probe})")  # fmt: skip
+    lines.append(
+        f"[dig] reward: {cfg.reward.custom_reward_function.path}::{cfg.reward.custom_reward_function.name} "
+        f"loaded by verl (probe on a malformed answer: {plan.reward_probe})"
+    )
     lines.append(f"[dig] logger: {list(cfg.trainer.logger)}; validate_config: passed")
     return "\n".join(lines)
 
@@ -239,7 +243,7 @@ def curriculum_stage_settings(settings: Settings, stages: list[int]) -> list[Set
             stage=stage,
             init_model=settings.init_model if i == 0 else None,
             assume_previous=settings.assume_previous or settings.dry_run,
-        )  # fmt: skip
+        )
         for i, stage in enumerate(stages)
     ]
 
@@ -266,23 +270,29 @@ def curriculum(settings: Settings, stages: list[int]) -> int:
     return 0
 
 
+PROG = "python -m recipes.dig.launch"
+
+
+@cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m recipes.dig.launch")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=PROG)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage", type=int, choices=STAGES, help="run (or DRY_RUN) one curriculum stage")
-    which.add_argument("--curriculum", type=int, nargs="+", choices=STAGES, metavar="STAGE",
-                       help="run these stages in order, skipping finished ones")  # fmt: skip
+    which.add_argument(
+        "--curriculum",
+        type=int,
+        nargs="+",
+        choices=STAGES,
+        metavar="STAGE",
+        help="run these stages in order, skipping finished ones",
+    )
     parser.add_argument("--status", action="store_true", help="with --stage: exit 0 if it has finished, 1 otherwise")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides, passed to verl")
     args = parser.parse_args(argv)
-    try:
-        if args.curriculum:
-            return curriculum(Settings.from_env(args.curriculum[0], args.overrides), args.curriculum)
-        settings = Settings.from_env(args.stage, args.overrides)
-        return status(settings) if args.status else run(settings)
-    except LaunchError as err:
-        print(f"[dig] ERROR: {err}", file=sys.stderr, flush=True)
-        return 2
+    if args.curriculum:
+        return curriculum(Settings.from_env(args.curriculum[0], args.overrides), args.curriculum)
+    settings = Settings.from_env(args.stage, args.overrides)
+    return status(settings) if args.status else run(settings)
 
 
 if __name__ == "__main__":

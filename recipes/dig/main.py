@@ -11,13 +11,14 @@ in the experiment directory once the training loop returns, which the stage hand
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import OmegaConf, open_dict
 
+from dig_common.cli import USAGE_EXIT
+from dig_common.fileio import atomic_write_text
 from recipes.dig.handoff import DONE_MARKER, latest_step
 from recipes.dig.preflight import check_gpu_environment
 from recipes.dig.settings import LaunchError, env_flag, env_text
@@ -46,12 +47,23 @@ def write_done_marker(config) -> None:
         print(f"[dig] no checkpoint in {exp_dir} (trainer.save_freq <= 0?): the next stage cannot start from this one")
         return
     marker = exp_dir / DONE_MARKER
-    tmp = marker.with_name(f".{marker.name}.tmp")
-    record = {"global_step": step, "stage": int(config.curriculum.stage), "model": config.dig.model_name,
-              "init_model": config.actor_rollout_ref.model.path}  # fmt: skip
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, marker)
+    record = {
+        "global_step": step,
+        "stage": int(config.curriculum.stage),
+        "model": config.dig.model_name,
+        "init_model": config.actor_rollout_ref.model.path,
+    }
+    atomic_write_text(marker, json.dumps(record, indent=2))
     print(f"[dig] stage {config.curriculum.stage} finished at global_step_{step}: {marker}")
+
+
+PROG = "python -m recipes.dig.main"
+
+
+def fail(message: object, status: int) -> None:
+    """docs/cli.md's error style: one line, no traceback; 2 for bad input, 1 when training ran and stopped."""
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 # What a worker raises when CUDA or vLLM is missing (a CPU rehearsal against a Ray cluster that declares GPUs).
@@ -72,8 +84,8 @@ def gpu_boundary(err: BaseException) -> str | None:
     hit = next((line for line in reversed(lines) if any(m in line for m in GPU_BOUNDARY_MARKERS)), None)
     if hit is None:
         return None
-    return (f"training stopped at the GPU boundary: verl's workers need CUDA/vLLM, which this machine lacks "
-            f"({hit[:300]})")  # fmt: skip
+    reason = "verl's workers need CUDA/vLLM, which this machine lacks"
+    return f"training stopped at the GPU boundary: {reason} ({hit[:300]})"
 
 
 @hydra.main(config_path="config", config_name="dig_grpo", version_base=None)
@@ -88,20 +100,20 @@ def main(config) -> None:
         if config.trainer.device == "cuda" and not skip_gpu_check:
             check_gpu_environment(env_text("RAY_ADDRESS"))
     except LaunchError as err:
-        sys.exit(f"[dig] ERROR: {err}")
+        fail(err, USAGE_EXIT)
     auto_set_device(config)
     absolutize_paths(config)
     OmegaConf.resolve(config)  # oc.env and ${dig.*} resolve here, not in a Ray worker with another env
     validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     if not config.trainer.use_v1:
-        sys.exit("[dig] ERROR: trainer.use_v1=false (legacy trainer) is not supported by this recipe")
+        fail("trainer.use_v1=false (legacy trainer) is not supported by this recipe", USAGE_EXIT)
     try:
         run_ppo(config, task_runner_class=TaskRunnerV1)
     except Exception as err:
         stop = gpu_boundary(err)
         if stop is None:
             raise
-        sys.exit(f"[dig] ERROR: {stop}")
+        fail(stop, 1)
     if not config.trainer.val_only:
         write_done_marker(config)
 

@@ -10,14 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.budget import prompt_token_bound
+from data_prep.stages import STAGES_FILE
 from dig_common.models import ModelSpec
-from recipes.dig.settings import REPO_ROOT, LaunchError, Settings
+from recipes.dig.settings import LaunchError, Settings
 
-# What data_prep.build will render (data, not code: pair counts and image size per stage live there).
-STAGES_FILE = REPO_ROOT / "data_prep" / "stages.yaml"
-DEFAULT_PAIRS_PER_SPLIT = {"train": 1600, "val": 200}  # the paper's split sizes, used if stages.yaml is absent
 RENDER_SEC_PER_PAIR = 4.5  # 480x320, 16 spp: measured wall time per pair on a 2-core box
-REQUIRED_COLUMNS = ("data_source", "prompt", "images", "ability", "reward_model", "extra_info")
 
 
 def check_reward_kwargs(cfg, spec: ModelSpec) -> None:
@@ -86,11 +83,13 @@ def data_files(cfg) -> dict[str, Path]:
 def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
     import pyarrow.parquet as pq
 
+    from data_prep.to_verl import SCHEMA
+
     try:
         pf = pq.ParquetFile(path)
     except Exception as err:
         raise LaunchError(f"data file {path}: not a readable parquet file: {err}") from err
-    missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+    missing = [c for c in SCHEMA.names if c not in pf.schema_arrow.names]
     if missing:
         raise LaunchError(
             f"data file {path}: missing column(s) {missing} of the verl layout; rebuild with data_prep.build"
@@ -118,23 +117,22 @@ def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
 
 def planned_render(stage: int) -> dict:
     """Pairs per split, image size and pair sources data_prep.build renders for a stage (data_prep/stages.yaml,
-    read by data_prep.stages: the one loader of that file)."""
+    read by data_prep.stages: the one loader of that file; the size defaults are data_prep.build's)."""
+    from data_prep.build import BuildOptions
     from data_prep.stages import load_curriculum, load_source_mixes
 
-    plan = {"pairs": dict(DEFAULT_PAIRS_PER_SPLIT), "width": 480, "height": 320, "sources": "100 % rendered"}
-    if not STAGES_FILE.is_file():
-        return plan
     try:
         curriculum = load_curriculum(STAGES_FILE)
         definition = curriculum.stage(stage)
-        plan["sources"] = load_source_mixes(STAGES_FILE)[definition.name].describe()
-    except ValueError as err:
+        sources = load_source_mixes(STAGES_FILE)[definition.name].describe()
+    except (ValueError, FileNotFoundError) as err:
         raise LaunchError(str(err)) from err
-    plan["width"] = int(curriculum.render.get("width", 480))
-    plan["height"] = int(curriculum.render.get("height", 320))
-    for split, runs in definition.splits.items():
-        plan["pairs"][split] = sum(run.num for run in runs)
-    return plan
+    return {
+        "pairs": {split: sum(run.num for run in runs) for split, runs in definition.splits.items()},
+        "width": int(curriculum.render.get("width", BuildOptions.width)),
+        "height": int(curriculum.render.get("height", BuildOptions.height)),
+        "sources": sources,
+    }
 
 
 def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: str) -> DataReport:
@@ -169,8 +167,8 @@ def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: 
             f"data.max_prompt_length={cfg.data.max_prompt_length} is below the ~{worst} tokens of a two-image prompt "
             f"at the planned {plan['width']}x{plan['height']} render ({STAGES_FILE.name}): raise it in the model file"
         )
-    command = [settings.python, "-m", "data_prep.build", "--data-dir", str(data_dir), "--model", model_ref,
-               "--stage", str(stage)]  # fmt: skip
+    command = [settings.python, "-m", "data_prep.build", "--out-dir", str(data_dir), "--model", model_ref]
+    command += ["--stage", str(stage)]
     if settings.data_workers:
         command += ["--workers", str(settings.data_workers)]
     command += settings.data_build_args
@@ -190,8 +188,10 @@ def check_gpu_environment(ray_address: str | None) -> None:
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        raise LaunchError("no GPU visible (torch.cuda.device_count() == 0): training needs GPUs. Use DRY_RUN=1 to "
-                          "validate everything on CPU, or set RAY_ADDRESS to a Ray cluster with GPUs")  # fmt: skip
+        raise LaunchError(
+            "no GPU visible (torch.cuda.device_count() == 0): training needs GPUs. Use DRY_RUN=1 to "
+            "validate everything on CPU, or set RAY_ADDRESS to a Ray cluster with GPUs"
+        )
     if importlib.util.find_spec("vllm") is None:
         raise LaunchError(
             "vLLM is not installed in this Python: a training run needs the GPU stack "

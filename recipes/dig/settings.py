@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dig_common.cli import CliError
 from dig_common.models import DEFAULT_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -22,8 +23,13 @@ TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
 
 
-class LaunchError(Exception):
-    """A mistake in the launch inputs; the message names the env var, override, file or stage at fault."""
+class LaunchError(CliError):
+    """A mistake in the launch inputs; the message names the env var, override, file or stage at fault. Bad input
+    in the sense of docs/cli.md: the launcher reports it as one ``prog: error: ...`` line, exit status 2."""
+
+    def __init__(self, message: str):
+        # one line, also where it quotes Hydra or verl, whose messages span several
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass(frozen=True)
@@ -35,45 +41,77 @@ class Knob:
     reader: str = "launcher"
 
 
+# Readers of the knobs the launcher itself does not read.
+COMMON_SH = "launch/common.sh"
+SBATCH = "launch/slurm/dig_grpo.sbatch"
+
 KNOBS = (
-    Knob("MODEL", "`qwen3_vl_8b_thinking`", "a file name of `recipes/dig/config/base_model/` or a path to a model "
-         "YAML (same as the override `base_model=NAME`)"),
+    Knob(
+        "MODEL",
+        f"`{DEFAULT_MODEL}`",
+        "a file name of `recipes/dig/config/base_model/` or a path to a model YAML (same as the override "
+        "`base_model=NAME`)",
+    ),
     Knob("NNODES", "`1` (`SLURM_NNODES` under SLURM)", "`trainer.nnodes`"),
     Knob("SLURM_NNODES", "set by SLURM", "`NNODES` when that is unset"),
     Knob("GPUS_PER_NODE", "GPUs visible (8 in a dry run)", "`trainer.n_gpus_per_node`"),
-    Knob("DATA_DIR", "`data/<model>`", "`<DATA_DIR>/stage{1,2,3}/{train,val}.parquet`; per model, because the "
-         "parquet carries the model's pixel bounds"),
+    Knob(
+        "DATA_DIR",
+        "`data/<model>`",
+        "`<DATA_DIR>/stage{1,2,3}/{train,val}.parquet`; per model, because the parquet carries the model's pixel "
+        "bounds",
+    ),
     Knob("CKPT_DIR", "`checkpoints`", "`<CKPT_DIR>/dig/<model>_stage<k>/` (+ `tensorboard/`, `hydra/`)"),
     Knob("DRY_RUN", "`0`", "boolean: check everything on CPU, print the plan and command, start nothing"),
     Knob("LOGGER", "`console,tensorboard`", "`trainer.logger`, e.g. `console,wandb` (needs `WANDB_API_KEY`)"),
-    Knob("INIT_MODEL", "—", "initial weights (HF dir or hub id) of the stage, or of the first stage of a "
-         "curriculum; later stages start from the previous stage's checkpoint"),
+    Knob(
+        "INIT_MODEL",
+        "—",
+        "initial weights (HF dir or hub id) of the stage, or of the first stage of a curriculum; later stages "
+        "start from the previous stage's checkpoint",
+    ),
     Knob("DATA_WORKERS", "data_prep default", "render workers when the stage's data must be built"),
-    Knob("DATA_BUILD_ARGS", "—", "more `data_prep.build` arguments, e.g. `\"--ray-address auto\"`"),
-    Knob("DIG_ASSUME_PREVIOUS", "`0`", "boolean, dry runs only: plan stage k on the checkpoint stage k−1 will "
-         "produce (what a curriculum dry run does for you)"),
+    Knob("DATA_BUILD_ARGS", "—", 'more `data_prep.build` arguments, e.g. `"--ray-address auto"`'),
+    Knob(
+        "DIG_ASSUME_PREVIOUS",
+        "`0`",
+        "boolean, dry runs only: plan stage k on the checkpoint stage k−1 will produce (what a curriculum dry run "
+        "does for you)",
+    ),
     Knob("RAY_ADDRESS", "—", "a running Ray cluster (GPUs live there): the launcher skips its local GPU check"),
-    Knob("DIG_SKIP_GPU_CHECK", "`0`", "boolean: `recipes.dig.main` skips its GPU/vLLM check (CPU rehearsals)",
-         "recipes/dig/main.py"),
-    Knob("DIG_PYTHON", "`.venv-gpu/bin/python` (present, or with `SETUP_ENV=1`), else `.venv/bin/python`, else `python3`",
-         "interpreter for everything (a container's Python: the container route)", "launch/common.sh"),
-    Knob("DIG_RENDER_PYTHON", "`.venv-render/bin/python`", "Blender (bpy) interpreter for building data",
-         "data_prep/generate.py"),
-    Knob("SETUP_ENV", "`0`", "boolean: if the Python lacks verl, `bash scripts/setup_gpu.sh` first (a venv only, never a system Python)",
-         "launch/common.sh"),
-    Knob("STAGES", "`1 2 3`", "`curriculum.sh` only: which stages", "launch/curriculum.sh"),
-    Knob("STAGE", "`all`", "`dig_grpo.sbatch` only: `1`, `2`, `3` or `all` (curriculum)",
-         "launch/slurm/dig_grpo.sbatch"),
-    Knob("RAY_PORT", "`6379`", "sbatch only: Ray head port", "launch/slurm/dig_grpo.sbatch"),
-    Knob("RAY_NETWORK_INTERFACE", "—", "sbatch only: interface whose IPv4 the head uses (e.g. `ib0`)",
-         "launch/slurm/dig_grpo.sbatch"),
-    Knob("RAY_JOIN_TIMEOUT", "`300`", "sbatch only: seconds to wait for every node to join Ray",
-         "launch/slurm/dig_grpo.sbatch"),
-    Knob("RAY_HEAD_ARGS", "—", "sbatch only: more `ray start --head` arguments", "launch/slurm/dig_grpo.sbatch"),
-    Knob("RAY_WORKER_ARGS", "—", "sbatch only: more `ray start` arguments for the worker nodes",
-         "launch/slurm/dig_grpo.sbatch"),
-    Knob("RAY_BIN", "`ray` next to the Python", "sbatch only: the `ray` executable", "launch/slurm/dig_grpo.sbatch"),
-)  # fmt: skip
+    Knob(
+        "DIG_SKIP_GPU_CHECK",
+        "`0`",
+        "boolean: `recipes.dig.main` skips its GPU/vLLM check (CPU rehearsals)",
+        reader="recipes/dig/main.py",
+    ),
+    Knob(
+        "DIG_PYTHON",
+        "`.venv-gpu/bin/python` (present, or with `SETUP_ENV=1`), else `.venv/bin/python`, else `python3`",
+        "interpreter for everything (a container's Python: the container route)",
+        reader=COMMON_SH,
+    ),
+    Knob(
+        "DIG_RENDER_PYTHON",
+        "`.venv-render/bin/python`",
+        "Blender (bpy) interpreter for building data",
+        reader="data_prep/generate.py",
+    ),
+    Knob(
+        "SETUP_ENV",
+        "`0`",
+        "boolean: if the Python lacks verl, `bash scripts/setup_gpu.sh` first (a venv only, never a system Python)",
+        reader=COMMON_SH,
+    ),
+    Knob("STAGES", "`1 2 3`", "`curriculum.sh` only: which stages", reader="launch/curriculum.sh"),
+    Knob("STAGE", "`all`", "`dig_grpo.sbatch` only: `1`, `2`, `3` or `all` (curriculum)", reader=SBATCH),
+    Knob("RAY_PORT", "`6379`", "sbatch only: Ray head port", reader=SBATCH),
+    Knob("RAY_NETWORK_INTERFACE", "—", "sbatch only: interface whose IPv4 the head uses (e.g. `ib0`)", reader=SBATCH),
+    Knob("RAY_JOIN_TIMEOUT", "`300`", "sbatch only: seconds to wait for every node to join Ray", reader=SBATCH),
+    Knob("RAY_HEAD_ARGS", "—", "sbatch only: more `ray start --head` arguments", reader=SBATCH),
+    Knob("RAY_WORKER_ARGS", "—", "sbatch only: more `ray start` arguments for the worker nodes", reader=SBATCH),
+    Knob("RAY_BIN", "`ray` next to the Python", "sbatch only: the `ray` executable", reader=SBATCH),
+)
 KNOB_NAMES = tuple(k.name for k in KNOBS)
 
 
@@ -108,14 +146,19 @@ def positive_int(name: str, raw: str | None) -> int | None:
     return int(text)
 
 
+def override_key(override: str) -> str:
+    """The config key a Hydra override sets: ``a.b=1``, ``+a.b=1`` (add) and ``++a.b=1`` (add or replace)."""
+    return override.split("=", 1)[0].lstrip("+")
+
+
 def split_model_override(model_env: str, overrides: list[str]) -> tuple[str, list[str]]:
     """MODEL from the environment or the Hydra spelling ``base_model=NAME``; the latter leaves the overrides."""
-    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "base_model"]
+    chosen = [o.split("=", 1)[1] for o in overrides if override_key(o) == "base_model"]
     if not chosen:
         return model_env or DEFAULT_MODEL, list(overrides)
     if model_env and model_env != chosen[-1]:
         raise LaunchError(f"MODEL={model_env} and override base_model={chosen[-1]} disagree; give one")
-    return chosen[-1], [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "base_model"]
+    return chosen[-1], [o for o in overrides if override_key(o) != "base_model"]
 
 
 @dataclass
