@@ -556,5 +556,7 @@ def parse_k(k: int | str, what: str = "--k") -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"{what}: expected an integer or a range like '1-4', got {k!r}") from None
     if lo < 1 or hi < lo:
-        raise ValueError(f"{what}: expected 1 <= low <= high, got {k!r} (pairs with K = 0 come from no_diff_fraction)")
+        raise ValueError(
+            f"{what}: expected 1 <= low <= high, got {k!r} (K = 0 pairs come from --no-diff-fraction, or a stage's no_diff_fraction)"
+        )
     return lo, hi
