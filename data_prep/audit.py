@@ -16,7 +16,6 @@ The rules (defaults, flags to change them):
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -31,7 +30,7 @@ from data_prep.gallery import _font, check_cli_paths, draw_boxes, image_paths, l
 from data_prep.manifest import read_manifest
 from data_prep.render_worker import unlabeled_blobs
 from dig_common.argtypes import positive_int
-from dig_common.cli import cli_main
+from dig_common.cli import cli_main, tool_parser
 from dig_common.fileio import atomic_write_text
 
 PROG = "python -m data_prep.audit"
@@ -251,7 +250,7 @@ def audit(
 
 @cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p = tool_parser(PROG, __doc__)
     p.add_argument("--pairs", type=Path, required=True, help="output directory of a generation run")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     p.add_argument("--gallery", type=Path, default=None, help="PNG of the flagged pairs (A | B | change heat map)")

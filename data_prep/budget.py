@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from dig_common.checkpoints import processor_download_command
-from dig_common.cli import CliError, cli_main
+from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.models import ModelSpec, load_model_spec, model_file
 from dig_common.prompts import build_vision_messages
 
@@ -222,7 +222,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 @cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = tool_parser(PROG, __doc__)
     parser.add_argument("--model", required=True, help="base model name or YAML path")
     parser.add_argument("--processor", default=None, help="HF id or local dir of the processor (default: hf_path)")
     parser.add_argument("--max-prompt-length", type=int, default=None, help="default: the model file's data.*")

@@ -18,7 +18,6 @@ from every training and validation run found under ``pairs/``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from data_prep.stages import (
     load_curriculum,
     load_source_mixes,
 )
-from dig_common.cli import CliError, cli_main
+from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.models import load_model_spec
 
 PROG = "python -m data_prep.build"
@@ -289,7 +288,7 @@ def _source_counts(data_dir: Path, stage: Stage, split: str, mix: SourceMix) -> 
 
 @cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = tool_parser(PROG, __doc__)
     parser.add_argument("--out-dir", type=Path, required=True, help="the dataset folder (pairs/ and the parquets)")
     parser.add_argument("--model", required=True, help="base model name or YAML path (pixel bounds, prompt)")
     parser.add_argument("--stage", required=True, help="1, 2, 3, test or all")

@@ -7,7 +7,6 @@ eval to overlay predictions (pass them as extra boxes with their own colour).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_prep.manifest import read_manifest
 from dig_common.argtypes import positive_int
-from dig_common.cli import CliError, cli_main
+from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.drawing import draw_box
 from dig_common.fileio import atomic_output
 
@@ -158,7 +157,7 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 @cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p = tool_parser(PROG, __doc__)
     p.add_argument("--pairs", type=Path, required=True, help="output directory of a generation run")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--limit", type=positive_int, default=SHEET_LIMIT, help=f"at most this many pairs ({SHEET_LIMIT})")

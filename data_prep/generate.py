@@ -28,8 +28,9 @@ from typing import Any
 
 from data_prep import runner as R
 from data_prep import scene as S
+from data_prep.manifest import manifest_entry
 from data_prep.stages import check_difficulty_filters, difficulty_failure
-from dig_common.cli import CliError, cli_main
+from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.fileio import atomic_write_text, temp_path
 
 PROG = "python -m data_prep.generate"
@@ -310,7 +311,7 @@ class PairMaker:
             os.replace(tmp_a, final_a)
             os.replace(tmp_b, final_b)
             atomic_write_text(self.shard_dir / f"{pid}.json", json.dumps(record, indent=1))
-            return R.manifest_entry(self.shard_dir, pid, index, record["differences"]), delta
+            return manifest_entry(self.shard_dir, pid, index, record["differences"]), delta
         raise RuntimeError(
             f"pair {pid}: no candidate passed the quality gates in {self.vocab.gates['max_attempts_per_pair']} "
             f"attempts (rejections: {dict(delta['rejected'])}); relax gates in {self.vocab.path} or lower --k"
@@ -387,7 +388,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = R.new_parser(PROG, __doc__)
+    p = tool_parser(PROG, __doc__)
     R.add_run_flags(p, workers="render worker processes")
     p.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel (default 16 + OIDN)")
     p.add_argument("--no-denoise", action="store_true", help="turn the OIDN denoiser off (tests: 1 spp)")

@@ -93,6 +93,19 @@ def end_torn_line(pairs_dir: Path) -> None:
                 f.write(b"\n")
 
 
+def manifest_entry(shard_dir: Path, pid: str, index: int, differences: list[dict]) -> dict:
+    """The manifest line of one finished pair (docs/contracts.md)."""
+    return {
+        "pair_id": pid,
+        "json": f"{shard_dir.name}/{pid}.json",
+        "image_a": f"{shard_dir.name}/{pid}_a.png",
+        "image_b": f"{shard_dir.name}/{pid}_b.png",
+        "num_differences": len(differences),
+        "types": [d["type"] for d in differences],
+        "index": index,
+    }
+
+
 def append_entry(pairs_dir: Path, record: dict) -> None:
     """Append one finished pair: a single ``O_APPEND`` write, so concurrent writers never interleave a line."""
     line = (json.dumps(record) + "\n").encode()

@@ -32,9 +32,10 @@ from scipy import ndimage
 
 from data_prep import runner as R
 from data_prep import scene as S
+from data_prep.manifest import manifest_entry
 from data_prep.photo_coco import CocoSet, PhotoDataError, file_sha256, load_coco
 from data_prep.photo_compose import Compositor, luma, mask_box, saturation
-from dig_common.cli import cli_main
+from dig_common.cli import cli_main, tool_parser
 from dig_common.fileio import atomic_write_bytes, atomic_write_text
 from dig_common.yaml_error import yaml_error_line
 
@@ -518,7 +519,7 @@ class PhotoPairMaker:
         atomic_write_bytes(final_a, encode_png(a[0]))
         atomic_write_bytes(final_b, encode_png(b[0]))
         atomic_write_text(self.shard_dir / f"{pid}.json", json.dumps(record, indent=1))
-        return R.manifest_entry(self.shard_dir, pid, index, differences)
+        return manifest_entry(self.shard_dir, pid, index, differences)
 
 
 # ------------------------------------------------------------------------------------------------ drivers
@@ -607,7 +608,7 @@ def generate(cfg: PhotoConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = R.new_parser(PROG, __doc__)
+    p = tool_parser(PROG, __doc__)
     p.add_argument("--coco", type=Path, required=True, help="COCO-format instance annotations (JSON)")
     p.add_argument("--images", type=Path, required=True, help="folder of the images named in --coco")
     R.add_run_flags(p, workers="worker processes")

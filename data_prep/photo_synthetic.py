@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep import runner as R
-from dig_common.cli import CliError, cli_main
+from dig_common.cli import CliError, cli_main, tool_parser
 
 PROG = "python -m data_prep.photo_synthetic"
 MIN_SIZE = 64  # the drawn shapes (radius up to 0.22 of the short side, a 34 px border disc) need room
@@ -179,7 +178,7 @@ def check_args(out: Path, num_images: int, seed: int, width: int, height: int) -
 
 @cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    p = R.new_parser(PROG, __doc__)
+    p = tool_parser(PROG, __doc__)
     p.add_argument("--out-dir", type=Path, required=True, help="folder to fill: annotations.json and images/")
     p.add_argument("--num-images", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)

@@ -120,19 +120,6 @@ def new_delta() -> dict:
     return {"candidates": 0, "rejected": collections.Counter(), "render_cpu_s": 0.0}
 
 
-def manifest_entry(shard_dir: Path, pid: str, index: int, differences: list[dict]) -> dict:
-    """The manifest line of one finished pair (docs/contracts.md)."""
-    return {
-        "pair_id": pid,
-        "json": f"{shard_dir.name}/{pid}.json",
-        "image_a": f"{shard_dir.name}/{pid}_a.png",
-        "image_b": f"{shard_dir.name}/{pid}_b.png",
-        "num_differences": len(differences),
-        "types": [d["type"] for d in differences],
-        "index": index,
-    }
-
-
 # ------------------------------------------------------------------------------------- output directory
 
 
@@ -346,12 +333,6 @@ def run_ray(state: RunState, todo: list[int], task: Callable, args: tuple, cpus_
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-
-
-def new_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """The parser of a generator CLI: its docstring's first line as description, and no prefix matching (an old
-    flag such as ``--out`` must not pass as an abbreviation of ``--out-dir``)."""
-    return argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0], allow_abbrev=False)
 
 
 def add_run_flags(parser: argparse.ArgumentParser, workers: str) -> None:

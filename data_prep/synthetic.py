@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.manifest import append_entry, read_manifest
+from data_prep.manifest import append_entry, manifest_entry, read_manifest
 from data_prep.scene import parse_k
 
 RENDERER = {"name": "synthetic", "version": "1", "samples": 0}
@@ -108,10 +108,8 @@ def write_pairs(
         pair_id = f"s{seed}-{index:07d}"
         shard = f"shard_{index // shard_size:03d}"
         count = k(index) if callable(k) else k
-        write_pair(out / shard, pair_id, seed + index, count, width, height, noise)
-        append_entry(
-            out, {"pair_id": pair_id, "json": f"{shard}/{pair_id}.json", "num_differences": count, "index": index}
-        )
+        record = write_pair(out / shard, pair_id, seed + index, count, width, height, noise)
+        append_entry(out, manifest_entry(out / shard, pair_id, index, record["differences"]))
     accepted = len(done) + sum(1 for i in range(num) if i not in done)
     (out / "stats.json").write_text(json.dumps({"accepted": accepted, "rejected": {}}))
     return out

@@ -11,7 +11,6 @@ structs (not an HF ``Image`` feature), so verl's RLHFDataset hands the per-image
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -29,7 +28,7 @@ from PIL import Image
 from data_prep import manifest as manifest_mod
 from data_prep.stages import STAGES_FILE, load_curriculum
 from dig_common.argtypes import positive_int
-from dig_common.cli import CliError, cli_main
+from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.fileio import atomic_output
 from dig_common.models import ModelSpec, load_model_spec
 from dig_common.prompts import build_prompt
@@ -387,7 +386,7 @@ def check_pairs_dirs(pairs_dirs: list[Path]) -> None:
 
 @cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = tool_parser(PROG, __doc__)
     parser.add_argument("--pairs", type=Path, nargs="+", required=True, help="generator output directories")
     parser.add_argument("--out", type=Path, required=True, help="parquet file to write")
     parser.add_argument(

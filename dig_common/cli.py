@@ -14,6 +14,7 @@ instead, for a traceback. Usage::
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -51,3 +52,9 @@ def cli_main(prog: str) -> Callable[[Main], Callable[[list[str] | None], int]]:
         return wrapped
 
     return wrap
+
+
+def tool_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a tool: ``doc``'s first paragraph as its description, and no prefix matching, so
+    that a flag that was renamed (``--out`` for ``--out-dir``) is refused instead of silently taken."""
+    return argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0], allow_abbrev=False)

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from dig_common.cli import cli_main
+from dig_common.argtypes import positive_int
+from dig_common.cli import cli_main, tool_parser
 from dig_common.fileio import atomic_write_text
 from dig_common.models import load_model_spec
 from eval.options import (
@@ -39,7 +40,6 @@ from eval.options import (
     backend_from_args,
     check_generation_args,
     parse_reward_kwargs,
-    positive_int,
 )
 from eval.scoring import ScoredAnswer, reward_knobs, score_response
 
@@ -441,7 +441,7 @@ def generate_predictions(args, spec, out: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = tool_parser(PROG, __doc__)
     parser.add_argument("--data", required=True, metavar="FILE", help="test parquet (data_prep.to_verl output)")
     add_model_arg(parser)
     parser.add_argument("--out", required=True, metavar="FILE", help="results JSON; siblings .md, .samples.jsonl")

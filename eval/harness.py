@@ -29,13 +29,14 @@ from pathlib import Path
 
 import yaml
 
+from dig_common.argtypes import positive_int
 from dig_common.checkpoints import check_checkpoint
-from dig_common.cli import CliError, cli_main
+from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.fileio import atomic_write_text
 from dig_common.models import Decoding, ModelSpec, load_model_spec
 from dig_common.yaml_error import yaml_error_line
 from eval.backends import BACKENDS, PROMPT_TOKEN_BUDGET, require_backend
-from eval.options import add_model_arg, positive_int, require_file
+from eval.options import add_model_arg, require_file
 
 PROG = "python -m eval.harness"
 
@@ -556,10 +557,10 @@ def markdown_table(table: dict[str, dict], title: str = "this recipe", harness: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = tool_parser(PROG, __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "collect"):
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, allow_abbrev=False)
         p.add_argument("--harness", choices=HARNESSES, default="lmms_eval")
         p.add_argument(
             "--out-dir",

@@ -8,20 +8,10 @@ import argparse
 import json
 from pathlib import Path
 
+from dig_common.argtypes import positive_int
 from dig_common.cli import CliError
 from dig_common.models import DEFAULT_MODEL, Decoding, ModelSpec
 from eval.backends import BACKENDS, Backend, build_backend, check_generation, eval_decoding
-
-
-def positive_int(text: str) -> int:
-    """argparse ``type`` for counts (batch sizes, samples, limits): a bad value is argparse's flag error."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_model_arg(parser: argparse.ArgumentParser, purpose: str = "") -> None:

@@ -35,12 +35,13 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from dig_common.argtypes import positive_int
 from dig_common.checkpoints import hf_download_command
-from dig_common.cli import CliError, cli_main
+from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.models import ModelSpec, load_model_spec
 from dig_common.prompts import coordinate_frame
 from eval.dig import read_predictions, sibling, write_results
-from eval.options import add_generation_args, add_model_arg, backend_from_args, check_generation_args, positive_int
+from eval.options import add_generation_args, add_model_arg, backend_from_args, check_generation_args
 from eval.scoring import reward_knobs
 from reward_fns import geometry
 from reward_fns.knobs import RewardKnobs
@@ -178,7 +179,7 @@ def markdown(splits: dict[str, dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = tool_parser(PROG, __doc__)
     parser.add_argument(
         "--refcoco-dir", required=True, metavar="DIR", help="folder holding RefCOCO/, RefCOCOplus/, RefCOCOg/ snapshots"
     )

@@ -24,11 +24,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from dig_common.cli import cli_main
+from dig_common.argtypes import positive_int
+from dig_common.cli import cli_main, tool_parser
 from dig_common.drawing import draw_box
 from dig_common.fileio import atomic_output, atomic_write_text
 from dig_common.models import load_model_spec
-from eval.options import add_model_arg, positive_int, require_file
+from eval.options import add_model_arg, require_file
 from eval.scoring import reward_knobs, score_response
 
 PROG = "python -m eval.visualize"
@@ -219,7 +220,7 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = tool_parser(PROG, __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", metavar="FILE", help="eval.dig *.samples.jsonl")
     source.add_argument("--verl-dump", metavar="FILE", help="a <step>.jsonl from trainer.validation_data_dir")

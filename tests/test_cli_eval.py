@@ -153,7 +153,7 @@ def test_flag_syntax_stays_with_argparse(tmp_path, capsys, data):
     for tool, argv in ((dig, ["--samples", "0"]), (visualize, ["--limit", "-1"]), (harness, ["run", "--limit", "0"])):
         with pytest.raises(SystemExit) as exit_:
             tool.main(argv)
-        assert exit_.value.code == 2 and "must be at least 1, got" in capsys.readouterr().err
+        assert exit_.value.code == 2 and "expected an integer >= 1, got" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- eval.refcoco

@@ -13,7 +13,6 @@ resolved settings plan every stage, and the real run executes the plan it printe
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import os
@@ -26,7 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dig_common.cli import cli_main
+from dig_common.cli import cli_main, tool_parser
 from dig_common.models import ModelSpec
 from recipes.dig.attention import (
     AttentionChoice,
@@ -275,7 +274,7 @@ PROG = "python -m recipes.dig.launch"
 
 @cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=PROG)
+    parser = tool_parser(PROG, __doc__)
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage", type=int, choices=STAGES, help="run (or DRY_RUN) one curriculum stage")
     which.add_argument(
