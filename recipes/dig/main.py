@@ -11,6 +11,7 @@ in the experiment directory once the training loop returns, which the stage hand
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def gpu_boundary(err: BaseException) -> str | None:
     """One line naming the stop when training failed for want of CUDA/vLLM on this machine; None otherwise."""
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or os.environ.get("VERL_PLATFORM") == "cpu":  # the CPU rehearsal has no such stop
         return None
     causes, seen = [], err
     while seen is not None and len(causes) < 10:
