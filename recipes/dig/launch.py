@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dig_common.cli import cli_main, tool_parser
 from dig_common.models import ModelSpec
+from recipes.dig import rehearsal
 from recipes.dig.attention import (
     AttentionChoice,
     AttentionError,
@@ -44,7 +45,17 @@ from recipes.dig.compose import (
     stage_overrides,
     validate,
 )
-from recipes.dig.handoff import DONE_MARKER, Handoff, experiment_dir, plan_handoff, run_merge, stage_done
+from recipes.dig.handoff import (
+    DONE_MARKER,
+    Handoff,
+    experiment_dir,
+    is_merged,
+    merge_command,
+    merged_dir,
+    plan_handoff,
+    run_merge,
+    stage_done,
+)
 from recipes.dig.preflight import (
     DataReport,
     check_data,
@@ -151,8 +162,9 @@ def describe(plan: Plan) -> str:
 
 
 def resolve_gpus(settings: Settings) -> None:
-    """Real runs check the GPU environment first; GPUS_PER_NODE defaults to what this node sees."""
-    if not settings.dry_run:
+    """Real runs check the GPU environment first (not the CPU rehearsal's); GPUS_PER_NODE defaults to what this
+    node sees."""
+    if not settings.dry_run and not rehearsal.selected(settings.extra_overrides):
         check_gpu_environment(settings.ray_address)
     if settings.gpus_per_node is None:
         settings.gpus_per_node = default_gpus_per_node(settings.dry_run)
@@ -265,8 +277,26 @@ def curriculum(settings: Settings, stages: list[int]) -> int:
         if rc != 0:
             print(f"[dig] curriculum: stage {stage} failed (rc={rc}); rerun to resume it", file=sys.stderr, flush=True)
             return rc
+    if not settings.dry_run:
+        merge_last(curriculum_stage_settings(settings, stages)[-1])
     print("[dig] curriculum: done", flush=True)
     return 0
+
+
+def merge_last(settings: Settings) -> Path | None:
+    """The curriculum's last stage merged to HF too (what eval loads), like every stage before it; its path."""
+    exp_dir = stage_experiment_dir(settings)
+    done = stage_done(exp_dir)
+    if done is None:
+        return None
+    step = int(done["global_step"])
+    target = merged_dir(exp_dir, step)
+    if not is_merged(target):
+        actor_dir = exp_dir / f"global_step_{step}" / "actor"
+        command = merge_command(settings.python, actor_dir, target)
+        run_merge(Handoff(str(target), f"stage {settings.stage} global_step_{step}", command, target))
+    print(f"[dig] curriculum: stage {settings.stage}'s last step, merged for evaluation: {target}", flush=True)
+    return target
 
 
 PROG = "python -m recipes.dig.launch"

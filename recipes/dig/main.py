@@ -11,7 +11,6 @@ in the experiment directory once the training loop returns, which the stage hand
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from omegaconf import OmegaConf, open_dict
 
 from dig_common.cli import USAGE_EXIT
 from dig_common.fileio import atomic_write_text
+from recipes.dig import rehearsal
 from recipes.dig.handoff import DONE_MARKER, latest_step
 from recipes.dig.preflight import check_gpu_environment
 from recipes.dig.settings import LaunchError, env_flag, env_text
@@ -75,7 +75,7 @@ def gpu_boundary(err: BaseException) -> str | None:
     """One line naming the stop when training failed for want of CUDA/vLLM on this machine; None otherwise."""
     import torch
 
-    if torch.cuda.is_available() or os.environ.get("VERL_PLATFORM") == "cpu":  # the CPU rehearsal has no such stop
+    if torch.cuda.is_available():
         return None
     causes, seen = [], err
     while seen is not None and len(causes) < 10:
@@ -98,7 +98,7 @@ def main(config) -> None:
 
     try:
         skip_gpu_check = env_flag("DIG_SKIP_GPU_CHECK")
-        if config.trainer.device == "cuda" and not skip_gpu_check:
+        if config.trainer.device == "cuda" and not skip_gpu_check and not rehearsal.runs_on_cpu(config):
             check_gpu_environment(env_text("RAY_ADDRESS"))
     except LaunchError as err:
         fail(err, USAGE_EXIT)
@@ -111,7 +111,7 @@ def main(config) -> None:
     try:
         run_ppo(config, task_runner_class=TaskRunnerV1)
     except Exception as err:
-        stop = gpu_boundary(err)
+        stop = None if rehearsal.runs_on_cpu(config) else gpu_boundary(err)
         if stop is None:
             raise
         fail(stop, 1)

@@ -218,6 +218,28 @@ def _unpinned_offload(module) -> None:
 # 3. weight sync through vLLM's own in-place reload
 
 
+SYNC_DIR_ENV = "DIG_REHEARSAL_SYNC_DIR"
+
+
+def record_sync(weights) -> None:
+    """With DIG_REHEARSAL_SYNC_DIR set (the profile sets it per experiment): what vLLM just loaded, as a
+    safetensors file named by time, so a test can hold every sync against the actor's checkpoints and merges."""
+    folder = os.environ.get(SYNC_DIR_ENV)
+    if not folder:
+        return
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from dig_common.fileio import atomic_output
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().contiguous() for name, tensor in weights}
+    with atomic_output(Path(folder) / f"sync-{time.time_ns()}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+
+
 def _reload_based_sync(module) -> None:
     extension = module.vLLMColocateWorkerExtension
     original = extension.update_weights_from_ipc
@@ -240,6 +262,7 @@ def _reload_based_sync(module) -> None:
             on_bucket_received=on_bucket
         )
         self.model_runner.reload_weights(weights_iterator=iter(received))
+        record_sync(received)
         received.clear()  # verl's rollout then clears vLLM's prefix, mm and encoder caches (clear_kv_cache)
 
     extension.update_weights_from_ipc = update_weights_from_ipc
