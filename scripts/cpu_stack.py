@@ -48,7 +48,9 @@ def pins(req_file: str) -> str:
             found[name] = spec[0].version
     missing = [n for n in PINNED if n not in found]
     if missing:
-        raise SystemExit(f"cpu_stack: {req_file} pins no {', '.join(missing)}; the CPU stack is derived from those pins")
+        raise SystemExit(
+            f"cpu_stack: {req_file} pins no {', '.join(missing)}; the CPU stack is derived from those pins"
+        )
     return " ".join(f"{n}=={found[n]}" for n in PINNED)
 
 
