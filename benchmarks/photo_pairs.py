@@ -1,9 +1,9 @@
-"""Photo pair throughput on one core: pairs/s of ``data_prep.photo_pairs`` (JSON lines).
+"""Photo pair throughput on one core: pairs/s of ``data_prep.photo`` (JSON lines).
 
     python benchmarks/photo_pairs.py [--pairs 60] [--repeats 3] [--k 1-4] [--width 480 --height 320]
                                      [--coco ANN.json --images DIR] [--workdir /tmp/dig-photo-bench]
 
-Without ``--coco``, a COCO-format set is drawn first (``data_prep.photo_synthetic``: 40 images at 640x480, COCO's
+Without ``--coco``, a COCO-format set is drawn first (``data_prep.photo.synthetic``: 40 images at 640x480, COCO's
 usual size, JPEG). Each repeat is a fresh run (new output folder) in a child process with one worker and BLAS
 limited to one thread, so the figures are single-core: wall-clock pairs/s, CPU-seconds per accepted pair (rejected candidates
 included) and what one free core makes (1 / CPU-s per pair; the wall clock only matches it on an idle machine).
@@ -27,7 +27,7 @@ ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_N
 
 
 def child(args) -> None:
-    from data_prep.photo_pairs import PhotoConfig, generate
+    from data_prep.photo.pairs import PhotoConfig, generate
 
     cfg = PhotoConfig(
         out=Path(args.out),
@@ -71,7 +71,7 @@ def proc_status_mb(key: str) -> float:
 def index_child(path: Path, images: Path, mode: str) -> None:
     """``parse``: load the JSON as a local run does (and write the Ray index cache); ``cache``: load that cache as a
     Ray worker does."""
-    from data_prep.photo_pairs import INDEX_CACHE, PhotoConfig, _load, write_index_cache
+    from data_prep.photo.pairs import INDEX_CACHE, PhotoConfig, _load, write_index_cache
 
     cfg = PhotoConfig(out=path.parent / "index-cache", num=1, coco=path, images=images)
     before = proc_status_mb("VmHWM")
@@ -168,7 +168,7 @@ def main() -> int:
         index_child(Path(args.child_index), args.images, args.index_mode)
         return 0
     if args.coco is None:
-        from data_prep.photo_synthetic import write_coco_set
+        from data_prep.photo.synthetic import write_coco_set
 
         drawn = args.workdir / "coco"
         if not (drawn / "annotations.json").exists():

@@ -26,8 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_prep import scene as S  # noqa: E402
-from data_prep.generate import GenerateConfig, RenderWorker, generate, sample_candidate  # noqa: E402
+from data_prep.render import scene as S  # noqa: E402
+from data_prep.render.generate import GenerateConfig, RenderWorker, generate, sample_candidate  # noqa: E402
 
 # Same scene, same bounces: the figures isolate the cost and noise of samples + denoiser.
 REFERENCE = {

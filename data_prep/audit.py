@@ -10,7 +10,7 @@ unlabeled blobs boxed in white (at most ``--gallery-limit`` rows).
 The rules (defaults, flags to change them):
 - a GT box is *visibly changed* when >= 20 pixels inside it change by more than 12/255 in their largest channel;
 - a pair has an *unlabeled change* when an 8-connected blob of pixels whose largest channel changes by more
-  than 24/255, of at least 0.1 % of the image, touches no GT box grown by 8 px (``render_worker.unlabeled_blobs``,
+  than 24/255, of at least 0.1 % of the image, touches no GT box grown by 8 px (``ground_truth.unlabeled_blobs``,
   the same function the generator's ``unlabeled_change`` gate uses).
 """
 
@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 
 from data_prep.gallery import _font, check_cli_paths, draw_boxes, image_paths, load_records, pair_boxes, save_png
 from data_prep.manifest import read_manifest
-from data_prep.render_worker import unlabeled_blobs
+from data_prep.render.ground_truth import unlabeled_blobs
 from dig_common.argtypes import positive_int
 from dig_common.cli import cli_main, tool_parser
 from dig_common.fileio import atomic_write_text

@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from data_prep import to_verl
-from data_prep.generate import DEVICES
 from data_prep.manifest import manifest_path, read_manifest
+from data_prep.render.generate import DEVICES
 from data_prep.stages import (
     RENDERED_ONLY,
     STAGES_FILE,
@@ -57,7 +57,7 @@ class BuildOptions:
     vocab: Path | None = None
     coco: Path | None = None  # photo source: COCO-format annotations (overrides the stages file's photo.coco)
     images: Path | None = None  # ... and its image folder (photo.images)
-    device: str = "cpu"  # Cycles device (data_prep.generate --device)
+    device: str = "cpu"  # Cycles device (data_prep.render --device)
 
 
 def stage_dir_name(stage: Stage) -> str:
@@ -118,7 +118,7 @@ def _shared_config(run: Run, out: Path, options: BuildOptions) -> dict:
 
 
 def _generator_config(run: Run, out: Path, options: BuildOptions):
-    from data_prep.generate import GenerateConfig
+    from data_prep.render.generate import GenerateConfig
 
     return GenerateConfig(
         **_shared_config(run, out, options),
@@ -131,13 +131,13 @@ def _generator_config(run: Run, out: Path, options: BuildOptions):
 
 
 def _real_generate(config) -> dict:
-    from data_prep.generate import generate
+    from data_prep.render.generate import generate
 
     return generate(config)
 
 
 def _photo_config(run: Run, out: Path, options: BuildOptions, mix: SourceMix):
-    from data_prep.photo_pairs import PhotoConfig
+    from data_prep.photo.pairs import PhotoConfig
 
     return PhotoConfig(
         **_shared_config(run, out, options),
@@ -149,7 +149,7 @@ def _photo_config(run: Run, out: Path, options: BuildOptions, mix: SourceMix):
 
 
 def _real_photo_generate(config) -> dict:
-    from data_prep.photo_pairs import generate
+    from data_prep.photo.pairs import generate
 
     return generate(config)
 

@@ -1,4 +1,4 @@
-"""The run machinery both pair sources share (``data_prep.generate``: Blender; ``data_prep.photo_pairs``: photos).
+"""The run machinery both pair sources share (``data_prep.render``: Blender; ``data_prep.photo``: photos).
 
 A source supplies a config (a ``RunConfig``), the settings a resume must match and a maker (``make(index) ->
 (manifest entry, stats delta)``, files complete on disk when it returns); this module does the rest the same way
@@ -14,6 +14,7 @@ import argparse
 import collections
 import concurrent.futures as futures
 import contextlib
+import hashlib
 import json
 import random
 import threading
@@ -21,12 +22,35 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from data_prep.manifest import append_entry, end_torn_line, read_manifest
-from data_prep.scene import derive_seed, parse_k
 from dig_common.cli import CliError
 from dig_common.fileio import TMP_MARK, atomic_write_text
+
+# ---------------------------------------------------------------------------------------------- seeds and K
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of values, stable across Python versions and processes."""
+    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def parse_k(k: int | str, what: str = "--k") -> tuple[int, int]:
+    """'3' -> (3, 3); '1-4' -> (1, 4): the one reading of a K spec (CLI flags and the stages file). Raises
+    ValueError naming ``what``. K = 0 pairs come from no_diff_fraction, not from a K spec."""
+    text = str(k).strip()
+    try:
+        lo, hi = (int(v) for v in text.split("-", 1)) if "-" in text else (int(text), int(text))
+    except ValueError:
+        raise ValueError(f"{what}: expected an integer or a range like '1-4', got {k!r}") from None
+    if lo < 1 or hi < lo:
+        raise ValueError(
+            f"{what}: expected 1 <= low <= high, got {k!r} (K = 0 pairs come from --no-diff-fraction, or a stage's no_diff_fraction)"
+        )
+    return lo, hi
+
 
 STATS = "stats.json"
 CONFIG = "config.json"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.scene import parse_k
+from data_prep.runner import parse_k
 from dig_common.yaml_error import yaml_error_line
 
 STAGES_FILE = Path(__file__).resolve().parent / "stages.yaml"
@@ -143,7 +143,7 @@ def load_curriculum(path: Path | str = STAGES_FILE) -> Curriculum:
 
 # ------------------------------------------------------------------------------------- per-stage source mix
 
-SOURCES = ("rendered", "photo")  # data_prep.generate (Blender) and data_prep.photo_pairs (a COCO-format set)
+SOURCES = ("rendered", "photo")  # data_prep.render (Blender) and data_prep.photo (a COCO-format set)
 RENDERED_ONLY = {"rendered": 1.0}  # the paper's curriculum: every stage without a `sources:` key
 
 

@@ -1,6 +1,6 @@
 """Synthetic generator-style output (docs/contracts.md, pair record) without Blender, for tests and benchmarks of the conversion.
 
-The layout and records match what ``data_prep.generate`` writes (shard folders with ``<id>_a.png``, ``<id>_b.png``,
+The layout and records match what ``data_prep.render`` writes (shard folders with ``<id>_a.png``, ``<id>_b.png``,
 ``<id>.json``; ``manifest.jsonl``; ``stats.json``). Images are a soft gradient with coloured rectangles and a
 little noise (so PNG sizes are in the range of real renders); B repaints one rectangle per difference, so A and B
 differ exactly inside the boxes. Not a training data source.
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.manifest import append_entry, manifest_entry, read_manifest
-from data_prep.scene import parse_k
+from data_prep.runner import parse_k
 
 RENDERER = {"name": "synthetic", "version": "1", "samples": 0}
 
@@ -116,7 +116,7 @@ def write_pairs(
 
 
 def generate(cfg) -> dict:
-    """Stand-in for ``data_prep.generate.generate`` (same config object, same layout, resumes) without Blender.
+    """Stand-in for ``data_prep.render.generate.generate`` (same config object, same layout, resumes) without Blender.
 
     K of pair ``index`` cycles through the run's K range (0 for a ``no_diff_fraction`` share), deterministically.
     """

@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         required=True,
-        help="base model name (recipes/dig/config/base_model/NAME.yaml) "
+        help="base model name (dig_common/base_model/NAME.yaml) "
         "or path to such a YAML file: its min/max_pixels and prompt variant are used",
     )
     parser.add_argument("--stage", required=True, help="1, 2, 3 or test (K allowed per stages file)")
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--system-prompt",
         default=None,
-        help="system message: 'default' for recipes/dig/prompts/system.txt, or literal text",
+        help="system message: 'default' for dig_common/prompt_templates/system.txt, or literal text",
     )
     parser.add_argument("--row-group-size", type=positive_int, default=DEFAULT_ROW_GROUP)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Base-model specs: the ``dig:`` block of ``config/base_model/<name>.yaml``.
+"""Base-model specs: the ``dig:`` block of ``dig_common/base_model/<name>.yaml``.
 
 One source of truth for a model's coordinate frame and pixel bounds: data_prep writes them into the
 parquet, the launch config passes them to the reward as ``reward_kwargs``, eval converts answers with them.

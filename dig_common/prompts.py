@@ -1,4 +1,4 @@
-"""The DiG prompt for a base model, rendered from the template files in ``recipes/dig/prompts/``.
+"""The DiG prompt for a base model, rendered from the template files in ``dig_common/prompt_templates/``.
 
 Templates are data: ``<prompt_variant>.txt`` (``instruct`` / ``thinking``) holds the instruction with a
 ``$coordinate_frame`` slot, filled from ``coords/<coord_mode>.txt``; ``system.txt`` is the optional default system
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from dig_common.models import ModelSpec
 
 IMAGE_PLACEHOLDER = "<image>"
-# Use the default system prompt file (recipes/dig/prompts/system.txt) rather than a literal text.
+# Use the default system prompt file (dig_common/prompt_templates/system.txt) rather than a literal text.
 DEFAULT_SYSTEM = "default"
 
 

@@ -19,8 +19,7 @@ def add_model_arg(parser: argparse.ArgumentParser, purpose: str = "") -> None:
         "--model",
         default=DEFAULT_MODEL,
         metavar="NAME|YAML",
-        help=f"base-model file: a name from recipes/dig/config/base_model/ or a YAML path{purpose} "
-        f"(default {DEFAULT_MODEL})",
+        help=f"base-model file: a name from dig_common/base_model/ or a YAML path{purpose} (default {DEFAULT_MODEL})",
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 def pytest_collection_modifyitems(config, items):
     """Tests marked `render` need the Blender venv. Without it they are skipped with the fix to apply, except
     in CI, where a missing render venv must fail loudly rather than hide behind skips."""
-    from data_prep.generate import RenderEnvError, render_python
+    from data_prep.render.generate import RenderEnvError, render_python
 
     try:
         render_python()

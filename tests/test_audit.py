@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import scene as S
 from data_prep.audit import AuditRule, audit, findings
-from data_prep.generate import GenerateConfig, RenderWorker, generate
 from data_prep.manifest import read_manifest
-from data_prep.render_worker import unlabeled_blobs
+from data_prep.render import scene as S
+from data_prep.render.generate import GenerateConfig, RenderWorker, generate
+from data_prep.render.ground_truth import unlabeled_blobs
 
 SMALL = {"width": 64, "height": 64, "samples": 1, "denoise": False, "progress": False, "threads": 1}
 

@@ -46,7 +46,7 @@ def test_tool_parser_refuses_a_prefix_and_takes_the_first_paragraph(capsys):
 def test_every_tool_builds_its_parsers_with_tool_parser():
     modules = tool_modules()
     names = {path.relative_to(REPO).as_posix() for path in modules}
-    assert {"data_prep/generate.py", "data_prep/build.py", "eval/dig.py", "recipes/dig/launch.py"} <= names
+    assert {"data_prep/render/generate.py", "data_prep/build.py", "eval/dig.py", "recipes/dig/launch.py"} <= names
     for path in modules:
         found = calls(path)
         assert any(called_name(call) == "tool_parser" for call in found), path

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_prep import generate as G
-from data_prep import photo_pairs as P
-from data_prep import photo_synthetic as PS
-from data_prep import scene as S
+from data_prep.photo import pairs as P
+from data_prep.photo import synthetic as PS
+from data_prep.render import generate as G
+from data_prep.render import scene as S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_generate_without_the_render_venv_says_how_to_build_it(tmp_path):
     """A real process: the missing interpreter is reported in one line (the fix included), not as a traceback."""
     out = tmp_path / "run"
     env = {**_env(), "DIG_RENDER_PYTHON": str(tmp_path / "nope" / "python")}
-    line = refused_in_subprocess("data_prep.generate", ["--num", 1, "--out-dir", out], env=env)
+    line = refused_in_subprocess("data_prep.render", ["--num", 1, "--out-dir", out], env=env)
     assert f"render Python not found at {tmp_path / 'nope' / 'python'} (DIG_RENDER_PYTHON)" in line
     assert "bash scripts/setup_env.sh" in line
     assert not out.exists()
@@ -183,11 +183,11 @@ def test_photo_pairs_names_the_bad_settings_file_and_key(coco_dir, tmp_path):
     out = tmp_path / "run"
     torn = tmp_path / "torn.yaml"
     torn.write_text("pastes: {untouched: [1, 2\n")
-    line = refused_in_subprocess("data_prep.photo_pairs", photo_args(coco_dir, out, "--settings", torn), env=_env())
+    line = refused_in_subprocess("data_prep.photo", photo_args(coco_dir, out, "--settings", torn), env=_env())
     assert f"{torn}: not valid YAML: line 2, column 1: expected ',' or ']'" in line
     odd = tmp_path / "odd.yaml"
     odd.write_text(yaml.safe_dump({"pastes": {"glue": 1}}))
-    line = refused_in_subprocess("data_prep.photo_pairs", photo_args(coco_dir, out, "--settings", odd), env=_env())
+    line = refused_in_subprocess("data_prep.photo", photo_args(coco_dir, out, "--settings", odd), env=_env())
     assert f"{odd}: unknown key(s) ['glue'] under 'pastes'" in line
     assert not out.exists()
 
@@ -222,7 +222,7 @@ def test_photo_synthetic_refuses_bad_values(tmp_path, capsys):
 def test_photo_synthetic_refuses_a_file_as_output_folder(tmp_path):
     out = tmp_path / "coco.json"
     out.write_text("{}")
-    line = refused_in_subprocess("data_prep.photo_synthetic", ["--out-dir", out], env=_env())
+    line = refused_in_subprocess("data_prep.photo.synthetic", ["--out-dir", out], env=_env())
     assert f"--out-dir: {out} is a file; give a folder" in line
 
 

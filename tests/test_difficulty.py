@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from data_prep import scene as S
 from data_prep import stages
-from data_prep.generate import GenerateConfig, generate, main
-from data_prep.render_worker import delta_e_ciede2000, hull_area, srgb8_to_lab
+from data_prep.render import scene as S
+from data_prep.render.generate import GenerateConfig, generate, main
+from data_prep.render.ground_truth import delta_e_ciede2000, hull_area, srgb8_to_lab
 from dig_common.models import load_model_spec
 from eval import dig
 from eval.scoring import reward_knobs
@@ -146,7 +146,7 @@ def test_generated_records_carry_difficulty_and_filters_hold(tmp_path):
 @pytest.mark.render
 def test_occluded_fraction_of_a_half_hidden_object(tmp_path):
     """A sphere behind a cube: the recorded occluded fraction is large; alone it is ~0."""
-    from data_prep.generate import RenderWorker
+    from data_prep.render.generate import RenderWorker
 
     vocab = S.load_vocabulary()
     spec = S.sample_scene(vocab, 0)

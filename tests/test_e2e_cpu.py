@@ -28,7 +28,7 @@ NUM_PAIRS = 4
 
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory):
-    from data_prep.generate import GenerateConfig, generate
+    from data_prep.render.generate import GenerateConfig, generate
 
     out = tmp_path_factory.mktemp("pairs")
     stats = generate(

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import scene as S
 from data_prep.gallery import draw_pair, make_sheet, pair_boxes
-from data_prep.generate import GenerateConfig, RenderEnvError, generate, sample_candidate
+from data_prep.render import scene as S
+from data_prep.render.generate import GenerateConfig, RenderEnvError, generate, sample_candidate
 from data_prep.runner import pair_id
 
 SMALL = {"width": 64, "height": 64, "samples": 1, "denoise": False, "progress": False, "threads": 1}
@@ -121,7 +121,7 @@ def test_shards_and_no_diff_fraction(tmp_path):
 def test_sigkill_mid_run_then_resume(tmp_path):
     out = tmp_path / "killed"
     num = 24
-    cmd = [sys.executable, "-m", "data_prep.generate", "--num", str(num), "--k", "1-4", "--seed", "5"]
+    cmd = [sys.executable, "-m", "data_prep.render", "--num", str(num), "--k", "1-4", "--seed", "5"]
     cmd += ["--out-dir", str(out), "--width", "64", "--height", "64", "--samples", "1", "--no-denoise"]
     cmd += ["--workers", "2", "--threads", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

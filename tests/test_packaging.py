@@ -1,6 +1,6 @@
 """What this distribution installs: the top-level import names and the data files the code reads at runtime.
 
-The import names are the top-level folders (``python -m data_prep.generate`` etc.), so generic names such as
+The import names are the top-level folders (``python -m data_prep.render`` etc.), so generic names such as
 ``eval`` and ``recipes`` land in site-packages. The guard: the wheel's package list and package data come from
 pyproject.toml exactly as setuptools computes them (``build_py``'s own lists, nothing built or written), no other
 installed distribution may provide one of these names, and each must import from this checkout.
@@ -28,8 +28,9 @@ NOT_INSTALLED = {"tests"}
 # prompt templates, the generator vocabulary and photo settings, eval's benchmark list).
 RUNTIME_DATA = (
     "recipes/dig/config/**/*.yaml",
-    "recipes/dig/prompts/**/*.txt",
-    "data_prep/*.yaml",
+    "dig_common/base_model/*.yaml",
+    "dig_common/prompt_templates/**/*.txt",
+    "data_prep/**/*.yaml",
     "eval/*.yaml",
 )
 
@@ -81,14 +82,18 @@ def test_the_guard_fails_when_an_include_entry_or_a_data_pattern_is_dropped(tmp_
     for folder in TOP_LEVEL | NOT_INSTALLED:
         (tmp_path / folder).symlink_to(REPO / folder, target_is_directory=True)
     text = (REPO / "pyproject.toml").read_text()
-    broken = text.replace('"eval*", ', "").replace('"*.txt", ', "").replace('"prompts/*.txt", "prompts/*/*.txt"', "")
+    broken = (
+        text.replace('"eval*", ', "")
+        .replace('"*.txt", ', "")
+        .replace('"prompt_templates/*.txt", "prompt_templates/*/*.txt"', "")
+    )
     assert broken != text
     (tmp_path / "pyproject.toml").write_text(broken)
     shutil.copyfile(REPO / "README.md", tmp_path / "README.md")  # [project] readme
     problems = packaging_problems(tmp_path)
     assert any(p.startswith("top-level packages") and "'eval'" in p for p in problems), problems
     assert "eval/ has an __init__.py but is not installed" in problems
-    assert "recipes/dig/prompts/thinking.txt is read at runtime but is not package data" in problems
+    assert "dig_common/prompt_templates/thinking.txt is read at runtime but is not package data" in problems
 
 
 @pytest.mark.parametrize("name", sorted(TOP_LEVEL))

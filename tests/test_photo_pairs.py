@@ -1,4 +1,4 @@
-"""data_prep.photo_pairs on a COCO-format set drawn by the test (data_prep.photo_synthetic): nothing is downloaded.
+"""data_prep.photo on a COCO-format set drawn by the test (data_prep.photo.synthetic): nothing is downloaded.
 
 Covers every edit type and its box rule against re-rendered visible masks, occlusion between pastes, the gates
 (each rejection reason provoked on purpose), pixel fidelity (no change outside the boxes), determinism, shards,
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import photo_pairs as P
 from data_prep import to_verl
-from data_prep.photo_coco import PhotoDataError, load_coco
-from data_prep.photo_compose import Compositor, mask_box
-from data_prep.photo_synthetic import write_coco_set
+from data_prep.photo import pairs as P
+from data_prep.photo.coco import PhotoDataError, load_coco
+from data_prep.photo.compose import Compositor, mask_box
+from data_prep.photo.synthetic import write_coco_set
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 128, 96
@@ -330,7 +330,7 @@ def test_same_seed_same_pairs_and_shards_make_the_same_run(coco_dir, per_type, t
 
 def test_sigkill_mid_run_then_resume_makes_every_pair_once(coco_dir, per_type, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "data_prep.photo_pairs", "--coco", str(coco_dir / "annotations.json")]
+    cmd = [sys.executable, "-m", "data_prep.photo", "--coco", str(coco_dir / "annotations.json")]
     cmd += ["--images", str(coco_dir / "images"), "--num", "40", "--k", "1-4", "--seed", "12"]
     cmd += ["--no-diff-fraction", "0.2", "--width", str(W), "--height", str(H), "--workers", "2"]
     cmd += ["--out-dir", str(out), "--no-progress"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import scene as S
-from data_prep.generate import GenerateConfig, RenderWorker, sample_candidate
+from data_prep.render import scene as S
+from data_prep.render.generate import GenerateConfig, RenderWorker, sample_candidate
 
 pytestmark = pytest.mark.render
 
@@ -207,13 +207,13 @@ def test_gate_rejects_object_outside_frame(vocab, worker, tmp_path):
 
 
 def tiny_run_args(out: Path, num: int, device: str) -> list[str]:
-    """data_prep.generate's flags for a quick 64x64, 1 spp run."""
+    """data_prep.render's flags for a quick 64x64, 1 spp run."""
     size = ["--width", "64", "--height", "64", "--samples", "1", "--no-denoise"]
     return ["--num", str(num), "--out-dir", str(out), *size, "--no-progress", "--device", device]
 
 
 def test_device_selection_and_a_missing_gpu_stops_before_rendering(worker, tmp_path, capsys):
-    from data_prep.generate import RenderDeviceError, main
+    from data_prep.render.generate import RenderDeviceError, main
 
     assert worker.select_device("cpu")["device"] == "CPU"
     auto = worker.select_device("auto")  # the best GPU backend present, else the CPU

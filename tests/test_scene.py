@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_prep import scene as S
+from data_prep.render import scene as S
+from data_prep.runner import parse_k
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +141,11 @@ def test_interpenetration_detected(vocab):
 
 
 def test_parse_k():
-    assert S.parse_k(3) == (3, 3)
-    assert S.parse_k("1-4") == (1, 4)
+    assert parse_k(3) == (3, 3)
+    assert parse_k("1-4") == (1, 4)
     for bad in ("0", "4-1", "a", "1-b", "-2"):
         with pytest.raises(ValueError, match="--k"):
-            S.parse_k(bad)
+            parse_k(bad)
 
 
 def _write_vocab(tmp_path: Path, mutate) -> Path:

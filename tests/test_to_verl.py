@@ -284,7 +284,7 @@ def tight_model_file(tmp_path: Path, name: str, max_tokens: int) -> Path:
     """A copy of model file ``name`` with max_pixels lowered below the test images' area, so per-image bounds bind."""
     import yaml
 
-    raw = yaml.safe_load((REPO / "recipes/dig/config/base_model" / f"{name}.yaml").read_text())
+    raw = yaml.safe_load((REPO / "dig_common/base_model" / f"{name}.yaml").read_text())
     factor = raw["dig"]["resize_factor"]
     raw["dig"]["max_pixels"] = max_tokens * factor * factor
     raw["dig"]["min_pixels"] = factor * factor
@@ -407,7 +407,7 @@ def test_changing_one_pixel_bound_forces_reconversion(pairs, tmp_path, bound):
     same = to_verl.plan_conversion(pairs, "qwen2_5_vl_7b", 1, "train")
     assert to_verl.read_metadata(out) == same.metadata  # an unchanged model: skipped
 
-    raw = yaml.safe_load((REPO / "recipes/dig/config/base_model/qwen2_5_vl_7b.yaml").read_text())
+    raw = yaml.safe_load((REPO / "dig_common/base_model/qwen2_5_vl_7b.yaml").read_text())
     spec = load_model_spec("qwen2_5_vl_7b")
     raw["dig"][bound] = {"min_pixels": spec.min_pixels * 2, "max_pixels": spec.max_pixels // 2}[bound]
     changed_file = tmp_path / "qwen2_5_vl_7b.yaml"  # same name: only the bound differs

@@ -7,7 +7,7 @@ verl's ``RLHFDataset``, ``qwen_vl_utils`` and HF ``generate`` exercise their rea
 vocabulary is tiny: a byte-level BPE (256 byte symbols + a few hundred merges trained on a fixed corpus)
 that round-trips any text, followed by the Qwen special tokens.
 
-Families (the ``dig.family`` values of ``recipes/dig/config/base_model/*.yaml``):
+Families (the ``dig.family`` values of ``dig_common/base_model/*.yaml``):
 
 =============  =====================================  ==========  =====  ======================
 family         processor / model class                image proc  patch  smart_resize factor

@@ -6,13 +6,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import yaml
+
 from dig_common.fileio import atomic_output
 from dig_common.models import ModelSpec, load_model_spec, model_file
-from dig_common.paths import BASE_MODEL_DIR, RECIPE_DIR
+from dig_common.paths import BASE_MODEL_DIR
 from recipes.dig.settings import REPO_ROOT, LaunchError, Settings, override_key
 
-CONFIG_DIR = RECIPE_DIR / "config"
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
 CONFIG_NAME = "dig_grpo"
+# dig_grpo.yaml's hydra.searchpath (verl's config, and dig_common for the base_model group); a model overlay
+# folder is added after it
+SEARCHPATH = yaml.safe_load((CONFIG_DIR / f"{CONFIG_NAME}.yaml").read_text(encoding="utf-8"))["hydra"]["searchpath"]
 # Top-level keys verl 0.9's main_ppo no longer migrates: Hydra accepts them, verl silently ignores them.
 LEGACY_REWARD_PREFIXES = ("custom_reward_function.", "reward_model.reward_kwargs", "reward_model.reward_manager")
 
@@ -70,7 +75,7 @@ def stage_overrides(settings: Settings, stage: int, model_option: str, overlay: 
     if settings.logger:
         overrides.append(f"trainer.logger=[{','.join(settings.logger)}]")
     if overlay is not None:
-        overrides.append(f"hydra.searchpath=[pkg://verl.trainer.config,{hydra_value(f'file://{overlay}')}]")
+        overrides.append(f"hydra.searchpath=[{','.join(SEARCHPATH)},{hydra_value(f'file://{overlay}')}]")
     return overrides
 
 

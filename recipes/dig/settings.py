@@ -49,8 +49,7 @@ KNOBS = (
     Knob(
         "MODEL",
         f"`{DEFAULT_MODEL}`",
-        "a file name of `recipes/dig/config/base_model/` or a path to a model YAML (same as the override "
-        "`base_model=NAME`)",
+        "a file name of `dig_common/base_model/` or a path to a model YAML (same as the override `base_model=NAME`)",
     ),
     Knob("NNODES", "`1` (`SLURM_NNODES` under SLURM)", "`trainer.nnodes`"),
     Knob("SLURM_NNODES", "set by SLURM", "`NNODES` when that is unset"),
@@ -95,7 +94,7 @@ KNOBS = (
         "DIG_RENDER_PYTHON",
         "`.venv-render/bin/python`",
         "Blender (bpy) interpreter for building data",
-        reader="data_prep/generate.py",
+        reader="data_prep/render/generate.py",
     ),
     Knob(
         "SETUP_ENV",

@@ -1,6 +1,6 @@
 """A small COCO-format instance-segmentation set drawn from scratch, for tests, benchmarks and the docs gallery.
 
-    python -m data_prep.photo_synthetic --out-dir DIR --num-images 24 [--seed 0]   # DIR/annotations.json, DIR/images/
+    python -m data_prep.photo.synthetic --out-dir DIR --num-images 24 [--seed 0]   # DIR/annotations.json, DIR/images/
 
 Each image is a generated texture (smooth random waves, a gradient, noise, saved as JPEG like a photo) with a few
 textured, saturated shapes. Annotations use all three COCO segmentation encodings: polygons (triangles, stars,
@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from dig_common.cli import CliError, cli_main, tool_parser
 
-PROG = "python -m data_prep.photo_synthetic"
+PROG = "python -m data_prep.photo.synthetic"
 MIN_SIZE = 64  # the drawn shapes (radius up to 0.22 of the short side, a 34 px border disc) need room
 CATEGORIES = ["disc", "triangle", "star", "block", "ring"]
 

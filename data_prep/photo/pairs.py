@@ -1,6 +1,6 @@
-"""DiG pairs from real photographs: ``python -m data_prep.photo_pairs --coco ANN --images DIR --num N --out-dir DIR``.
+"""DiG pairs from real photographs: ``python -m data_prep.photo --coco ANN --images DIR --num N --out-dir DIR``.
 
-A second pair source next to the Blender renderer (``data_prep.generate``), with the same output contract and run
+A second pair source next to the Blender renderer (``data_prep.render``), with the same output contract and run
 machinery (``data_prep.runner``: manifest.jsonl, stats.json, config.json, shard folders of ``<id>_a.png``,
 ``<id>_b.png``, ``<id>.json``; atomic writes; reruns resume; same seeds -> same pairs). A background photo from a
 COCO-format instance-segmentation set gets instances of other photos pasted with their exact masks; A and B differ
@@ -20,7 +20,6 @@ import multiprocessing
 import pickle
 import random
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +30,15 @@ from PIL import Image
 from scipy import ndimage
 
 from data_prep import runner as R
-from data_prep import scene as S
 from data_prep.manifest import manifest_entry
-from data_prep.photo_coco import CocoSet, PhotoDataError, file_sha256, load_coco
-from data_prep.photo_compose import Compositor, luma, mask_box, saturation
+from data_prep.photo.coco import CocoSet, PhotoDataError, file_sha256, load_coco
+from data_prep.photo.compose import Compositor, luma, mask_box, saturation
+from data_prep.render import scene as S
 from dig_common.cli import cli_main, tool_parser
 from dig_common.fileio import atomic_write_bytes, atomic_write_text
 from dig_common.yaml_error import yaml_error_line
 
-PROG = "python -m data_prep.photo_pairs"
+PROG = "python -m data_prep.photo"
 PHOTO_SETTINGS_FILE = Path(__file__).with_name("photo.yaml")
 SOURCE = "photo"
 COMPOSITOR = {"name": "photo-composite", "version": "1"}
@@ -65,7 +64,7 @@ class SamplingError(RuntimeError):
 
 
 def load_settings(path: Path | str | None = None) -> dict:
-    """``data_prep/photo.yaml`` (or ``path``), checked: an error names the file and the key."""
+    """``data_prep/photo/photo.yaml`` (or ``path``), checked: an error names the file and the key."""
     path = Path(path or PHOTO_SETTINGS_FILE)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -453,7 +452,7 @@ class PhotoPairMaker:
         cpu0 = time.process_time()
         attempts = int(self.settings["gates"]["max_attempts_per_pair"])
         for attempt in range(attempts):
-            cand_seed = S.derive_seed("photo-candidate", cfg.seed, index, attempt)
+            cand_seed = R.derive_seed("photo-candidate", cfg.seed, index, attempt)
             delta["candidates"] += 1
             self.comp.reset()  # the caches only serve A and B of one candidate
             try:
@@ -613,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True, help="folder of the images named in --coco")
     R.add_run_flags(p, workers="worker processes")
     p.add_argument("--categories", default=None, help="comma-separated category names or ids to use (default all)")
-    p.add_argument("--settings", type=Path, default=None, help="photo settings YAML (default data_prep/photo.yaml)")
+    p.add_argument(
+        "--settings", type=Path, default=None, help="photo settings YAML (default data_prep/photo/photo.yaml)"
+    )
     return p
 
 
@@ -626,7 +627,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     R.print_summary(generate(cfg))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
-"""Generate DiG image pairs with Blender: ``python -m data_prep.generate --num 100 --k 1-4 --out-dir data/pairs``.
+"""Generate DiG image pairs with Blender: ``python -m data_prep.render --num 100 --k 1-4 --out-dir data/pairs``.
 
-Runs in the main venv and drives long-lived render workers (``data_prep/render_worker.py``) in the render
+Runs in the main venv and drives long-lived render workers (``data_prep/render/worker.py``) in the render
 venv as subprocesses (``DIG_RENDER_PYTHON``, default ``<repo>/.venv-render/bin/python``), locally with
 threads or as Ray tasks (``--ray-address``; both through ``data_prep.runner``). Output per docs/contracts.md,
 pair record: ``<out>/manifest.jsonl``, ``<out>/stats.json``, ``<out>/<shard folder>/<pair_id>_a.png|_b.png|.json``;
@@ -20,22 +20,21 @@ import json
 import os
 import queue
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_prep import runner as R
-from data_prep import scene as S
 from data_prep.manifest import manifest_entry
+from data_prep.render import scene as S
 from data_prep.stages import check_difficulty_filters, difficulty_failure
 from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.fileio import atomic_write_text, temp_path
 
-PROG = "python -m data_prep.generate"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKER_SCRIPT = Path(__file__).resolve().with_name("render_worker.py")
+PROG = "python -m data_prep.render"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKER_SCRIPT = Path(__file__).resolve().with_name("worker.py")
 
 # Measured on the 2-core machine (docs/generation.md): 16 spp + OIDN on the colour pass only
 # (albedo/normal passes left noisy speckle on metals at 16 spp; BALANCED: +0.5 dB PSNR over FAST at the
@@ -231,7 +230,7 @@ class RenderWorker:
 def sample_candidate(vocab: S.Vocabulary, cand_seed: int, k: int, weights=None) -> tuple[dict, list, dict]:
     """Scene A, edits and scene B of one candidate, all determined by (vocabulary, cand_seed, k)."""
     scene_a = S.sample_scene(vocab, cand_seed)
-    edits = S.sample_edits(vocab, scene_a, k, S.derive_seed("edits", cand_seed), weights=weights)
+    edits = S.sample_edits(vocab, scene_a, k, R.derive_seed("edits", cand_seed), weights=weights)
     return scene_a, edits, S.apply_edits(vocab, scene_a, edits)
 
 
@@ -252,7 +251,7 @@ class PairMaker:
         final_a, final_b = self.shard_dir / f"{pid}_a.png", self.shard_dir / f"{pid}_b.png"
         tmp_a, tmp_b = temp_path(final_a, ".png"), temp_path(final_b, ".png")
         for attempt in range(self.vocab.gates["max_attempts_per_pair"]):
-            cand_seed = S.derive_seed("candidate", cfg.seed, index, attempt)
+            cand_seed = R.derive_seed("candidate", cfg.seed, index, attempt)
             delta["candidates"] += 1
             try:
                 scene_a, edits, scene_b = sample_candidate(self.vocab, cand_seed, k, cfg.change_weights)
@@ -393,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel (default 16 + OIDN)")
     p.add_argument("--no-denoise", action="store_true", help="turn the OIDN denoiser off (tests: 1 spp)")
     p.add_argument("--threads", type=int, default=None, help="Cycles threads per worker (default cores/workers)")
-    p.add_argument("--vocab", type=Path, default=None, help="scene vocabulary YAML (default data_prep/vocabulary.yaml)")
+    p.add_argument(
+        "--vocab", type=Path, default=None, help="scene vocabulary YAML (default data_prep/render/vocabulary.yaml)"
+    )
     p.add_argument("--save-masks", action="store_true", help="also save the Object Index masks as .npy")
     device_help = "Cycles device (default cpu); auto = OptiX, CUDA or HIP if present, else cpu"
     p.add_argument("--device", default="cpu", choices=DEVICES, help=device_help)
@@ -421,7 +422,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     R.print_summary(generate(cfg))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

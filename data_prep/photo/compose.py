@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from data_prep.photo_coco import CocoSet, Instance
+from data_prep.photo.coco import CocoSet, Instance
 
 # YIQ: hue rotation about the luma axis keeps brightness, so a colour edit changes colour only.
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float32)

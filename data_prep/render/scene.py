@@ -9,7 +9,6 @@ one change each; ``apply_edits`` gives the scene spec of image B. Same seed -> s
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -275,15 +274,6 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     )
 
 
-# ---------------------------------------------------------------------------------------------- seeding
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of values, stable across Python versions and processes."""
-    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 # ----------------------------------------------------------------------------------------------- layout
 
 
@@ -545,18 +535,3 @@ def apply_edits(vocab: Vocabulary, scene: dict, edits: list[dict]) -> dict:
             objs[oid] = resolve_object(vocab, o)
     b["objects"] = [objs[i] for i in sorted(objs)]
     return b
-
-
-def parse_k(k: int | str, what: str = "--k") -> tuple[int, int]:
-    """'3' -> (3, 3); '1-4' -> (1, 4): the one reading of a K spec (CLI flags and the stages file). Raises
-    ValueError naming ``what``. K = 0 pairs come from no_diff_fraction, not from a K spec."""
-    text = str(k).strip()
-    try:
-        lo, hi = (int(v) for v in text.split("-", 1)) if "-" in text else (int(text), int(text))
-    except ValueError:
-        raise ValueError(f"{what}: expected an integer or a range like '1-4', got {k!r}") from None
-    if lo < 1 or hi < lo:
-        raise ValueError(
-            f"{what}: expected 1 <= low <= high, got {k!r} (K = 0 pairs come from --no-diff-fraction, or a stage's no_diff_fraction)"
-        )
-    return lo, hi
