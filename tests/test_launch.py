@@ -423,6 +423,8 @@ EXPECTED_ATTENTION = {  # CPU: flash-attn does not import in the test venv
     "qwen3_vl_8b_instruct": "sdpa, use_remove_padding=true",
     "qwen2_5_vl_7b": "sdpa, use_remove_padding=false",
     "qwen2_5_vl_3b": "sdpa, use_remove_padding=false",
+    "tiny_qwen3_vl_thinking": "sdpa, use_remove_padding=true",
+    "tiny_qwen2_5_vl": "sdpa, use_remove_padding=false",
 }
 
 

@@ -1,7 +1,8 @@
 """The CPU rehearsal (launch/cpu_rehearsal.sh): the real curriculum on tiny models on a machine without GPUs.
 
 ``cpu_verl`` holds the verl/vLLM workarounds (loaded only through ``profile=cpu``); ``tiny_models`` builds the
-tiny Qwen-VL checkpoints. This module itself imports nothing heavy.
+tiny Qwen-VL policies offline from configs and ``warm_start`` fits them briefly to the rehearsal's own data. This
+module itself imports nothing heavy.
 """
 
 PROFILE = "cpu"  # config/profile/cpu.yaml
