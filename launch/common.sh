@@ -78,9 +78,28 @@ dig_check_env() {
   return 1
 }
 
+# dig_require_gpu ARGS...: a real run on this machine needs a GPU; checked before any setup or download.
+# Passes for DRY_RUN, a Ray cluster (RAY_ADDRESS: the GPUs are there), the CPU rehearsal (profile=cpu) and
+# DIG_SKIP_GPU_CHECK=1.
+dig_require_gpu() {
+  local dry_run skip arg
+  dry_run=$(dig_bool DRY_RUN) || return 1
+  skip=$(dig_bool DIG_SKIP_GPU_CHECK) || return 1
+  [ "$dry_run" = 0 ] && [ "$skip" = 0 ] && [ -z "${RAY_ADDRESS:-}" ] || return 0
+  for arg in "$@"; do [ "$arg" != profile=cpu ] || return 0; done
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    return 0
+  fi
+  echo "[dig] ERROR: no GPU on this machine (nvidia-smi lists none), so nothing was installed or started:" \
+       "'bash launch/cpu_rehearsal.sh' runs the whole curriculum here on CPU with tiny models, 'DRY_RUN=1'" \
+       "checks a stage's config; on a GPU cluster set RAY_ADDRESS or submit launch/slurm/dig_grpo.sbatch" >&2
+  return 2
+}
+
 # run_launcher ARGS...: exec python -m recipes.dig.launch (the trainer inherits this process and its signals).
 run_launcher() {
   local py
+  dig_require_gpu "$@" || return $?
   py=$(dig_python) || { echo "[dig] ERROR: no python found (set DIG_PYTHON)" >&2; return 1; }
   dig_check_env "$py" || return 1
   cd "$DIG_REPO" || return 1

@@ -2,7 +2,8 @@
 # The whole curriculum on a machine without GPUs: stage 1 -> 2 -> 3 through launch/curriculum.sh with verl's default
 # trainer, vLLM rollouts (vLLM's CPU build), the recipe's reward, validation, checkpoints and the stage merges, on
 # tiny Qwen-VL models and small Blender renders; then eval.dig (vLLM backend) scores the last merged checkpoint.
-#   bash launch/cpu_rehearsal.sh [--out-dir DIR] [hydra overrides...]      STAGES="1 2" bash launch/cpu_rehearsal.sh
+#   bash launch/cpu_rehearsal.sh [--out-dir DIR] [--no-eval] [hydra overrides...]
+#   STAGES="1 2" bash launch/cpu_rehearsal.sh       INIT_MODEL=HF_DIR: the first stage's weights (default: the tiny model)
 # Everything it writes goes under DIR (default runs/cpu_rehearsal): data/<model>, models/<model>, checkpoints/,
 # eval/<model>. Reruns resume: the data and the tiny model are kept, finished stages are skipped and an interrupted
 # stage resumes from its last checkpoint. Model: base_model=tiny_qwen3_vl_thinking (default) or
@@ -15,12 +16,14 @@ die() { echo "launch/cpu_rehearsal.sh: error: $*" >&2; exit 2; }
 
 out_dir=$REPO/runs/cpu_rehearsal
 overrides=()
+run_eval=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --out-dir) [ $# -ge 2 ] && [ -n "$2" ] || die "--out-dir needs a folder"; out_dir=$2; shift 2 ;;
     --out-dir=*) out_dir=${1#--out-dir=}; shift ;;
-    -h | --help) sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    -*) die "unknown option '$1' (options: --out-dir DIR; everything else is a Hydra override such as key=value)" ;;
+    --no-eval) run_eval=0; shift ;;
+    -h | --help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) die "unknown option '$1' (options: --out-dir DIR, --no-eval; everything else is a Hydra override such as key=value)" ;;
     *) overrides+=("$1"); shift ;;
   esac
 done
@@ -40,8 +43,9 @@ case "$model" in
   *) die "base_model=$model: the CPU rehearsal trains the tiny models only (base_model=tiny_qwen3_vl_thinking or tiny_qwen2_5_vl); real models need GPUs (bash launch/curriculum.sh)" ;;
 esac
 [ -f "$REPO/dig_common/base_model/$model.yaml" ] || die "base_model=$model: no dig_common/base_model/$model.yaml"
+init_model=${INIT_MODEL:-}
 for name in MODEL DATA_DIR CKPT_DIR RAY_ADDRESS DRY_RUN INIT_MODEL; do
-  [ -z "${!name:-}" ] || say "ignoring $name from the environment (the rehearsal sets its own)"
+  [ -z "${!name:-}" ] || [ "$name" = INIT_MODEL ] || say "ignoring $name from the environment (the rehearsal sets its own)"
   unset "$name"
 done
 
@@ -70,13 +74,22 @@ fi
 
 stages=${STAGES:-1 2 3}
 read -r -a stage_list <<<"$stages"
-# stage 1 starts from the tiny model; a later first stage from the previous stage's merge, as on GPUs
+# stage 1 starts from the tiny model; a later first stage from the previous stage's merge, as on GPUs (INIT_MODEL
+# given: the first stage of the list starts from it, as in curriculum.sh)
 init=()
-[ "${stage_list[0]}" != 1 ] || init=("INIT_MODEL=$weights")
+if [ -n "$init_model" ]; then
+  init=("INIT_MODEL=$init_model")
+elif [ "${stage_list[0]}" = 1 ]; then
+  init=("INIT_MODEL=$weights")
+fi
 say "curriculum: stages $stages"
 env ${init[@]+"${init[@]}"} STAGES="$stages" DIG_PYTHON="$py" bash "$REPO/launch/curriculum.sh" profile=cpu \
   "base_model=$model" "curriculum.data_dir=$data" "curriculum.ckpt_dir=$out_dir/checkpoints" ${rest[@]+"${rest[@]}"}
 
+if [ "$run_eval" = 0 ]; then
+  say "done (no eval): $out_dir"
+  exit 0
+fi
 last_stage=${stage_list[${#stage_list[@]}-1]}
 last=$(ls -d "$out_dir/checkpoints/dig/${model}_stage$last_stage/hf_merged/global_step_"* 2>/dev/null | sort -V | tail -n 1)
 [ -n "$last" ] || die "no merged checkpoint of stage $last_stage under $out_dir/checkpoints (did the curriculum finish?)"

@@ -50,13 +50,12 @@ PLATFORM = "cpu"
 # --------------------------------------------------------------------------------------------------------------
 # patch a module right after it is imported (no import of heavy modules here: verl is still initialising)
 
-_PENDING: dict[str, Callable] = {}
+_PENDING: dict[str, list[Callable]] = {}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        patch = _PENDING.get(fullname)
-        if patch is None:
+        if fullname not in _PENDING:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -70,19 +69,19 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then_patch(module):
             exec_module(module)
-            _PENDING.pop(fullname, None)
-            patch(module)
+            for patch in _PENDING.pop(fullname, []):
+                patch(module)
 
         spec.loader.exec_module = exec_then_patch
         return spec
 
 
 def after_import(name: str, patch: Callable) -> None:
-    """Run ``patch(module)`` once ``name`` is imported (now, if it already is)."""
+    """Run ``patch(module)`` once ``name`` is imported (now, if it already is); patches run in the order given."""
     if name in sys.modules:
         patch(sys.modules[name])
         return
-    _PENDING[name] = patch
+    _PENDING.setdefault(name, []).append(patch)
     if not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
 

@@ -1,0 +1,187 @@
+"""`bash launch/cpu_rehearsal.sh`: the real curriculum on CPU, checked from what the run leaves behind.
+
+One run per family, as a user starts it: small Blender renders, a tiny model warm-started on them, then verl's
+default trainer with vLLM rollouts (vLLM's CPU build), the recipe's reward, validation, checkpoints and the stage
+merges, and ``eval.dig --backend vllm`` on the last merge.
+
+- tiny Qwen2.5-VL: stages 1 -> 2 -> 3, killed with SIGKILL (the whole process group) right after stage 2 saved
+  its first checkpoint, then rerun: stage 1 is skipped, stage 2 resumes from that checkpoint, stage 3 and eval run.
+- tiny Qwen3-VL Thinking: stages 1 -> 2.
+- a sabotaged run (stage 2 from the base model instead of stage 1's merge, weight syncs received but never loaded
+  into vLLM, rows with one image): each check below must fail on it, each for its own reason.
+
+What each stage must show (tests/rehearsal_support.py): >= 2 training steps with vLLM rollouts, prompt lengths
+equal to the HF processor's for two images, validation with the reward's nine keys, advantages not all zero,
+vLLM serving the actor's weights at every step, the first weight sync = the stage's initial weights, the last =
+its merged checkpoint, which differs from where it started; stage k's initial weights = stage k-1's merge.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import rehearsal_support as rs
+
+from dig_common.models import load_model_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.verl, pytest.mark.rehearsal]
+
+QWEN25 = "tiny_qwen2_5_vl"
+QWEN3 = "tiny_qwen3_vl_thinking"
+# a checkpoint every step, so the kill lands between two of them
+EVERY_STEP = "trainer.save_freq=1"
+
+
+def stage2_saved(out: Path, model: str, step: int):
+    exp = rs.experiment(out, model, 2)
+
+    def reached() -> bool:
+        tracker = exp / "latest_checkpointed_iteration.txt"
+        return tracker.is_file() and tracker.read_text().strip() == str(step)
+
+    return reached
+
+
+@pytest.fixture(scope="module")
+def qwen25(tmp_path_factory):
+    """Three stages, SIGKILL during stage 2 after its step-1 checkpoint, rerun to the end (eval included)."""
+    out = tmp_path_factory.mktemp("rehearsal_qwen25") / "run"
+    first = rs.run_rehearsal(
+        out, f"base_model={QWEN25}", EVERY_STEP, kill_when=stage2_saved(out, QWEN25, 1), log_name="first.log"
+    )
+    assert first.killed, f"the run ended (rc={first.rc}) before stage 2 saved step 1:\n{first.log[-3000:]}"
+    stage2 = rs.experiment(out, QWEN25, 2)
+    assert not (stage2 / "dig_stage_done.json").exists(), "stage 2 had finished when it was killed"
+    before = {
+        "stage1_files": sorted(p.relative_to(out) for p in rs.experiment(out, QWEN25, 1).rglob("*")),
+        "stage1_marker_mtime": (rs.experiment(out, QWEN25, 1) / "dig_stage_done.json").stat().st_mtime_ns,
+        "stage2_syncs": rs.syncs(stage2),
+    }
+    second = rs.run_rehearsal(out, f"base_model={QWEN25}", EVERY_STEP, log_name="second.log")
+    assert second.rc == 0, f"rerun failed (rc={second.rc}):\n{second.log[-5000:]}"
+    return out, first, second, before
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rehearsal_qwen3") / "run"
+    run = rs.run_rehearsal(out, f"base_model={QWEN3}", "--no-eval", stages="1 2")
+    assert run.rc == 0, f"rehearsal failed (rc={run.rc}):\n{run.log[-5000:]}"
+    return out, run
+
+
+def prompt_tokens(out: Path, model: str, stage: int) -> set[int]:
+    spec = load_model_spec(model)
+    return rs.expected_prompt_tokens(
+        out / "data" / model / f"stage{stage}" / "train.parquet", out / "models" / model, spec.patch_size
+    )
+
+
+def check_stage(out: Path, model: str, stage: int, init: Path) -> rs.StageEvidence:
+    evidence = rs.check_trained(out, model, stage)
+    rs.check_two_image_prompts(evidence, prompt_tokens(out, model, stage), stage)
+    rs.check_served_weights(evidence, stage)
+    rs.check_syncs(rs.experiment(out, model, stage), init, stage, len(evidence.steps))
+    return evidence
+
+
+def stage_inits(out: Path, model: str, stages: list[int]) -> dict[int, Path]:
+    """Stage 1 starts from the tiny model, stage k from stage k-1's merge (what the launcher must have used)."""
+    inits = {1: out / "models" / model}
+    for stage in stages[1:]:
+        inits[stage] = rs.merged(rs.experiment(out, model, stage - 1))
+    return inits
+
+
+def test_qwen25_three_stages_each_from_the_previous_merge(qwen25):
+    out, _, second, _ = qwen25
+    inits = stage_inits(out, QWEN25, [1, 2, 3])
+    for stage in (1, 2, 3):
+        check_stage(out, QWEN25, stage, inits[stage])
+    merges = [rs.load(rs.merged(rs.experiment(out, QWEN25, s))) for s in (1, 2, 3)]
+    assert rs.mismatches(merges[0], merges[1]) > 0 and rs.mismatches(merges[1], merges[2]) > 0
+    for stage in (2, 3):  # the launcher's own record of where each stage started
+        marker = json.loads((rs.experiment(out, QWEN25, stage) / "dig_stage_done.json").read_text())
+        assert Path(marker["init_model"]) == inits[stage]
+
+
+def test_qwen25_kill_during_stage_2_then_rerun_resumes_it(qwen25):
+    out, first, second, before = qwen25
+    stage1 = rs.experiment(out, QWEN25, 1)
+    assert "stage 1 already finished" in second.log and "[dig] curriculum: stage 1\n" not in second.log
+    assert sorted(p.relative_to(out) for p in stage1.rglob("*")) == before["stage1_files"], "stage 1 was touched"
+    assert (stage1 / "dig_stage_done.json").stat().st_mtime_ns == before["stage1_marker_mtime"]
+    stage2 = rs.experiment(out, QWEN25, 2)
+    new_syncs = [p for p in rs.syncs(stage2) if p not in before["stage2_syncs"]]
+    assert new_syncs, "the rerun's stage 2 loaded no weights into vLLM"
+    # the rerun's first sync is the step-1 checkpoint's weights (= the last sync before the kill), not the
+    # stage's initial weights: it resumed instead of starting over
+    resumed, killed_at = rs.load(new_syncs[0]), rs.load(before["stage2_syncs"][-1])
+    assert rs.mismatches(resumed, killed_at) == 0
+    assert rs.mismatches(resumed, rs.load(rs.merged(stage1))) > 0
+    steps = rs.scalars(out, QWEN25, 2)["training/global_step"]
+    assert sorted(steps) == [1, 2]
+
+
+def test_qwen25_eval_serves_the_last_merge_with_vllm(qwen25):
+    out, _, second, _ = qwen25
+    last = rs.merged(rs.experiment(out, QWEN25, 3))
+    assert f"cpu_rehearsal: eval: {last}" in second.log
+    results = json.loads((out / "eval" / QWEN25 / "results.json").read_text())
+    samples = (out / "eval" / QWEN25 / "results.samples.jsonl").read_text().splitlines()
+    rows = pq.read_metadata(out / "data" / QWEN25 / "test" / "test.parquet").num_rows
+    assert results["overall"]["n"] == rows == len({json.loads(s)["pair_id"] for s in samples})
+
+
+def test_qwen3_two_stages(qwen3):
+    out, run = qwen3
+    inits = stage_inits(out, QWEN3, [1, 2])
+    for stage in (1, 2):
+        check_stage(out, QWEN3, stage, inits[stage])
+    assert "cpu_rehearsal: eval" not in run.log
+
+
+def one_image(parquet: Path) -> None:
+    table = pq.read_table(parquet)
+    rows = table.to_pylist()
+    for row in rows:
+        row["images"] = row["images"][:1]
+        for message in row["prompt"]:
+            message["content"] = message["content"].replace("<image><image>", "<image>", 1)
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), parquet)
+
+
+def test_checks_fail_on_a_sabotaged_stage(qwen25, tmp_path):
+    """Stage 2 started from the base model, weight syncs dropped before vLLM loads them, rows with one image:
+    the stage still runs, and each check catches its own fault."""
+    out, _, _, _ = qwen25
+    broken = tmp_path / "run"
+    for part in ("data", "models"):
+        shutil.copytree(out / part, broken / part)
+    shutil.copytree(rs.experiment(out, QWEN25, 1), rs.experiment(broken, QWEN25, 1))
+    for split in ("train", "val"):
+        one_image(broken / "data" / QWEN25 / "stage2" / f"{split}.parquet")
+    base = broken / "models" / QWEN25
+    run = rs.run_rehearsal(
+        broken,
+        f"base_model={QWEN25}",
+        "--no-eval",
+        # a second external module after the workarounds: receives each sync, records it, never loads it
+        'ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES="recipes.dig.rehearsal.cpu_verl,'
+        'rehearsal_sabotage"',
+        stages="2",
+        env={"INIT_MODEL": str(base), "PYTHONPATH": str(Path(__file__).parent)},
+    )
+    assert run.rc == 0, f"sabotaged run failed (rc={run.rc}):\n{run.log[-5000:]}"
+    evidence = rs.evidence(broken, QWEN25, 2)
+    with pytest.raises(AssertionError, match="prompt lengths"):
+        rs.check_two_image_prompts(evidence, prompt_tokens(out, QWEN25, 2), 2)
+    with pytest.raises(AssertionError, match="did not serve the actor's weights"):
+        rs.check_served_weights(evidence, 2)
+    with pytest.raises(AssertionError, match="first sync is not its initial weights"):
+        rs.check_syncs(rs.experiment(broken, QWEN25, 2), rs.merged(rs.experiment(broken, QWEN25, 1)), 2, 2)
