@@ -33,7 +33,6 @@ stores them) and ``with_info`` adds the trainer's per-call settings the way ``tq
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import socket
@@ -65,10 +64,6 @@ TINY_OVERRIDES = (
     "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=4096",
     "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=4096",
     "trainer.n_gpus_per_node=1",
-    # torch.compile of the entropy kernel builds C++ with inductor on CPU: minutes on a busy box, no test value
-    "actor_rollout_ref.actor.use_torch_compile=false",
-    "actor_rollout_ref.actor.fsdp_config.use_torch_compile=false",
-    "actor_rollout_ref.ref.fsdp_config.use_torch_compile=false",
 )
 # The recipe's settings this test must use unchanged (asserted against the composed config).
 RECIPE_LOSS_KEYS = ("use_kl_loss", "kl_loss_type", "kl_loss_coef", "loss_agg_mode", "clip_ratio_low", "clip_ratio_high")
@@ -85,105 +80,11 @@ def compose_recipe(overrides: list[str]):
 # verl on CPU: platform, engine device, unpinned reference offload, one gloo process
 
 
-@functools.cache
 def cpu_platform_class():
-    """A verl platform for the host CPU, registered under ``cpu`` via the public plugin API."""
-    import psutil
-    import torch
-    from verl.plugin.platform import PlatformBase, PlatformRegistry
+    """verl's ``cpu`` platform: the CPU rehearsal's (recipes/dig/rehearsal/cpu_verl.py, workaround 1)."""
+    from recipes.dig.rehearsal.cpu_verl import register_platform
 
-    class CPUDeviceModule(SimpleNamespace):
-        """What verl calls on ``get_torch_device()``: torch.cpu plus zero memory statistics (no device memory)."""
-
-    cpu_module = CPUDeviceModule(
-        is_available=lambda: True,
-        get_device_name=lambda *a: "CPU",  # flops_counter.py looks it up in its device table (CPU: 448 GFLOPS)
-        device_count=lambda: 1,
-        current_device=lambda: "cpu",
-        set_device=lambda index: None,
-        synchronize=lambda index=None: None,
-        empty_cache=lambda: None,
-        manual_seed=torch.manual_seed,
-        manual_seed_all=torch.manual_seed,
-        get_rng_state=torch.get_rng_state,
-        set_rng_state=torch.set_rng_state,
-        max_memory_allocated=lambda *a: 0,
-        max_memory_reserved=lambda *a: 0,
-        memory_allocated=lambda *a: 0,
-        memory_reserved=lambda *a: 0,
-        reset_peak_memory_stats=lambda *a: None,
-        set_per_process_memory_fraction=lambda *a: None,
-        mem_get_info=lambda *a: (psutil.virtual_memory().available, psutil.virtual_memory().total),
-    )
-
-    @PlatformRegistry.register(platform="cpu")
-    class CPUPlatform(PlatformBase):
-        device_name = "cpu"
-        vendor_name = "cpu"
-        device_module = cpu_module
-
-        def is_available(self):
-            return True
-
-        def is_platform_available(self, use_smi_check=False):
-            return False  # never auto-detected: later code in this process keeps verl's own detection
-
-        def current_device(self):
-            return "cpu"  # verl passes it as a device (tensor.to(get_device_id())); an int would mean cuda:N
-
-        def device_count(self):
-            return 1
-
-        def set_device(self, device_index):
-            return None
-
-        def synchronize(self, device_index=None):
-            return None
-
-        def manual_seed(self, seed):
-            torch.manual_seed(seed)
-
-        def manual_seed_all(self, seed):
-            torch.manual_seed(seed)
-
-        def set_allocator_settings(self, settings):
-            return None
-
-        def empty_cache(self):
-            return None
-
-        def get_device_capability(self, device_index=0):
-            return None, None
-
-        def communication_backend_name(self):
-            return "gloo"
-
-        def visible_devices_envvar(self):
-            return "CUDA_VISIBLE_DEVICES"
-
-        @contextlib.contextmanager
-        def nvtx_range(self, msg):
-            yield
-
-        def profiler_start(self):
-            return None
-
-        def profiler_stop(self):
-            return None
-
-        def ray_resource_name(self):
-            return "CPU"
-
-        def ray_noset_envvars(self):
-            return []
-
-        def is_ipc_supported(self):
-            return False
-
-        def cudart(self):
-            return None
-
-    return CPUPlatform
+    return register_platform()
 
 
 def _free_port() -> int:
@@ -288,6 +189,7 @@ def recipe_config(family: str, model_path: Path, extra: tuple[str, ...] = ()):
     overrides = [
         f"base_model={spec.model_name}",
         "stage=stage1",
+        "profile=cpu",  # the CPU rehearsal's choices: fp32 compute, no torch.compile (TINY_OVERRIDES win after it)
         *attention.overrides(),
         f"actor_rollout_ref.model.path={model_path}",
         *TINY_OVERRIDES,
