@@ -17,9 +17,10 @@ docs/cpu_rehearsal.md:
    (``verl/workers/engine/fsdp/transformer_impl.py`` line 462): pinning host memory needs a CUDA driver.
    Patched to ``pin_memory=False`` when that module is imported.
 3. Weight sync: verl's vLLM worker extension loads each received bucket with ``model.load_weights``
-   (``verl/workers/rollout/vllm_rollout/utils.py`` line 405), which fails on vLLM's CPU build: after loading,
-   vLLM prepacks linear weights and leaves ``weight`` without a ``weight_loader``
-   (``vllm/model_executor/layers/linear.py`` line 1341). ``update_weights_from_ipc`` is replaced by one that
+   (``verl/workers/rollout/vllm_rollout/utils.py`` line 405), which fails on vLLM's CPU build: after the first
+   load vLLM prepacks each linear layer's weight and replaces ``weight`` by an empty parameter without a
+   ``weight_loader`` (``dispatch_cpu_unquantized_gemm(remove_weight=True)``,
+   ``vllm/model_executor/layers/linear.py`` line 215), so the next load raises ``AttributeError``. ``update_weights_from_ipc`` is replaced by one that
    receives the same buckets over the same shared-memory transport, then hands them to vLLM's own in-place
    reload (``GPUModelRunner.reload_weights(weights_iterator=...)``, ``vllm/v1/worker/gpu_model_runner.py``
    line 5388, inherited by the CPU runner), which restores the checkpoint layout, loads and repacks. verl's
