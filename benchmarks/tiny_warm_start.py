@@ -39,7 +39,7 @@ def response_length(model: str) -> int:
     return int(yaml.safe_load(model_file(model).read_text())["data"]["max_response_length"])
 
 
-def measure(model: str, checkpoint: Path, data: Path, prompts: int, n: int, seed: int) -> dict:
+def measure(model: str, checkpoint: Path, data: Path, prompts: int, n: int, seed: int, dtype: str) -> dict:
     """Sample ``n`` answers per prompt with vLLM from ``checkpoint`` and score them (runs in its own process)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoProcessor
@@ -62,7 +62,7 @@ def measure(model: str, checkpoint: Path, data: Path, prompts: int, n: int, seed
     started = time.perf_counter()
     llm = LLM(
         model=str(checkpoint),
-        dtype="bfloat16",
+        dtype=dtype,
         enforce_eager=True,
         max_model_len=4096,
         max_num_seqs=n,
@@ -99,13 +99,15 @@ def measure(model: str, checkpoint: Path, data: Path, prompts: int, n: int, seed
         "mean_score": round(statistics.mean(scores), 4),
         "engine_start_s": round(engine_s, 1),
         "generate_s": round(generate_s, 2),
+        "dtype": dtype,
         "parseable_example": example,
+        "first_answers": [c.text for c in outputs[0].outputs[:2]],
     }
 
 
 def run_measure(args, phase: str, checkpoint: Path, data: Path) -> None:
     command = [sys.executable, __file__, "--measure", str(checkpoint), "--model", args.model, "--data", str(data)]
-    command += ["--prompts", str(args.prompts), "--n", str(args.n), "--seed", str(args.seed)]
+    command += ["--prompts", str(args.prompts), "--n", str(args.n), "--seed", str(args.seed), "--dtype", args.dtype]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode or not lines:
@@ -123,11 +125,15 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", help="vLLM's dtype (bfloat16 blurs a model this small)")
     parser.add_argument("--out-dir", type=Path, default=None, help="where the two checkpoints go (default: a temp dir)")
     parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
-        print(json.dumps(measure(args.model, args.measure, args.data, args.prompts, args.n, args.seed)), flush=True)
+        print(
+            json.dumps(measure(args.model, args.measure, args.data, args.prompts, args.n, args.seed, args.dtype)),
+            flush=True,
+        )
         return 0
     from dig_common.models import load_model_spec
     from recipes.dig.rehearsal.tiny_models import build_checkpoint
