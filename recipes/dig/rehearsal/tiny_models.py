@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a tiny base-model file: NAME (tiny_qwen2_5_vl, ...) or YAML")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument("--data", type=Path, default=None, help="parquet to warm-start on (data_prep.to_verl rows)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="warm-start steps (default 300)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="warm-start steps (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="initial weights and warm-start order")
     args = parser.parse_args(argv)
     spec = load_model_spec(args.model)

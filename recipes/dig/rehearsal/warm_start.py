@@ -31,9 +31,9 @@ import numpy as np
 from dig_common.models import ModelSpec
 from reward_fns import geometry
 
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 100
 BATCH_SIZE = 8  # rows per step: same-size renders give same-length prompts, so a batch costs little more than a row
-LEARNING_RATE = 3e-3
+LEARNING_RATE = 5e-3
 THOUGHT = "Compare A and B."
 IGNORE_INDEX = -100  # torch's cross-entropy ignore index: prompt tokens carry no loss
 
@@ -168,7 +168,12 @@ def warm_start(model, processor, spec: ModelSpec, parquet: Path, steps: int = DE
     pad_id = processor.tokenizer.pad_token_id
     loss_before = answer_loss(model.eval(), examples, pad_id)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    # the vision tower stays as built: the answer format needs none of it, and its patch convolution's backward is
+    # most of a step's time on CPU
+    model.model.visual.requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0.0
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     order = np.random.default_rng(seed)
     queue: list[int] = []
@@ -184,7 +189,7 @@ def warm_start(model, processor, spec: ModelSpec, parquet: Path, steps: int = DE
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
-    model.eval()
+    model.requires_grad_(True).eval()
     return {
         "rows": len(examples),
         "steps": steps,
