@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import yaml
 from dig_common.models import load_model_spec
 from eval import refcoco
 from eval import scoring as eval_scoring
-from reward_fns import geometry, parsing, scoring
+from reward_fns import dig_reward, geometry, parsing, scoring
 from reward_fns.dig_reward import RESULT_KEYS, RewardKnobs, check_reward_kwargs, compute_score
 
 W, H = 1000, 1000  # 1000 x 1000 so that rel1000 values equal pixels and the arithmetic stays readable
@@ -242,7 +243,7 @@ def test_overlong_answer_fails_before_parsing():
 
 @pytest.mark.parametrize("response", [None, b"[[1,2,3,4]]", 42, ["[[1,2,3,4]]"]])
 def test_non_string_responses_never_raise(response):
-    assert_result(compute_score("dig", response, gt_json([A])), **FORMAT_FAILED, num_gt=1.0)
+    assert_result(compute_score("dig", response, gt_json([A])), **FORMAT_FAILED, num_gt=1.0, reward_error=0.0)
 
 
 @pytest.mark.parametrize(
@@ -257,7 +258,53 @@ def test_non_string_responses_never_raise(response):
     ],
 )
 def test_broken_ground_truth_never_raises(ground_truth):
-    assert_result(compute_score("dig", boxes_text([A]), ground_truth), score=0.0)
+    assert_result(compute_score("dig", boxes_text([A]), ground_truth), score=0.0, reward_error=1.0)
+
+
+MALFORMED_ANSWERS = [
+    "no boxes here",
+    "<think>the cup moved</think>[[1, 2, 3]]",
+    "<think>a</think><think>b</think>[[300, 300, 200, 200]]",  # inverted box
+    "[[1, 2, 3, 4]",  # cut off
+    json.dumps([A] * 51),  # over max_boxes
+]
+
+
+@pytest.mark.parametrize("answer", MALFORMED_ANSWERS)
+def test_a_malformed_answer_scores_zero_quietly(answer, caplog):
+    with caplog.at_level(logging.DEBUG, logger="dig.reward"):
+        assert_result(score(answer, [A]), **FORMAT_FAILED, num_gt=1.0, reward_error=0.0)
+    assert not caplog.records
+
+
+def test_an_internal_error_is_counted_and_logged_once_with_its_traceback(monkeypatch, caplog):
+    """A bug in the reward scores 0 like a format failure would, but the sample says so (reward_error, a key
+    verl logs with the others) and the first of its kind is logged with the traceback; samples keep one key list."""
+
+    def broken_match(pred, gt, knobs):
+        raise IndexError("hungarian: row 3 out of range")
+
+    monkeypatch.setattr(scoring, "match", broken_match)
+    monkeypatch.setattr(dig_reward, "_logged", set())
+    with caplog.at_level(logging.DEBUG, logger="dig.reward"):
+        results = [score(boxes_text([A]), [A]) for _ in range(3)]
+    for result in results:
+        assert_result(result, **FORMAT_FAILED, num_gt=1.0, reward_error=1.0)
+    assert len(caplog.records) == 1
+    record = caplog.records[0]
+    assert "reward_error" in record.getMessage()
+    assert "IndexError: hungarian: row 3 out of range" in record.getMessage()
+    assert "broken_match" in record.getMessage()  # the traceback, not only the message
+    monkeypatch.undo()
+    assert_result(score(boxes_text([A]), [A]), **PERFECT, reward_error=0.0)
+
+
+def test_a_broken_ground_truth_is_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(dig_reward, "_logged", set())
+    with caplog.at_level(logging.DEBUG, logger="dig.reward"):
+        for _ in range(3):
+            assert compute_score("dig", boxes_text([A]), "not json")["reward_error"] == 1.0
+    assert len(caplog.records) == 1 and "JSONDecodeError" in caplog.records[0].getMessage()
 
 
 def test_ground_truth_as_dict_and_extra_keys():
