@@ -63,6 +63,33 @@ def load_reward(cfg):
     return result
 
 
+def check_mini_batches(cfg) -> None:
+    """What verl 0.9.1 checks only without dynamic batch sizes, and then asserts in the first actor update.
+
+    ``ActorConfig.validate`` requires train_batch_size >= ppo_mini_batch_size only when ``use_dynamic_bsz`` is
+    off; the recipe runs with it on. A real run then reaches ``engine_workers.train_mini_batch`` after the first
+    rollout: each of the dp = GPUs / ulysses_sequence_parallel_size ranks holds train_batch_size x n / dp
+    samples and ``tensordict_utils.make_iterator`` asserts that they split into whole mini-batches of
+    ppo_mini_batch_size x n / dp (after ``assert (ppo_mini_batch_size x n) % dp == 0``). Both are refused here."""
+    actor, rollout, trainer = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout, cfg.trainer
+    train, mini, n = int(cfg.data.train_batch_size), int(actor.ppo_mini_batch_size), int(rollout.n)
+    sp = int(actor.get("ulysses_sequence_parallel_size", 1) or 1)
+    dp = max(int(trainer.nnodes) * int(trainer.n_gpus_per_node) // sp, 1)
+    if train % mini:
+        relation = "below" if train < mini else "not a multiple of"
+        raise LaunchError(
+            f"data.train_batch_size={train} is {relation} actor_rollout_ref.actor.ppo_mini_batch_size={mini}: "
+            "verl's first actor update would stop on it (after the first rollout); make data.train_batch_size a "
+            "multiple of ppo_mini_batch_size (or lower ppo_mini_batch_size)"
+        )
+    if (mini * n) % dp:
+        raise LaunchError(
+            f"actor_rollout_ref.actor.ppo_mini_batch_size x rollout.n = {mini} x {n} is not divisible by the {dp} "
+            f"data-parallel ranks (GPUs / ulysses_sequence_parallel_size): verl's first actor update would stop "
+            "on it; choose ppo_mini_batch_size so that it is"
+        )
+
+
 @dataclass
 class DataReport:
     ready: bool

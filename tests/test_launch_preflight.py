@@ -1,0 +1,146 @@
+"""Dry runs refuse what a real run would fail on: initial weights that are not there, a curriculum that assumes a
+stage it does not run, mini-batches verl only checks after the first rollout. One field varies per case; the
+model is the default one (no MODEL, no base_model=)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recipes.dig import launch
+from recipes.dig.handoff import check_init_model
+from recipes.dig.settings import KNOB_NAMES, LaunchError
+
+pytestmark = pytest.mark.verl
+
+PREFIX = "python -m recipes.dig.launch: error: "
+
+
+@pytest.fixture
+def launch_env(tmp_path, monkeypatch):
+    for key in KNOB_NAMES:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DRY_RUN", "1")
+    monkeypatch.setenv("CKPT_DIR", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+def one_line_error(capsys, argv) -> str:
+    rc = launch.main(argv)
+    captured = capsys.readouterr()
+    assert rc == 2, captured.out[-2000:]
+    assert captured.err.startswith(PREFIX) and captured.err.count("\n") == 1, captured.err
+    assert f"DRY_RUN: stage {argv[-1] if argv[0] == '--curriculum' else argv[1]} OK" not in captured.out
+    return captured.err
+
+
+def hf_folder(path, config=True, weights=True):
+    path.mkdir(parents=True)
+    if config:
+        (path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    if weights:
+        (path / "model-00001-of-00001.safetensors").write_bytes(b"\0" * 16)
+    return path
+
+
+# ---- INIT_MODEL ------------------------------------------------------------------------------------------
+
+
+def test_init_model_that_does_not_exist_is_refused(launch_env, monkeypatch, capsys):
+    monkeypatch.setenv("INIT_MODEL", "/nonexistent")
+    err = one_line_error(capsys, ["--stage", "1"])
+    assert "INIT_MODEL=/nonexistent: no such folder" in err and "config.json" in err and "hub id" in err
+
+
+@pytest.mark.parametrize(
+    ("config", "weights", "missing"), [(True, False, "no weights"), (False, True, "no config.json")]
+)
+def test_init_model_folder_missing_one_part_is_refused(launch_env, monkeypatch, capsys, config, weights, missing):
+    folder = hf_folder(launch_env / "warm", config=config, weights=weights)
+    monkeypatch.setenv("INIT_MODEL", str(folder))
+    err = one_line_error(capsys, ["--stage", "2"])
+    assert f"INIT_MODEL={folder}: not a complete checkpoint folder ({missing}" in err
+
+
+def test_init_model_that_is_a_file_is_refused(launch_env, monkeypatch, capsys):
+    weights = launch_env / "model.safetensors"
+    weights.write_bytes(b"\0")
+    monkeypatch.setenv("INIT_MODEL", str(weights))
+    assert "not a folder" in one_line_error(capsys, ["--stage", "1"])
+
+
+def test_a_complete_init_model_folder_or_a_hub_id_passes(launch_env, monkeypatch, capsys):
+    folder = hf_folder(launch_env / "warm")
+    monkeypatch.setenv("INIT_MODEL", str(folder))
+    assert launch.main(["--stage", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"[dig] init weights: {folder} [INIT_MODEL (explicit), checked: config.json and 1 weight file(s)]" in out
+    assert check_init_model("Qwen/Qwen2.5-VL-3B-Instruct") == "INIT_MODEL (explicit), a hub id: the run downloads it"
+    with pytest.raises(LaunchError, match="no such folder"):
+        check_init_model("./Qwen/Qwen2.5-VL-3B-Instruct")  # a path, not an id
+
+
+# ---- curriculum: which stage runs first -------------------------------------------------------------------
+
+
+def test_curriculum_without_its_first_stage_needs_that_checkpoint(launch_env, capsys):
+    """STAGES="2 3" with no stage-1 checkpoint: stage 1 does not run first, so the dry run must not say it does."""
+    err = one_line_error(capsys, ["--curriculum", "2", "3"])
+    assert "stage 1 checkpoint missing" in err and "launch/grpo_stage1.sh" in err
+
+
+def test_curriculum_with_a_gap_needs_the_missing_stage(launch_env, capsys):
+    err = one_line_error(capsys, ["--curriculum", "1", "3"])
+    assert "stage 2 checkpoint missing" in err
+
+
+def test_curriculum_in_order_plans_on_the_stage_before(launch_env, capsys):
+    assert launch.main(["--curriculum", "1", "2", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[stage 1 runs first (curriculum)" in out and "[stage 2 runs first (curriculum)" in out
+
+
+def test_curriculum_settings_assume_only_a_predecessor_in_the_list(launch_env):
+    settings = launch.Settings.from_env(2, [])
+    per_stage = launch.curriculum_stage_settings(settings, [2, 3])
+    assert [s.assume_previous for s in per_stage] == [False, True]
+    per_stage = launch.curriculum_stage_settings(launch.Settings.from_env(1, []), [1, 3])
+    assert [s.assume_previous for s in per_stage] == [False, False]
+
+
+# ---- mini-batches under dynamic batch sizes ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nnodes", "overrides", "expected"),
+    [
+        # below: verl's ActorConfig.validate skips this check under use_dynamic_bsz=true (the recipe's setting)
+        (
+            "1",
+            ["data.train_batch_size=1"],
+            "data.train_batch_size=1 is below actor_rollout_ref.actor.ppo_mini_batch_size=32",
+        ),
+        ("1", ["data.train_batch_size=48"], "data.train_batch_size=48 is not a multiple of"),
+        # 1 x 8 samples per mini-batch over 16 ranks (NNODES=2 x 8 GPUs)
+        (
+            "2",
+            ["actor_rollout_ref.actor.ppo_mini_batch_size=1"],
+            "= 1 x 8 is not divisible by the 16 data-parallel ranks",
+        ),
+    ],
+)
+def test_mini_batches_a_real_run_would_stop_on_are_refused(
+    launch_env, monkeypatch, capsys, nnodes, overrides, expected
+):
+    monkeypatch.setenv("NNODES", nnodes)
+    err = one_line_error(capsys, ["--stage", "1", *overrides])
+    assert expected in err, err
+
+
+def test_mini_batches_that_divide_pass(launch_env, monkeypatch, capsys):
+    monkeypatch.setenv("NNODES", "2")
+    assert (
+        launch.main(["--stage", "1", "data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_size=2"]) == 0
+    )
