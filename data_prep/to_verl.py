@@ -31,13 +31,13 @@ from dig_common.argtypes import positive_int
 from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.fileio import atomic_output
 from dig_common.models import ModelSpec, load_model_spec
+from dig_common.parquet import METADATA_KEY
 from dig_common.prompts import build_prompt
 
 PROG = "python -m data_prep.to_verl"
 DATA_SOURCE = "dig"
 ABILITY = "grounding"
 FORMAT_VERSION = 2  # 2: extra_info carries difficulty and num_objects_a/b
-METADATA_KEY = b"dig"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFAULT_ROW_GROUP = 16  # rows per row group (~7 MB of PNGs at 480x320): peak RSS flat from 200 to 2,000 pairs
 PNG_COLUMN = "images.list.element.bytes"

@@ -144,3 +144,24 @@ def test_mini_batches_that_divide_pass(launch_env, monkeypatch, capsys):
     assert (
         launch.main(["--stage", "1", "data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_size=2"]) == 0
     )
+
+
+# ---- data built for another model: one field differs ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("built", "change", "why"),
+    [
+        ("qwen3_vl_8b_instruct", {}, "its instruction is another model's"),  # same pixel bounds, other prompt
+        ("qwen3_vl_8b_thinking", {"max_pixels": 401408}, "its images carry max_pixels=401408"),  # bounds alone
+    ],
+)
+def test_data_differing_from_the_model_in_one_field_is_refused(launch_env, capsys, built, change, why):
+    from test_cli_eval import model_parquet
+
+    for split in ("train", "val"):
+        path = launch_env / "data" / "stage1" / f"{split}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model_parquet(path, built, **change)
+    err = one_line_error(capsys, ["--stage", "1"])  # the default model: qwen3_vl_8b_thinking
+    assert "train.parquet: " + why in err and "built for another model" in err

@@ -12,6 +12,7 @@ from pathlib import Path
 from data_prep.budget import prompt_token_bound
 from data_prep.stages import STAGES_FILE
 from dig_common.models import ModelSpec
+from dig_common.parquet import model_mismatch, open_parquet
 from recipes.dig.settings import LaunchError, Settings
 
 RENDER_SEC_PER_PAIR = 4.5  # 480x320, 16 spp: measured wall time per pair on a 2-core box
@@ -108,14 +109,12 @@ def data_files(cfg) -> dict[str, Path]:
 
 
 def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
-    import pyarrow.parquet as pq
-
     from data_prep.to_verl import SCHEMA
 
     try:
-        pf = pq.ParquetFile(path)
-    except Exception as err:
-        raise LaunchError(f"data file {path}: not a readable parquet file: {err}") from err
+        pf = open_parquet(path, "data file")
+    except ValueError as err:
+        raise LaunchError(str(err)) from err
     missing = [c for c in SCHEMA.names if c not in pf.schema_arrow.names]
     if missing:
         raise LaunchError(
@@ -124,14 +123,12 @@ def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
     rows = pf.metadata.num_rows
     if rows == 0:
         raise LaunchError(f"data file {path}: 0 rows")
-    first = next(pf.iter_batches(batch_size=1, columns=["images", "extra_info"])).to_pylist()[0]
-    image = (first["images"] or [{}])[0] or {}
-    for key in ("min_pixels", "max_pixels"):
-        if image.get(key) is not None and image.get(key) != getattr(spec, key):
-            raise LaunchError(
-                f"data file {path}: images carry {key}={image.get(key)} but MODEL={spec.model_name} uses "
-                f"{getattr(spec, key)}; the data was built for another model: use a DATA_DIR per model"
-            )
+    why = model_mismatch(pf, spec)
+    if why:
+        raise LaunchError(
+            f"data file {path}: {why} (MODEL={spec.model_name}); the data was built for another model: use a "
+            "DATA_DIR per model"
+        )
     sizes = pf.read(columns=["extra_info"]).column("extra_info").to_pylist()
     worst = max(prompt_token_bound(int(e["width"]), int(e["height"]), spec) for e in sizes if e and e.get("width"))
     if worst > cfg.data.max_prompt_length:
