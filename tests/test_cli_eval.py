@@ -391,3 +391,46 @@ def test_visualize_refuses_a_verl_dump_rescored_with_another_model(tmp_path, cap
     argv = ["--verl-dump", str(dump), "--data", str(data), "--out-dir", str(tmp_path / "g")]
     message = run_main(visualize.main, argv, capsys, "eval.visualize")
     assert message.startswith(f"--data {data} was built for qwen2_5_vl_7b, not for --model qwen3_vl_8b_thinking")
+
+
+# ------------------------------------------------------------------------ eval.harness: a harness that cannot run
+
+
+def shadow_lmms_eval(root: Path, init: str = "", main: str = "") -> dict:
+    """An ``lmms_eval`` package first on the path: ``init`` stands for what the installed one does at import."""
+    package = root / "lmms_eval"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(init)
+    (package / "__main__.py").write_text(main)
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1"}
+    env.pop("DIG_DEBUG", None)
+    return env
+
+
+def harness_run(tmp_path, checkpoint, env) -> subprocess.CompletedProcess:
+    argv = ["run", "--model-path", str(checkpoint), "--out-dir", str(tmp_path / "out"), "--benchmarks-only", "mmstar"]
+    return subprocess.run(
+        [sys.executable, "-m", "eval.harness", *argv, "--backend", "vllm"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="--backend vllm needs vLLM installed")
+def test_harness_run_refuses_an_lmms_eval_without_its_dependencies(tmp_path, checkpoint):
+    """lmms-eval installed with --no-deps (as in .venv) dies on its first import: one line, exit 2, nothing run."""
+    env = shadow_lmms_eval(tmp_path / "shadow", init="import loguru_is_not_installed\n")
+    proc = harness_run(tmp_path, checkpoint, env)
+    assert proc.returncode == 2, proc.stderr
+    message = one_error(proc.stderr, "eval.harness")
+    assert message.startswith("lmms-eval is installed but does not import here (ModuleNotFoundError: ")
+    assert "loguru_is_not_installed" in message and "pip install lmms-eval==0.7.3" in message
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="--backend vllm needs vLLM installed")
+def test_harness_run_that_fails_exits_1_with_what_it_collected(tmp_path, checkpoint):
+    env = shadow_lmms_eval(tmp_path / "shadow", main="import sys\n\nif __name__ == \"__main__\":\n    sys.exit(3)\n")
+    proc = harness_run(tmp_path, checkpoint, env)
+    assert proc.returncode == 1, proc.stderr
+    assert "the harness failed (exit 3)" in proc.stderr
+    assert (tmp_path / "out" / "perception.json").is_file()
