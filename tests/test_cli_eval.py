@@ -429,7 +429,7 @@ def test_harness_run_refuses_an_lmms_eval_without_its_dependencies(tmp_path, che
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="--backend vllm needs vLLM installed")
 def test_harness_run_that_fails_exits_1_with_what_it_collected(tmp_path, checkpoint):
-    env = shadow_lmms_eval(tmp_path / "shadow", main="import sys\n\nif __name__ == \"__main__\":\n    sys.exit(3)\n")
+    env = shadow_lmms_eval(tmp_path / "shadow", main='import sys\n\nif __name__ == "__main__":\n    sys.exit(3)\n')
     proc = harness_run(tmp_path, checkpoint, env)
     assert proc.returncode == 1, proc.stderr
     assert "the harness failed (exit 3)" in proc.stderr
