@@ -480,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@cli_main(PROG)
+# answers are appended per finished batch (eval.backends.generate_to_file), which a rerun skips
+RESUME_HINT = "the answers of finished batches are in <out>.predictions.jsonl; rerun the same command to resume"
+
+
+@cli_main(PROG, on_interrupt=RESUME_HINT)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
