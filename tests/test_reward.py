@@ -168,6 +168,74 @@ def test_last_complete_list_counts():
     assert score(boxes_text([A, B])[:-8], [A, B])["format"] == 0.0
 
 
+EDGE = [900, 850, 1000, 1000]  # touches the right and bottom edges of the 1000 x 1000 image
+# Transcripts shaped like real model output, each with several <think> blocks or boxes in several places, and
+# chosen so that a plausible wrong rule (the first </think>, the first list, ignoring <answer>, no clipping)
+# gives another result: (response, GT, require_think, expected format, num_pred, f1)
+TRANSCRIPTS = {
+    "two_thoughts_then_fenced_answer": (
+        "<think>\nIn A the mug is white; in B it looks red, around [[120, 80, 200, 160]].\n</think>\n\n"
+        "<think>Let me check the lamp again. It moved left.</think>\n\n```json\n"
+        + json.dumps([{"bbox_2d": B, "label": "lamp moved"}, {"bbox_2d": A, "label": "mug [colour]"}])
+        + "\n```\nThese are the two differences.",
+        [A, B],
+        True,
+        1.0,
+        2.0,
+        1.0,
+    ),
+    "answer_then_a_thought_with_nothing_after": (
+        f"<think>first look</think>{boxes_text([A])}<think>wait, let me look again</think>\n",
+        [A],
+        True,
+        0.0,
+        0.0,
+        0.0,  # the answer follows the LAST </think>: empty
+    ),
+    "answer_block_then_an_earlier_guess_in_prose": (
+        f"<think>x</think><answer>{boxes_text([A, B])}</answer>\nEarlier I thought {boxes_text([C])}.",
+        [A, B],
+        True,
+        1.0,
+        2.0,
+        1.0,
+    ),
+    "numbered_items_then_the_final_list": (
+        f"1) the cup {json.dumps(A)}\n2) the book {json.dumps(C)}\nFinal: {boxes_text([A, B])}",
+        [A, B],
+        False,
+        1.0,
+        2.0,
+        1.0,
+    ),
+    "unclosed_thought_of_a_non_thinking_model": (
+        f"<think>I believe {boxes_text([C])}",
+        [A],
+        False,
+        1.0,
+        1.0,
+        0.0,
+    ),
+    "box_past_the_bottom_right_edge_is_clipped": (
+        f"<think>a</think><think>b</think>{boxes_text([[900, 850, 1005, 1003]])}",
+        [EDGE],
+        True,
+        1.0,
+        1.0,
+        1.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSCRIPTS))
+def test_realistic_transcripts(name):
+    response, gt, require_think, fmt, num_pred, f1 = TRANSCRIPTS[name]
+    result = score(response, gt, require_think=require_think)
+    assert (result["format"], result["num_pred"], result["f1"]) == (fmt, num_pred, f1), result
+    if f1 == 1.0:
+        assert result["score"] == pytest.approx(1.0)
+
+
 def test_labels_with_brackets_and_quotes():
     answer = json.dumps([{"bbox_2d": A, "label": 'a "red] cube [x'}])
     assert score(answer, [A])["score"] == 1.0
