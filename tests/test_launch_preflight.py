@@ -11,6 +11,7 @@ import pytest
 from recipes.dig import launch
 from recipes.dig.handoff import check_init_model
 from recipes.dig.settings import KNOB_NAMES, LaunchError
+from recipes.dig.settings import REPO_ROOT as REPO
 
 pytestmark = pytest.mark.verl
 
@@ -165,3 +166,29 @@ def test_data_differing_from_the_model_in_one_field_is_refused(launch_env, capsy
         model_parquet(path, built, **change)
     err = one_line_error(capsys, ["--stage", "1"])  # the default model: qwen3_vl_8b_thinking
     assert "train.parquet: " + why in err and "built for another model" in err
+
+
+# ---- defaults a user gets without setting them ---------------------------------------------------------------
+
+
+def test_without_data_dir_the_data_lives_in_the_repo_per_model(tmp_path, monkeypatch):
+    """No DATA_DIR (every other launch test sets one): data/<model>/stage<k>/, and the build command says so."""
+    for key in KNOB_NAMES:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DRY_RUN", "1")
+    monkeypatch.setenv("CKPT_DIR", str(tmp_path / "ckpt"))
+    plan = launch.plan_stage(launch.Settings.from_env(1, []))
+    data_dir = REPO / "data" / "qwen3_vl_8b_thinking"  # the default model
+    assert plan.cfg.data.train_files == str(data_dir / "stage1" / "train.parquet")
+    assert plan.cfg.data.val_files == str(data_dir / "stage1" / "val.parquet")
+    command = plan.data.build_command
+    assert command[command.index("--out-dir") + 1] == str(data_dir)
+    assert not data_dir.exists()  # a dry run writes nothing there
+
+
+@pytest.mark.parametrize(("env", "nodes"), [({"SLURM_NNODES": "2"}, 2), ({"SLURM_NNODES": "2", "NNODES": "1"}, 1)])
+def test_nodes_default_to_slurm_s_count(launch_env, monkeypatch, env, nodes):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plan = launch.plan_stage(launch.Settings.from_env(1, []))
+    assert plan.cfg.trainer.nnodes == nodes
