@@ -20,6 +20,7 @@ import multiprocessing
 import pickle
 import random
 import resource
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -564,6 +565,7 @@ def _maker(cfg: PhotoConfig) -> PhotoPairMaker:
 
 
 def _pool_init(cfg: PhotoConfig) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it keeps what finished, then stops
     _PROCESS["maker"] = _maker(cfg)
 
 
@@ -618,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main(PROG)
+@cli_main(PROG, on_interrupt=R.RESUME_HINT)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None

@@ -217,6 +217,12 @@ class RenderWorker:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill(self):
+        """Stop now, mid-render (an interrupted run): a pair being rendered leaves only temp files, which the next
+        run removes. ``close`` would wait for the render in progress (seconds to minutes)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
     def __enter__(self):
         return self
 
@@ -352,10 +358,16 @@ def _run_local(cfg: GenerateConfig, vocab: S.Vocabulary, state: R.RunState, todo
 
     try:
         with futures.ThreadPoolExecutor(len(workers), thread_name_prefix="render", initializer=bind) as pool:
-            R.run_local(state, todo, lambda index: mine.maker.make(index), pool)
+            stop = functools.partial(_kill_all, workers)
+            R.run_local(state, todo, lambda index: mine.maker.make(index), pool, stop=stop)
     finally:
         for w in workers:
             w.close()
+
+
+def _kill_all(workers: list[RenderWorker]) -> None:
+    for w in workers:
+        w.kill()
 
 
 def _ray_chunk(cfg: GenerateConfig, python: str, indices: list[int]) -> list[R.Result]:
@@ -407,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main(PROG)
+@cli_main(PROG, on_interrupt=R.RESUME_HINT)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = GenerateConfig(
