@@ -63,6 +63,11 @@ SUMMARY_KEYS = ("accepted", "candidates", "rejected", "acceptance_rate", "this_r
 Result = tuple[dict, dict]  # (manifest entry, stats delta) of one finished pair
 
 
+class GateError(ValueError):
+    """No candidate of a pair passed the gates: the settings ask for what these inputs cannot give (a --k too
+    large, gates too strict). Bad input, so one ``prog: error:`` line naming the pair and the fix, exit 2."""
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """What every pair source's run has: how many pairs, their K, seed, size, workers, shard and Ray cluster."""
@@ -84,8 +89,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad flag, before anything is read or written."""
-        if not isinstance(self.num, int) or self.num < 0:
-            raise ValueError(f"--num: expected an integer >= 0, got {self.num!r}")
+        if not isinstance(self.num, int) or self.num < 1:
+            raise ValueError(f"--num: expected an integer >= 1 (the pairs of the whole run), got {self.num!r}")
         parse_k(self.k)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"--seed: expected an integer >= 0, got {self.seed!r}")
@@ -186,12 +191,17 @@ class RunState:
         self._recount([e for e in manifest.entries if e.json.startswith(f"{self.shard_dir.name}/")])
 
     def _check_config(self, want: dict, added_later: dict) -> None:
+        """config.json binds a folder to its settings once it holds a pair: a folder where no pair was finished
+        (a first run refused at its first pair, e.g. --k too large) takes the new settings."""
         path = self.out / CONFIG
         if not path.exists():
             atomic_write_text(path, json.dumps(want, indent=1))
             return
         have = {**added_later, **json.loads(path.read_text())}
         diff = [key for key in want if have.get(key) != want[key]]
+        if diff and not read_manifest(self.out, required=False).entries:
+            atomic_write_text(path, json.dumps(want, indent=1))
+            return
         if diff:
             changes = ", ".join(f"{d}: {have.get(d)!r} -> {want[d]!r}" for d in diff)
             raise ValueError(

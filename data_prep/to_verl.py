@@ -318,6 +318,8 @@ def plan_conversion(
                 raise ValueError(f"pair {ref.pair_id} appears in both {seen[ref.pair_id]} and {pairs_dir}")
             seen[ref.pair_id] = pairs_dir
             refs.append(ref)
+    if not pairs_dirs:
+        raise ValueError("no pair set to convert: give --pairs DIR (the output folder of a generation run)")
     if not refs:
         raise ValueError(f"no pairs in {', '.join(map(str, pairs_dirs))}: the manifests are empty")
     prompt = build_prompt(spec, system_prompt)

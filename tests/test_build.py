@@ -66,7 +66,7 @@ def test_default_stages_follow_design_section_7():
         ),
         (lambda raw: raw["stages"]["2"].update(k="0"), r"stages\.2.*: k: expected 1 <= low <= high, got '0'"),
         (lambda raw: raw["stages"]["3"]["splits"]["val"].update(seed=1000000), r"reuses seed 1000000 of stages\.1"),
-        (lambda raw: raw["stages"]["1"]["splits"]["train"].update(num=-1), r"num must be a non-negative integer"),
+        (lambda raw: raw["stages"]["1"]["splits"]["train"].update(num=0), r"num must be an integer >= 1 \(the pairs"),
         (lambda raw: raw["stages"]["1"].update(no_diff_fraction=1.0), r"no_diff_fraction must be in \[0, 1\)"),
         (lambda raw: raw["stages"]["1"]["splits"]["train"].update(K=2), r"unknown keys \['K'\]"),
     ],

@@ -128,6 +128,25 @@ def test_build_flag_syntax_stays_with_argparse(tmp_path, capsys):
     assert "the following arguments are required: --out-dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--num-train", "--num-val", "--num-test"])
+def test_build_zero_pairs_is_a_flag_error_naming_the_flag(tmp_path, capsys, flag):
+    argv = [str(a) for a in build_argv(tmp_path / "data")]
+    if flag in argv:
+        argv[argv.index(flag) + 1] = "0"
+    else:
+        argv += [flag, "0"]
+    with pytest.raises(SystemExit) as exit_:
+        build.main(argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "data").exists()
+
+
+def test_to_verl_with_no_pair_set_names_the_flag():
+    with pytest.raises(ValueError, match=r"no pair set to convert: give --pairs DIR"):
+        to_verl.plan_conversion([], MODEL, "1", "train")
+
+
 # ---------------------------------------------------------------- data_prep.to_verl
 
 

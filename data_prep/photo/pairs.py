@@ -472,7 +472,7 @@ class PhotoPairMaker:
             drawn = (img_a, full_a, vis_a), (img_b, full_b, vis_b)
             record = self._write(pid, index, attempt, cand_seed, k, (scene_a, edits, scene_b), differences, *drawn)
             return record, delta
-        raise RuntimeError(
+        raise R.GateError(
             f"pair {pid}: no candidate passed the quality gates in {attempts} attempts (rejections: "
             f"{dict(delta['rejected'])}); relax the gates in {self.settings['path']}, lower --k or check the COCO set"
         )

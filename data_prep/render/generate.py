@@ -317,7 +317,7 @@ class PairMaker:
             os.replace(tmp_b, final_b)
             atomic_write_text(self.shard_dir / f"{pid}.json", json.dumps(record, indent=1))
             return manifest_entry(self.shard_dir, pid, index, record["differences"]), delta
-        raise RuntimeError(
+        raise R.GateError(
             f"pair {pid}: no candidate passed the quality gates in {self.vocab.gates['max_attempts_per_pair']} "
             f"attempts (rejections: {dict(delta['rejected'])}); relax gates in {self.vocab.path} or lower --k"
         )
@@ -385,11 +385,31 @@ def _run_ray(cfg: GenerateConfig, state: R.RunState, todo: list[int]) -> None:
     R.run_ray(state, todo, _ray_chunk, (task_cfg, str(render_python())), cfg.threads_per_worker, chunk=4)
 
 
+def check_k_possible(cfg: GenerateConfig, vocab: S.Vocabulary) -> None:
+    """The largest K of --k must fit the vocabulary's scenes: scenes and edits are sampled (pure Python, no
+    render) as the first pair's candidates would be; if none of them can place K differences, no pair ever
+    will, so --k is refused in one line before anything is written."""
+    high = R.parse_k(cfg.k)[1]
+    attempts = int(vocab.gates["max_attempts_per_pair"])
+    why: collections.Counter[str] = collections.Counter()
+    for attempt in range(attempts):
+        try:
+            sample_candidate(vocab, R.derive_seed("k-check", cfg.seed, attempt), high, cfg.change_weights)
+            return
+        except S.SamplingError as err:
+            why[str(err)] += 1
+    raise ValueError(
+        f"--k {cfg.k}: no scene of {vocab.path} can hold {high} differences ({attempts} tries: "
+        f"{why.most_common(1)[0][0]}); lower --k (the curriculum uses 1-4) or allow more objects per scene"
+    )
+
+
 def generate(cfg: GenerateConfig) -> dict:
     """Generate (or resume) a run; returns the stats dict also written to <out>/stats.json."""
     cfg.validate()
     cfg.out = Path(cfg.out)
     vocab = S.load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any render
+    check_k_possible(cfg, vocab)
     render_python()  # a missing render venv fails here too, before the output folder is made
     state = R.RunState(cfg, cfg.resume_settings(vocab), added_later={"difficulty_filters": {}})
     return R.run(state, functools.partial(_run_local, cfg, vocab, state), functools.partial(_run_ray, cfg, state))
