@@ -276,6 +276,20 @@ def test_audit_gallery_limit_and_atomic_files(tmp_path, capsys):
     assert sorted(p.name for p in report.parent.iterdir()) == ["audit.json", "flagged"]
 
 
+def test_gallery_and_audit_pictures_default_to_the_pair_set_not_the_working_directory(tmp_path, monkeypatch):
+    run = write_pairs(tmp_path / "run", num=2, k=1, seed=3, width=48, height=32)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert gallery.main(["--pairs", str(run)]) == 0
+    assert (run / gallery.GALLERY_NAME).read_bytes()[:8] == PNG_SIGNATURE
+    assert audit.main(["--pairs", str(run), "--gallery", "--brief"]) == 0  # --gallery without a file
+    assert (run / "audit_flagged.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert list(cwd.iterdir()) == []  # nothing lands where the command was typed
+    # the pair set is still what the readers expect: the pictures are not pairs
+    assert len(to_verl.read_manifest(run)) == 2
+
+
 # ---------------------------------------------------------------- data_prep.budget
 
 
