@@ -710,3 +710,48 @@ def test_build_mixes_rendered_and_photo_pairs_into_one_parquet(coco_dir, tmp_pat
     ids = [r["extra_info"]["pair_id"] for r in table]
     assert len(ids) == 4 and sum(i.startswith("p") for i in ids) == 2 and sum(i.startswith("s") for i in ids) == 2
     assert [e["event"] for e in run()] == ["mix", "skip", "skip"]  # rerun: nothing generated or rewritten
+
+
+# ------------------------------------------------------------------------- instances cut by the frame, each edge
+
+FRAME_W, FRAME_H, SIDE = 200, 150, 40  # one photo; square instances of SIDE px (area 1600 >= min_area_px)
+BORDER = 2  # photo.yaml instances.border_px
+# (x, y) of an instance's box: touching each of the four edges (within the border), then one pixel further in
+EDGE_CASES = {
+    "left": ((BORDER, 50), (BORDER + 1, 50)),
+    "top": ((80, BORDER), (80, BORDER + 1)),
+    "right": ((FRAME_W - BORDER - SIDE, 50), (FRAME_W - BORDER - SIDE - 1, 50)),
+    "bottom": ((80, FRAME_H - BORDER - SIDE), (80, FRAME_H - BORDER - SIDE - 1)),
+}
+
+
+def one_instance_coco(folder: Path, x: int, y: int) -> Path:
+    """A COCO set of one photo with a square instance at (x, y), the case (only its position varies), and one in
+    the middle that is always usable (a set with no usable instance is refused as a whole)."""
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (FRAME_W, FRAME_H), (120, 90, 60)).save(folder / "images" / "p.jpg")
+
+    def square(ann_id: int, x: int, y: int) -> dict:
+        polygon = [x, y, x + SIDE, y, x + SIDE, y + SIDE, x, y + SIDE]
+        box = {"bbox": [x, y, SIDE, SIDE], "area": SIDE * SIDE, "iscrowd": 0, "segmentation": [polygon]}
+        return {"id": ann_id, "image_id": 1, "category_id": 1, **box}
+
+    raw = {
+        "images": [{"id": 1, "file_name": "p.jpg", "width": FRAME_W, "height": FRAME_H}],
+        "annotations": [square(1, x, y), square(2, 80, 55)],
+        "categories": [{"id": 1, "name": "box"}],
+    }
+    path = folder / "annotations.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize("edge", sorted(EDGE_CASES))
+def test_an_instance_cut_by_any_edge_is_never_used(tmp_path, edge):
+    assert P.load_settings()["instances"]["border_px"] == BORDER
+    cut, inside = EDGE_CASES[edge]
+    for (x, y), truncated in ((cut, 1), (inside, 0)):
+        folder = tmp_path / f"{x}-{y}"
+        coco = load_coco(one_instance_coco(folder, x, y), folder / "images", P.load_settings())
+        assert coco.skipped["truncated"] == truncated, (edge, x, y)
+        assert sorted(i.ann_id for i in coco.instances) == ([2] if truncated else [1, 2]), (edge, x, y)
