@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import test_launch
 
 from recipes.dig import launch
 from recipes.dig.handoff import check_init_model
@@ -16,16 +17,7 @@ from recipes.dig.settings import REPO_ROOT as REPO
 pytestmark = pytest.mark.verl
 
 PREFIX = "python -m recipes.dig.launch: error: "
-
-
-@pytest.fixture
-def launch_env(tmp_path, monkeypatch):
-    for key in KNOB_NAMES:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("DRY_RUN", "1")
-    monkeypatch.setenv("CKPT_DIR", str(tmp_path / "ckpt"))
-    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
-    return tmp_path
+launch_env = test_launch.launch_env  # the launch tests' clean environment (a fixture): DRY_RUN, CKPT_DIR, DATA_DIR
 
 
 def one_line_error(capsys, argv) -> str:
@@ -192,3 +184,30 @@ def test_nodes_default_to_slurm_s_count(launch_env, monkeypatch, env, nodes):
         monkeypatch.setenv(key, value)
     plan = launch.plan_stage(launch.Settings.from_env(1, []))
     assert plan.cfg.trainer.nnodes == nodes
+
+
+# ---- a stage-1 merge folder that lacks one part is not a finished merge ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "weights", "merged"), [(True, False, False), (False, True, False), (True, True, True)]
+)
+def test_stage2_plans_the_merge_unless_the_merged_folder_is_complete(launch_env, config, weights, merged):
+    """Stage 1 finished at step 4; its hf_merged/global_step_4 holds config.json and/or weights (one part varies):
+    only both make it a finished merge, else stage 2 plans the merge again."""
+    stage1 = launch_env / "ckpt" / "dig" / "qwen3_vl_8b_thinking_stage1"
+    actor = stage1 / "global_step_4" / "actor"
+    actor.mkdir(parents=True)
+    (actor / "fsdp_config.json").write_text("{}")
+    (actor / "model_world_size_1_rank_0.pt").write_bytes(b"\0")
+    (stage1 / "dig_stage_done.json").write_text(json.dumps({"global_step": 4}))
+    target = stage1 / "hf_merged" / "global_step_4"
+    target.mkdir(parents=True)
+    if config:
+        (target / "config.json").write_text("{}")
+    if weights:
+        (target / "model.safetensors").write_bytes(b"\0")
+    plan = launch.plan_stage(launch.Settings.from_env(2, []))
+    assert plan.cfg.actor_rollout_ref.model.path == str(target)
+    assert (plan.handoff.merge_command is None) == merged
+    assert ("already merged" in plan.handoff.note) == merged
