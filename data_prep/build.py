@@ -98,9 +98,10 @@ def parquet_path(data_dir: Path, stage: Stage, split: str) -> Path:
 
 
 def manifest_size(pairs_dir: Path, num: int) -> int:
-    """How many of the run's first ``num`` pairs the manifest already lists."""
-    entries = read_manifest(pairs_dir, required=False).entries
-    return sum(1 for e in entries if e.index is not None and e.index < num)
+    """How many of the run's first ``num`` pairs the manifest already lists with all their files (a pair that
+    lost one is missing: the generator makes it again)."""
+    manifest = read_manifest(pairs_dir, required=False)
+    return sum(1 for e in manifest.entries if e.index is not None and e.index < num and manifest.complete(e))
 
 
 def _shared_config(run: Run, out: Path, options: BuildOptions) -> dict:

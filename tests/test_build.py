@@ -128,6 +128,19 @@ def test_rerun_skips_generation_and_conversion(tmp_path):
     assert generator.calls == [] and train.stat().st_mtime_ns == stamp
 
 
+def test_rerun_remakes_a_listed_pair_that_lost_its_image(tmp_path):
+    generator = CountingGenerator()
+    B.build(tmp_path, MODEL, ["1"], small(), SMALL, generator, log=lambda e: None)
+    pairs = tmp_path / "pairs" / "stage1" / "train"
+    lost = json.loads((pairs / "manifest.jsonl").read_text().splitlines()[1])
+    (pairs / lost["image_b"]).unlink()
+    generator.calls.clear()
+    events = B.build(tmp_path, MODEL, ["1"], small(), SMALL, generator, log=lambda e: None)
+    assert generator.calls == [(Path("stage1/train"), 1, "1")]  # not trusted because it is listed
+    assert (pairs / lost["image_b"]).is_file()
+    assert [e["event"] for e in events] == ["skip", "skip"]  # the same pairs: the parquets stand
+
+
 def test_rerun_with_more_pairs_generates_only_the_missing_ones(tmp_path):
     generator = CountingGenerator()
     B.build(tmp_path, MODEL, ["1"], small(num_train=2, num_val=1), SMALL, generator, log=lambda e: None)
