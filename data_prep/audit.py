@@ -248,12 +248,22 @@ def audit(
     return report
 
 
+FLAGGED_NAME = Path("audit_flagged.png")  # --gallery without a path: this file in the pair set's folder
+
+
 @cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
     p = tool_parser(PROG, __doc__)
     p.add_argument("--pairs", type=Path, required=True, help="output directory of a generation run")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
-    p.add_argument("--gallery", type=Path, default=None, help="PNG of the flagged pairs (A | B | change heat map)")
+    p.add_argument(
+        "--gallery",
+        type=Path,
+        nargs="?",
+        const=FLAGGED_NAME,
+        default=None,
+        help=f"PNG of the flagged pairs (A | B | change heat map); without a path: <pairs>/{FLAGGED_NAME}",
+    )
     p.add_argument("--gallery-limit", type=positive_int, default=GALLERY_LIMIT, help="at most this many gallery rows")
     p.add_argument("--scale", type=float, default=1.0, help="gallery image scale (e.g. 4 for 64x64 test pairs)")
     d = AuditRule()
@@ -264,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dilate-px", type=int, default=d.dilate_px)
     p.add_argument("--brief", action="store_true", help="print counts only (no per-box / per-pair lists)")
     args = p.parse_args(argv)
+    if args.gallery == FLAGGED_NAME:  # --gallery alone: next to the pairs, not in the working directory
+        args.gallery = args.pairs / FLAGGED_NAME
     check_cli_paths(args.pairs, {"--out": args.out, "--gallery": args.gallery})
     rule = AuditRule(args.box_intensity, args.box_min_px, args.blob_intensity, args.blob_fraction, args.dilate_px)
     report = audit(args.pairs, rule, args.gallery, args.scale, args.gallery_limit)

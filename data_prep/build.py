@@ -27,6 +27,7 @@ from pathlib import Path
 from data_prep import to_verl
 from data_prep.manifest import manifest_path, read_manifest
 from data_prep.render.generate import DEVICES
+from data_prep.runner import RESUME_HINT as PAIRS_KEPT
 from data_prep.stages import (
     RENDERED_ONLY,
     STAGES_FILE,
@@ -37,6 +38,7 @@ from data_prep.stages import (
     load_curriculum,
     load_source_mixes,
 )
+from dig_common.argtypes import positive_int
 from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.models import load_model_spec
 
@@ -96,9 +98,10 @@ def parquet_path(data_dir: Path, stage: Stage, split: str) -> Path:
 
 
 def manifest_size(pairs_dir: Path, num: int) -> int:
-    """How many of the run's first ``num`` pairs the manifest already lists."""
-    entries = read_manifest(pairs_dir, required=False).entries
-    return sum(1 for e in entries if e.index is not None and e.index < num)
+    """How many of the run's first ``num`` pairs the manifest already lists with all their files (a pair that
+    lost one is missing: the generator makes it again)."""
+    manifest = read_manifest(pairs_dir, required=False)
+    return sum(1 for e in manifest.entries if e.index is not None and e.index < num and manifest.complete(e))
 
 
 def _shared_config(run: Run, out: Path, options: BuildOptions) -> dict:
@@ -286,7 +289,11 @@ def _source_counts(data_dir: Path, stage: Stage, split: str, mix: SourceMix) -> 
     return counts
 
 
-@cli_main(PROG)
+# the generators keep every finished pair; a parquet is written under a temp name, then renamed
+RESUME_HINT = PAIRS_KEPT.replace("<out-dir>/manifest.jsonl", "<out-dir>/pairs/.../manifest.jsonl")
+
+
+@cli_main(PROG, on_interrupt=RESUME_HINT)
 def main(argv: list[str] | None = None) -> int:
     parser = tool_parser(PROG, __doc__)
     parser.add_argument("--out-dir", type=Path, required=True, help="the dataset folder (pairs/ and the parquets)")
@@ -303,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=Path, default=None, help="scene vocabulary YAML (generator default)")
     parser.add_argument("--coco", type=Path, default=None, help="photo source: COCO-format annotations (stages mix)")
     parser.add_argument("--images", type=Path, default=None, help="photo source: the image folder of --coco")
-    parser.add_argument("--num-train", type=int, default=None, help="pairs per train split (small runs)")
-    parser.add_argument("--num-val", type=int, default=None, help="pairs per val split")
-    parser.add_argument("--num-test", type=int, default=None, help="pairs per K of the test split")
+    parser.add_argument("--num-train", type=positive_int, default=None, help="pairs per train split (small runs)")
+    parser.add_argument("--num-val", type=positive_int, default=None, help="pairs per val split")
+    parser.add_argument("--num-test", type=positive_int, default=None, help="pairs per K of the test split")
     parser.add_argument("--system-prompt", default=None, help="'default' (prompts/system.txt) or literal text")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -140,6 +140,9 @@ def make_sheet(pairs_dir: Path, limit: int | None = SHEET_LIMIT, columns: int = 
     return sheet
 
 
+GALLERY_NAME = "gallery.png"  # the contact sheet's default file, in the pair set's folder
+
+
 def check_cli_paths(pairs_dir: Path, outputs: dict[str, Path | None]) -> None:
     """--pairs is a folder and no output file (flag -> path) is a folder; data_prep.audit shares this."""
     if not pairs_dir.is_dir():
@@ -159,11 +162,12 @@ def save_png(image: Image.Image, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = tool_parser(PROG, __doc__)
     p.add_argument("--pairs", type=Path, required=True, help="output directory of a generation run")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    p.add_argument("--out", type=Path, default=None, help=f"PNG file to write (default: <pairs>/{GALLERY_NAME})")
     p.add_argument("--limit", type=positive_int, default=SHEET_LIMIT, help=f"at most this many pairs ({SHEET_LIMIT})")
     p.add_argument("--columns", type=positive_int, default=2)
     p.add_argument("--scale", type=float, default=1.0, help="image scale (e.g. 4 for 64x64 test pairs)")
     args = p.parse_args(argv)
+    args.out = args.out or args.pairs / GALLERY_NAME  # next to the pairs it shows, not in the working directory
     check_cli_paths(args.pairs, {"--out": args.out})
     sheet = make_sheet(args.pairs, args.limit, args.columns, args.scale)
     save_png(sheet, args.out)

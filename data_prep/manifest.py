@@ -23,6 +23,7 @@ class ManifestEntry:
     num_differences: int | None
     types: tuple[str, ...] | None
     index: int | None  # the generator index of the pair (runs made before it was recorded have none)
+    images: tuple[str, ...] = ()  # image_a, image_b, relative like ``json`` (lines that list them)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class Manifest:
 
     def record_path(self, entry: ManifestEntry) -> Path:
         return self.path.parent / entry.json
+
+    def complete(self, entry: ManifestEntry) -> bool:
+        """The pair's files are all on disk: its record and the images its line lists (a resume trusts no less)."""
+        return all((self.path.parent / name).is_file() for name in (entry.json, *entry.images))
 
 
 def manifest_path(pairs_dir: Path) -> Path:
@@ -78,6 +83,7 @@ def _entry(raw: object) -> ManifestEntry:
         num_differences=None if k is None else int(k),
         types=None if types is None else tuple(str(t) for t in types),
         index=None if index is None else int(index),
+        images=tuple(str(raw[key]) for key in ("image_a", "image_b") if raw.get(key)),
     )
 
 

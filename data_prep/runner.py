@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from data_prep.manifest import append_entry, end_torn_line, read_manifest
 from dig_common.cli import CliError
+from dig_common.crashpoints import crash_point
 from dig_common.fileio import TMP_MARK, atomic_write_text
 
 # ---------------------------------------------------------------------------------------------- seeds and K
@@ -52,11 +53,19 @@ def parse_k(k: int | str, what: str = "--k") -> tuple[int, int]:
     return lo, hi
 
 
+# What an interrupted generator says (dig_common.cli): run_local commits every finished pair before stopping
+RESUME_HINT = "every finished pair is kept (listed in <out-dir>/manifest.jsonl); rerun the same command to resume"
+
 STATS = "stats.json"
 CONFIG = "config.json"
 SUMMARY_KEYS = ("accepted", "candidates", "rejected", "acceptance_rate", "this_run")  # the CLI's one output line
 
 Result = tuple[dict, dict]  # (manifest entry, stats delta) of one finished pair
+
+
+class GateError(ValueError):
+    """No candidate of a pair passed the gates: the settings ask for what these inputs cannot give (a --k too
+    large, gates too strict). Bad input, so one ``prog: error:`` line naming the pair and the fix, exit 2."""
 
 
 @dataclass(kw_only=True)
@@ -80,8 +89,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad flag, before anything is read or written."""
-        if not isinstance(self.num, int) or self.num < 0:
-            raise ValueError(f"--num: expected an integer >= 0, got {self.num!r}")
+        if not isinstance(self.num, int) or self.num < 1:
+            raise ValueError(f"--num: expected an integer >= 1 (the pairs of the whole run), got {self.num!r}")
         parse_k(self.k)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"--seed: expected an integer >= 0, got {self.seed!r}")
@@ -173,17 +182,26 @@ class RunState:
         self.lock = threading.Lock()
         for stale in self.shard_dir.glob(f"*{TMP_MARK}*"):  # leftovers of a killed run
             stale.unlink(missing_ok=True)
-        self.done = self._read_manifest()
+        manifest = read_manifest(self.out, required=False)
+        end_torn_line(self.out)
+        # a pair counts as made only with all its files: one listed whose record or an image was lost is made again
+        self.done = {e.pair_id for e in manifest.entries if manifest.complete(e)}
         self.stats = self._read_stats()
         self.stats["renderer_settings"] = cfg.render_settings()
+        self._recount([e for e in manifest.entries if e.json.startswith(f"{self.shard_dir.name}/")])
 
     def _check_config(self, want: dict, added_later: dict) -> None:
+        """config.json binds a folder to its settings once it holds a pair: a folder where no pair was finished
+        (a first run refused at its first pair, e.g. --k too large) takes the new settings."""
         path = self.out / CONFIG
         if not path.exists():
             atomic_write_text(path, json.dumps(want, indent=1))
             return
         have = {**added_later, **json.loads(path.read_text())}
         diff = [key for key in want if have.get(key) != want[key]]
+        if diff and not read_manifest(self.out, required=False).entries:
+            atomic_write_text(path, json.dumps(want, indent=1))
+            return
         if diff:
             changes = ", ".join(f"{d}: {have.get(d)!r} -> {want[d]!r}" for d in diff)
             raise ValueError(
@@ -191,10 +209,30 @@ class RunState:
                 "use a new --out-dir or the same settings to resume"
             )
 
-    def _read_manifest(self) -> set[str]:
-        manifest = read_manifest(self.out, required=False)
-        end_torn_line(self.out)
-        return {e.pair_id for e in manifest.entries if manifest.record_path(e).exists()}
+    def _recount(self, listed: list) -> None:
+        """Make this shard's stats count every pair its manifest lists (``listed``, in file order).
+
+        ``commit`` appends the manifest line, then rewrites stats.json: a run killed between the two leaves a
+        pair listed but not counted. stats.json names the pairs it counted (``counted``; a run from before that
+        key counted the first ``accepted`` lines); a listed, complete pair missing there is counted now, its
+        accepted candidate and change types (its rejections and CPU time died with the run: ``recounted``)."""
+        st = self.stats
+        counted = st.get("counted")
+        if counted is None:
+            counted = [e.pair_id for e in listed[: st["accepted"]]]
+        known = set(counted)
+        missed = [e for e in listed if e.pair_id not in known and e.pair_id in self.done]
+        for e in missed:
+            st["accepted"] += 1
+            st["candidates"] += 1
+            st["differences_by_type"].update(e.types or ())
+            counted.append(e.pair_id)
+        st["counted"] = counted
+        self.counted = set(counted)
+        if missed:
+            st["recounted"] = st.get("recounted", 0) + len(missed)
+            with self.lock:
+                self._write_stats()
 
     def _read_stats(self) -> dict:
         path = self.shard_dir / STATS
@@ -211,22 +249,30 @@ class RunState:
         return [j for j in range(self.cfg.num) if j % n == i and self.cfg.pair_id(j) not in self.done]
 
     def commit(self, record: dict, delta: dict) -> None:
-        """Append the finished pair to the manifest (one O_APPEND write) and update the stats."""
+        """Append the finished pair to the manifest (one O_APPEND write), then rewrite the stats. A kill between
+        the two leaves the pair listed but not counted: the next run's ``_recount`` counts it. A pair counted
+        before (its files were lost, so it was made again) adds its new work but is not accepted twice."""
+        pid = record["pair_id"]
         with self.lock:
-            if record["pair_id"] in self.done:
+            if pid in self.done:
                 return
             append_entry(self.out, record)
-            self.done.add(record["pair_id"])
+            self.done.add(pid)
+            crash_point("pair-listed")
             st = self.stats
-            st["accepted"] += 1
+            if pid not in self.counted:
+                self.counted.add(pid)
+                st["counted"].append(pid)
+                st["accepted"] += 1
+                st["differences_by_type"].update(record["types"])
             st["candidates"] += delta["candidates"]
             st["rejected"].update(delta["rejected"])
             st["render_cpu_s"] = round(st["render_cpu_s"] + delta["render_cpu_s"], 3)
             st["peak_rss_mb_per_worker"] = round(
                 max(st.get("peak_rss_mb_per_worker", 0.0), delta.get("peak_rss_mb", 0.0)), 1
             )
-            st["differences_by_type"].update(record["types"])
             self._write_stats()
+        crash_point("pair-committed")
 
     def _write_stats(self) -> None:
         st = dict(
@@ -240,14 +286,16 @@ class RunState:
         for p in sorted(self.out.glob(f"shard-*/{STATS}")):
             with contextlib.suppress(json.JSONDecodeError, OSError):
                 s = json.loads(p.read_text())
-                for key in ("accepted", "candidates", "render_cpu_s"):
-                    total[key] += s.get(key, 0)
+                for key in ("accepted", "candidates", "render_cpu_s", "recounted"):
+                    total[key] = total.get(key, 0) + s.get(key, 0)
                 total["rejected"].update(s.get("rejected", {}))
                 total["differences_by_type"].update(s.get("differences_by_type", {}))
                 total["shards"].append(p.parent.name)
                 total["peak_rss_mb_per_worker"] = max(
                     total.get("peak_rss_mb_per_worker", 0.0), s.get("peak_rss_mb_per_worker", 0.0)
                 )
+        if not total["recounted"]:
+            del total["recounted"]
         total["rejected_total"] = sum(total["rejected"].values())
         total["acceptance_rate"] = round(total["accepted"] / total["candidates"], 4) if total["candidates"] else None
         total["renderer_settings"] = self.stats["renderer_settings"]
@@ -291,10 +339,18 @@ def run(state: RunState, local: Callable[[list[int]], None], ray: Callable[[list
     return stats
 
 
-def run_local(state: RunState, todo: list[int], make: Callable[[int], Result], pool: futures.Executor | None) -> None:
+def run_local(
+    state: RunState,
+    todo: list[int],
+    make: Callable[[int], Result],
+    pool: futures.Executor | None,
+    stop: Callable[[], None] | None = None,
+) -> None:
     """``make(index)`` for every pending index on ``pool`` (in this thread when None), each pair committed as it
     finishes. The first error stops the run: nothing new starts, the pairs already being made are finished and
-    committed, then the error is raised (it names the pair)."""
+    committed, then the error is raised (it names the pair). An interrupt (Ctrl-C, SIGINT) stops it at once:
+    queued pairs never start, ``stop()`` ends the ones being made (the render workers), and every pair that
+    finished, before or while stopping, is committed before the interrupt goes on (rerun to resume)."""
     with progress_bar(state.cfg, len(todo)) as bar:
         if pool is None:
             for index in todo:
@@ -310,19 +366,26 @@ def run_local(state: RunState, todo: list[int], make: Callable[[int], Result], p
                     pending.add(pool.submit(make, index))
                 if not pending:
                     break
-                done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-                for fut in done:
+                done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                for fut in done:  # leaves ``pending`` only once committed: an interrupt here loses nothing
                     if fut.cancelled():
-                        continue
-                    if fut.exception() is None:
+                        pass
+                    elif fut.exception() is None:
                         _commit(state, bar, [fut.result()])
                     elif error is None:
                         error = fut.exception()
                         for other in pending:
                             other.cancel()
-        except BaseException:  # Ctrl-C: what has not started never will
+                    pending.discard(fut)
+        except BaseException:  # Ctrl-C: what has not started never will; what finished is kept
             for fut in pending:
                 fut.cancel()
+            if stop is not None:
+                stop()
+            finished, _ = futures.wait(pending)  # quick: the rest were cancelled or stopped
+            for fut in finished:
+                if not fut.cancelled() and fut.exception() is None:
+                    _commit(state, bar, [fut.result()])
             raise
         if error is not None:
             raise error

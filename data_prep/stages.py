@@ -86,8 +86,8 @@ def _run(raw, stage_defaults: dict, where: str, max_differences: int) -> Run:
             "(K = 0 pairs come from no_diff_fraction)"
         )
     num, seed = merged["num"], merged["seed"]
-    if not isinstance(num, int) or num < 0:
-        raise ValueError(f"{where}: num must be a non-negative integer, got {num!r}")
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"{where}: num must be an integer >= 1 (the pairs of this run), got {num!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"{where}: seed must be a non-negative integer, got {seed!r}")
     fraction = float(merged.get("no_diff_fraction", 0.0))

@@ -101,7 +101,8 @@ def write_pairs(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    done = {e.index for e in read_manifest(out, required=False).entries}
+    manifest = read_manifest(out, required=False)
+    done = {e.index for e in manifest.entries if manifest.complete(e)}  # as the generators: all files, or made again
     for index in range(num):
         if index in done:
             continue

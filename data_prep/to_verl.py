@@ -31,13 +31,13 @@ from dig_common.argtypes import positive_int
 from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.fileio import atomic_output
 from dig_common.models import ModelSpec, load_model_spec
+from dig_common.parquet import METADATA_KEY
 from dig_common.prompts import build_prompt
 
 PROG = "python -m data_prep.to_verl"
 DATA_SOURCE = "dig"
 ABILITY = "grounding"
 FORMAT_VERSION = 2  # 2: extra_info carries difficulty and num_objects_a/b
-METADATA_KEY = b"dig"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFAULT_ROW_GROUP = 16  # rows per row group (~7 MB of PNGs at 480x320): peak RSS flat from 200 to 2,000 pairs
 PNG_COLUMN = "images.list.element.bytes"
@@ -318,6 +318,8 @@ def plan_conversion(
                 raise ValueError(f"pair {ref.pair_id} appears in both {seen[ref.pair_id]} and {pairs_dir}")
             seen[ref.pair_id] = pairs_dir
             refs.append(ref)
+    if not pairs_dirs:
+        raise ValueError("no pair set to convert: give --pairs DIR (the output folder of a generation run)")
     if not refs:
         raise ValueError(f"no pairs in {', '.join(map(str, pairs_dirs))}: the manifests are empty")
     prompt = build_prompt(spec, system_prompt)

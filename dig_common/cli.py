@@ -23,6 +23,9 @@ from collections.abc import Callable
 import yaml
 
 USAGE_EXIT = 2  # bad input (argparse uses 2 for a bad flag too); 1 = the tool ran and its check failed
+INTERRUPT_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+# What an interrupted tool says when it names no resume of its own: its writes are atomic (dig_common.fileio)
+NOTHING_HALF_WRITTEN = "nothing half-written was left (files are renamed into place when complete)"
 
 
 class CliError(Exception):
@@ -35,8 +38,12 @@ USER_ERRORS = (CliError, ValueError, FileNotFoundError, NotADirectoryError, IsAD
 Main = Callable[[list[str] | None], int | None]
 
 
-def cli_main(prog: str) -> Callable[[Main], Callable[[list[str] | None], int]]:
-    """Wrap a tool's ``main(argv)``: bad input becomes one ``prog: error: ...`` line and status 2."""
+def cli_main(
+    prog: str, on_interrupt: str = NOTHING_HALF_WRITTEN
+) -> Callable[[Main], Callable[[list[str] | None], int]]:
+    """Wrap a tool's ``main(argv)``: bad input becomes one ``prog: error: ...`` line and status 2; Ctrl-C
+    (KeyboardInterrupt) one ``prog: interrupted: <on_interrupt>`` line and status 130, where ``on_interrupt``
+    says what was kept and how to resume (a tool that resumes says so)."""
 
     def wrap(main: Main) -> Callable[[list[str] | None], int]:
         @functools.wraps(main)
@@ -48,6 +55,11 @@ def cli_main(prog: str) -> Callable[[Main], Callable[[list[str] | None], int]]:
                     raise
                 print(f"{prog}: error: {err}", file=sys.stderr)
                 return USAGE_EXIT
+            except KeyboardInterrupt:
+                if os.environ.get("DIG_DEBUG"):
+                    raise
+                print(f"\n{prog}: interrupted: {on_interrupt}", file=sys.stderr, flush=True)
+                return INTERRUPT_EXIT
 
         return wrapped
 

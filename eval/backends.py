@@ -311,10 +311,29 @@ def build_backend(
     return HFBackend(model_path, spec, **decoding)
 
 
+def end_cut_line(path: Path) -> None:
+    """A run killed mid-write leaves a cut last line (no newline, not JSON): drop it, so that resuming answers that
+    id again and appends after complete lines. A complete line that only lacks its newline gets one."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:])
+    except ValueError:
+        with open(path, "r+b") as handle:
+            handle.truncate(start)
+        print(f"eval: {path}: dropped a last line cut by a killed run; its answer is made again", file=sys.stderr)
+        return
+    with open(path, "ab") as handle:
+        handle.write(b"\n")
+
+
 def read_done(path: Path, key: str) -> set[str]:
-    """Ids already answered in a predictions file (for resuming)."""
+    """Ids already answered in a predictions file (for resuming); a last line cut by a kill is dropped first."""
     if not path.exists():
         return set()
+    end_cut_line(path)
     done = set()
     with open(path) as handle:
         for number, line in enumerate(handle, 1):
@@ -324,8 +343,8 @@ def read_done(path: Path, key: str) -> set[str]:
                 done.add(str(json.loads(line)[key]))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(
-                    f"{path}:{number}: not a predictions line with {key!r} ({err}); a run killed mid-write leaves "
-                    "a cut last line: delete it and rerun to resume"
+                    f"{path}:{number}: not a predictions line with {key!r} ({err}); fix or delete that line, then "
+                    "rerun to resume"
                 ) from err
     return done
 

@@ -28,12 +28,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from dig_common.argtypes import positive_int
 from dig_common.cli import cli_main, tool_parser
 from dig_common.fileio import atomic_write_text
-from dig_common.models import load_model_spec
+from dig_common.models import DEFAULT_MODEL, ModelSpec, load_model_spec
+from dig_common.parquet import model_mismatch, open_parquet, recorded_model
 from eval.options import (
     add_generation_args,
     add_model_arg,
@@ -53,17 +54,18 @@ METRIC_KEYS = ("precision", "recall", "f1", "miou", "count_accuracy")
 
 def read_rows(path: str | Path, columns: list[str] | None = None) -> list[dict]:
     """Rows of a DiG parquet (docs/contracts.md, parquet row) as dicts; ``columns`` limits what is read (images are large)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data: no such parquet file: {path}")
-    schema = pq.read_schema(path)
-    wanted = columns or schema.names
-    missing = [c for c in wanted if c not in schema.names]
+    parquet = open_parquet(path)
+    names = parquet.schema_arrow.names
+    wanted = columns or names
+    missing = [c for c in wanted if c not in names]
     if missing:
         raise ValueError(
             f"{path}: missing column(s) {', '.join(missing)} (a parquet row (docs/contracts.md) has {SCORE_COLUMNS})"
         )
-    rows = pq.read_table(path, columns=wanted).to_pylist()
+    try:
+        rows = parquet.read(columns=wanted).to_pylist()
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"--data {path}: cannot read its rows ({err}); rebuild it with data_prep.build") from err
     for i, row in enumerate(rows):
         extra = row.get("extra_info") or {}
         if "extra_info" in wanted and not extra.get("pair_id"):
@@ -73,7 +75,7 @@ def read_rows(path: str | Path, columns: list[str] | None = None) -> list[dict]:
 
 def iter_row_batches(path: str | Path, batch_size: int, columns: list[str] | None = None) -> Iterator[list[dict]]:
     """Stream rows with their images in batches (generation needs the PNG bytes, scoring does not)."""
-    parquet = pq.ParquetFile(path)
+    parquet = open_parquet(path)
     for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
         yield batch.to_pylist()
 
@@ -150,7 +152,7 @@ def per_type_summary(samples: list[dict]) -> dict:
     """Per change type t. Box level (what a type-specific number can mean, predictions carry no type):
     ``n`` GT boxes of type t, ``recall`` = share of them matched (IoU >= threshold), ``miou`` = mean IoU of
     those that got a Hungarian partner. Pair level, over the ``n_pairs`` pairs holding a type-t difference:
-    ``precision``, ``f1``, ``count_accuracy``."""
+    ``precision``, ``pair_recall``, ``f1``, ``count_accuracy`` (means of the reward's per-pair values)."""
     boxes: dict[str, list[tuple[bool, float | None]]] = defaultdict(list)
     pairs: dict[str, list[dict]] = defaultdict(list)
     for s in samples:
@@ -172,6 +174,7 @@ def per_type_summary(samples: list[dict]) -> dict:
             "recall": _mean([float(hit) for hit, _ in boxes[t]]),
             "miou": _mean(ious) if ious else 0.0,
             "precision": pair_stats["precision"],
+            "pair_recall": pair_stats["recall"],
             "f1": pair_stats["f1"],
             "count_accuracy": pair_stats["count_accuracy"],
             "n_pairs": pair_stats["n"],
@@ -241,21 +244,31 @@ def _pct(value: float | None) -> str:
 
 
 def markdown(results: dict) -> str:
-    """One table: overall, one row per K, one per change type (values in percent)."""
+    """Two tables (values in percent): pairs (overall, one row per K), then change types, whose box-level
+    columns (a type belongs to a GT box) and pair-level columns (a prediction has no type) are labelled apart."""
     lines = [
-        "| subset | n | precision | recall | F1 | mIoU | count acc |",
+        "| subset | pairs | precision | recall | F1 | mIoU | count acc |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def row(label: str, stats: dict, n: str | None = None) -> None:
+    def row(label: str, stats: dict) -> None:
         cells = [_pct(stats.get(k)) for k in METRIC_KEYS]
-        lines.append(f"| {label} | {n or stats['n']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {stats['n']} | " + " | ".join(cells) + " |")
 
     row("**overall**", results["overall"])
     for k, stats in results["per_k"].items():
         row(f"K = {k}", stats)
-    for t, stats in results["per_type"].items():
-        row(f"type: {t}", stats, n=f"{stats['n']} boxes / {stats['n_pairs']} pairs")
+    if results["per_type"]:
+        lines += [
+            "",
+            "| change type | GT boxes | box recall | box mIoU | pairs with it | pair precision | pair recall | "
+            "pair F1 | pair count acc |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for t, st in results["per_type"].items():
+            cells = [_pct(st[k]) for k in ("recall", "miou")] + [str(st["n_pairs"])]
+            cells += [_pct(st[k]) for k in ("precision", "pair_recall", "f1", "count_accuracy")]
+            lines.append(f"| {t} | {st['n']} | " + " | ".join(cells) + " |")
     nd = results["no_difference"]
     lines.append("")
     lines.append(
@@ -421,6 +434,21 @@ def write_results(out: Path, results: dict, table: str, samples: list[dict], too
     print(f"{tool}: wrote {', '.join(map(str, written))}", file=sys.stderr)
 
 
+def check_data_model(data: str | Path, spec: ModelSpec, model_flag: str) -> None:
+    """Refuse to score rows written for another model: its frame or pixel bounds would score right answers 0."""
+    parquet = open_parquet(data)
+    why = model_mismatch(parquet, spec)
+    if why is None:
+        return
+    built_for = recorded_model(parquet)
+    given = f"--model {model_flag}" + (" (the default)" if model_flag == DEFAULT_MODEL else "")
+    fix = f"pass --model {built_for}" if built_for else "pass the --model it was built with"
+    raise ValueError(
+        f"--data {data} was built for {built_for or 'another model'}, not for {given}: {why}; {fix}, or rebuild "
+        f"the data with data_prep.build --model {spec.model_name}"
+    )
+
+
 def generate_predictions(args, spec, out: Path) -> Path:
     """Run the backend over the pairs that have no answer yet; answers are appended as batches finish."""
     from eval.backends import dig_request, generate_to_file, read_done
@@ -452,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@cli_main(PROG)
+# answers are appended per finished batch (eval.backends.generate_to_file), which a rerun skips
+RESUME_HINT = "the answers of finished batches are in <out>.predictions.jsonl; rerun the same command to resume"
+
+
+@cli_main(PROG, on_interrupt=RESUME_HINT)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -462,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     decoding = check_generation_args(args, spec, n=args.samples)
     out = Path(args.out)
     rows = read_rows(args.data, SCORE_COLUMNS)
+    check_data_model(args.data, spec, args.model)
     pred_path = Path(args.predictions) if args.predictions else generate_predictions(args, spec, out)
     responses, truncated = read_sampled_predictions(pred_path)
     samples = score_samples(rows, responses, knobs, args.allow_missing)

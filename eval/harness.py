@@ -600,9 +600,28 @@ def check_run(args: argparse.Namespace, spec: ModelSpec) -> None:
             raise CliError("VLMEvalKit with vLLM runs one process over all visible GPUs: drop --num-processes")
     if args.dry_run:
         return
-    if args.harness == "lmms_eval" and importlib.util.find_spec("lmms_eval") is None:
-        raise CliError("lmms-eval is not installed in this environment: pip install lmms-eval==0.7.3 (or --dry-run)")
+    if args.harness == "lmms_eval":
+        check_lmms_eval()
     require_backend(args.backend)
+
+
+LMMS_EVAL_INSTALL = "pip install lmms-eval==0.7.3"
+
+
+def check_lmms_eval(python: str = sys.executable) -> None:
+    """lmms-eval must import in the Python that runs it, not only be present: installed without its dependencies
+    (``pip install --no-deps``, as the test venv has it) it dies at its first import, after which the run would
+    collect an empty table. The import runs in a child, as the harness will."""
+    if importlib.util.find_spec("lmms_eval") is None:
+        raise CliError(f"lmms-eval is not installed in this environment: {LMMS_EVAL_INSTALL} (or --dry-run)")
+    proc = subprocess.run([python, "-c", "import lmms_eval.__main__"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        cause = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise CliError(
+            f"lmms-eval is installed but does not import here ({cause}), so it lacks its dependencies: "
+            f"{LMMS_EVAL_INSTALL} installs them (or --dry-run)"
+        )
 
 
 @cli_main(PROG)
@@ -648,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             print(f"eval.harness: the harness exited with {rc}; collecting whatever it wrote", file=sys.stderr)
     else:
+        rc = 0
         if not out_dir.is_dir():
             raise CliError(f"--out-dir {out_dir}: no such folder (the harness output of `{PROG} run`)")
         plan = {b.key: b.entry(args.harness, args.judge_free) for b in benchmarks}
@@ -660,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown_table(table, harness=args.harness)
     atomic_write_text(out.with_suffix(".md"), md + "\n")
     print(md)
+    if rc != 0:  # the tool ran and its check failed (docs/cli.md): the table holds only what the harness wrote
+        print(f"eval.harness: the harness failed (exit {rc}); {out} holds what it wrote before", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -40,7 +40,7 @@ from dig_common.checkpoints import hf_download_command
 from dig_common.cli import CliError, cli_main, tool_parser
 from dig_common.models import ModelSpec, load_model_spec
 from dig_common.prompts import coordinate_frame
-from eval.dig import read_predictions, sibling, write_results
+from eval.dig import RESUME_HINT, read_predictions, sibling, write_results
 from eval.options import add_generation_args, add_model_arg, backend_from_args, check_generation_args
 from eval.scoring import reward_knobs
 from reward_fns import geometry
@@ -200,7 +200,7 @@ def check_refcoco_dir(refcoco_dir: str | Path, splits: list[tuple[str, str]]) ->
         split_files(refcoco_dir, dataset, split)
 
 
-@cli_main(PROG)
+@cli_main(PROG, on_interrupt=RESUME_HINT)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 

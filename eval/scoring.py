@@ -25,7 +25,7 @@ def reward_knobs(spec: ModelSpec | None = None, **overrides) -> dict:
 
 @dataclass
 class ScoredAnswer:
-    metrics: dict[str, float]  # the reward's nine keys, identical to compute_score's output
+    metrics: dict[str, float]  # the reward's nine keys, identical to compute_score's output but its reward_error
     pred_boxes: list[list[float]] = field(default_factory=list)  # original pixels; [] when format failed
     gt_boxes: list[list[float]] = field(default_factory=list)
     width: float = 0.0

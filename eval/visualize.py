@@ -21,7 +21,6 @@ import json
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from dig_common.argtypes import positive_int
@@ -29,6 +28,8 @@ from dig_common.cli import cli_main, tool_parser
 from dig_common.drawing import draw_box
 from dig_common.fileio import atomic_output, atomic_write_text
 from dig_common.models import load_model_spec
+from dig_common.parquet import open_parquet
+from eval.dig import check_data_model
 from eval.options import add_model_arg, require_file
 from eval.scoring import reward_knobs, score_response
 
@@ -49,7 +50,7 @@ def load_images(data: str | Path | None) -> tuple[dict[str, tuple[bytes, bytes]]
     if data is None:
         return {}, {}
     images, by_gt = {}, {}
-    parquet = pq.ParquetFile(data)
+    parquet = open_parquet(data)
     for batch in parquet.iter_batches(batch_size=64, columns=["images", "reward_model", "extra_info"]):
         for row in batch.to_pylist():
             pid = str(row["extra_info"]["pair_id"])
@@ -122,6 +123,22 @@ def _open(data: bytes | None, width: float, height: float) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
+def label(sample: dict) -> str:
+    """The pair id, and which answer to it when the pair was answered several times (eval.dig --samples N)."""
+    index = sample.get("sample")
+    return f"{sample['pair_id']} #{index + 1}" if index is not None else str(sample["pair_id"])
+
+
+def count_text(samples: list[dict]) -> str:
+    """ "4 pairs", or "16 answers (4 pairs x 4 samples)": a tile is one answer."""
+    pairs = len({str(s["pair_id"]) for s in samples})
+    if len(samples) == pairs:
+        return f"{pairs} pair{'s' if pairs != 1 else ''}"
+    per_pair = len(samples) / pairs if pairs else 0
+    shape = f"{pairs} pairs x {per_pair:g} samples" if per_pair.is_integer() else f"{pairs} pairs"
+    return f"{len(samples)} answers ({shape})"
+
+
 def render_tile(sample: dict, pngs: tuple[bytes, bytes] | None) -> Image.Image:
     """A | B at TILE_HEIGHT, GT boxes on both, predictions on B, caption underneath."""
     width, height = sample["width"], sample["height"]
@@ -144,7 +161,7 @@ def render_tile(sample: dict, pngs: tuple[bytes, bytes] | None) -> Image.Image:
     m = sample["metrics"]
     status = sample.get("error") or f"F1 {m['f1']:.2f}  mIoU {m['miou']:.2f}  pred {int(m['num_pred'])}"
     draw = ImageDraw.Draw(tile)
-    draw.text((3, TILE_HEIGHT + 2), f"{sample['pair_id']}  K={sample['num_gt']}", fill=(0, 0, 0))
+    draw.text((3, TILE_HEIGHT + 2), f"{label(sample)}  K={sample['num_gt']}", fill=(0, 0, 0))
     draw.text((3, TILE_HEIGHT + 17), status[:90], fill=(0, 0, 0) if not sample.get("error") else PRED_COLOR)
     return tile
 
@@ -174,7 +191,7 @@ def html_page(samples: list[dict], tile_files: list[str], title: str) -> str:
         if s.get("error"):
             facts += f' · <span class="err">format failed: {html.escape(s["error"])}</span>'
         cards.append(
-            f'<div class="card"><h3>{html.escape(str(s["pair_id"]))}</h3><img src="{html.escape(tile)}" loading="lazy">'
+            f'<div class="card"><h3>{html.escape(label(s))}</h3><img src="{html.escape(tile)}" loading="lazy">'
             f"<p>{facts}</p><details><summary>response</summary><pre>{html.escape(s.get('response') or '')}</pre>"
             "</details></div>"
         )
@@ -227,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, metavar="FILE", help="the parquet the pairs come from (for the images)")
     add_model_arg(parser, purpose=", to re-score verl dumps")
     parser.add_argument("--out-dir", required=True, metavar="DIR", help="gallery folder (contact sheet, page, tiles)")
-    parser.add_argument("--limit", type=positive_int, default=48, help="at most N pairs in the gallery")
+    parser.add_argument(
+        "--limit", type=positive_int, default=48, help="at most N tiles (one per answer; a pair sampled n times has n)"
+    )
     parser.add_argument("--sort", choices=SORTS, default="order")
     parser.add_argument("--columns", type=positive_int, default=4)
     return parser
@@ -243,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         require_file(args.samples, "--samples")
     else:
         require_file(args.verl_dump, "--verl-dump")
-        knobs = reward_knobs(load_model_spec(args.model))
+        spec = load_model_spec(args.model)
+        knobs = reward_knobs(spec)
+        if args.data:  # the dump is re-scored in the model's frame: the rows must be that model's
+            check_data_model(args.data, spec, args.model)
     images, by_gt = load_images(args.data)
     if args.samples:
         samples, title = samples_from_eval(args.samples), f"DiG predictions: {args.samples}"
@@ -251,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         samples, title = samples_from_verl_dump(args.verl_dump, knobs, by_gt), f"verl validation: {args.verl_dump}"
     samples = order_samples(samples, args.sort, args.limit)
     paths = write_gallery(samples, images, args.out_dir, title=title, columns=args.columns)
-    print(f"eval.visualize: {len(samples)} pairs -> {paths['contact_sheet']}, {paths['html']}")
+    print(f"eval.visualize: {count_text(samples)} -> {paths['contact_sheet']}, {paths['html']}")
     return 0
 
 

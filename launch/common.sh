@@ -47,6 +47,19 @@ dig_python() {
   fi
 }
 
+# dig_setup_gpu PY: scripts/setup_gpu.sh for PY. It installs only into a venv: it builds the repo's .venv-gpu,
+# or updates another venv's python, and refuses a system interpreter (naming the fix): SETUP_ENV never installs
+# into it.
+dig_setup_gpu() {
+  local py=$1
+  echo "[dig] setting up the training environment for $py (bash scripts/setup_gpu.sh)" >&2
+  if [ "$py" = "$DIG_REPO/.venv-gpu/bin/python" ]; then
+    bash "$DIG_REPO/scripts/setup_gpu.sh" >&2
+  else
+    bash "$DIG_REPO/scripts/setup_gpu.sh" --into "$py" >&2
+  fi
+}
+
 # Verify the environment (imports the launcher needs); SETUP_ENV=1 installs the pinned GPU stack instead of failing.
 dig_check_env() {
   local py=$1
@@ -58,18 +71,27 @@ dig_check_env() {
   if [ "$setup_env" = 1 ] && [ -z "${DIG_RENDER_PYTHON:-}" ] && [ ! -x "$DIG_REPO/.venv-render/bin/python" ]; then
     bash "$DIG_REPO/scripts/setup_env.sh" render || return 1
   fi
+  # a GPU setup that stopped half way (scripts/setup_gpu.sh's marker, removed when it finishes) imports verl and
+  # hydra but may lack flash-attn, the import checks and the frozen requirements: finish it, or name the step
+  local venv_dir unfinished
+  venv_dir=$(cd "$(dirname "$py")/.." 2>/dev/null && pwd) || venv_dir=""
+  unfinished=$venv_dir/.dig-gpu-setup-unfinished
+  if [ -n "$venv_dir" ] && [ -f "$unfinished" ]; then
+    if [ "$setup_env" = 1 ]; then
+      echo "[dig] the GPU setup of $venv_dir stopped at step '$(cat "$unfinished")': finishing it" >&2
+      dig_setup_gpu "$py" || return 1
+    else
+      echo "[dig] ERROR: the GPU setup of $venv_dir stopped at step '$(cat "$unfinished")' and never finished" \
+           "($unfinished): finish it with SETUP_ENV=1 or 'bash scripts/setup_gpu.sh'" \
+           "(--into $py for a venv of your own), or point DIG_PYTHON at another interpreter" >&2
+      return 1
+    fi
+  fi
   if "$py" -c "$probe" 2>/dev/null; then
     return 0
   fi
   if [ "$setup_env" = 1 ]; then
-    # scripts/setup_gpu.sh installs only into a venv: it builds the repo's .venv-gpu, or updates another venv's
-    # python, and refuses a system interpreter (naming the fix): SETUP_ENV never installs into it
-    echo "[dig] setting up the training environment for $py (bash scripts/setup_gpu.sh)" >&2
-    if [ "$py" = "$DIG_REPO/.venv-gpu/bin/python" ]; then
-      bash "$DIG_REPO/scripts/setup_gpu.sh" >&2 || return 1
-    else
-      bash "$DIG_REPO/scripts/setup_gpu.sh" --into "$py" >&2 || return 1
-    fi
+    dig_setup_gpu "$py" || return 1
     "$py" -c "$probe" && return 0
   fi
   echo "[dig] ERROR: $py cannot import verl/hydra/recipes: install the training stack" \

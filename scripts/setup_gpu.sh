@@ -90,11 +90,20 @@ else
 fi
 stamp_file=$venv/.dig-gpu-stamp
 flash_note=$venv/.dig-flash-attn   # what happened to flash-attn last time (the launcher probes it anyway)
+# the step a setup is in, removed when the stamp is written at its end: a setup that stopped (killed, a failed
+# step) leaves it, and launch/common.sh's dig_check_env refuses that venv naming the step (SETUP_ENV=1 finishes it)
+progress_file=$venv/.dig-gpu-setup-unfinished
+# enter_step NAME: record it. DIG_SETUP_STOP_AT=NAME kills the setup there (tests: a crash at a chosen point)
+enter_step() {
+  [ "$dry" = 0 ] || return 0
+  echo "$1" >"$progress_file"
+  if [ "${DIG_SETUP_STOP_AT:-}" = "$1" ]; then echo "setup_gpu: killed at step '$1' (DIG_SETUP_STOP_AT)" >&2; kill -9 $$; fi
+}
 want=$({
   cat "${BASH_SOURCE[0]}" "$REPO/pyproject.toml" "$requirements"
   echo "$flash_mode $wheel $flash_version $rehearsal"
 } | sha256sum | cut -c1-16)
-if [ "$force" = 0 ] && [ -x "$py" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$want" ]; then
+if [ "$force" = 0 ] && [ -x "$py" ] && [ ! -e "$progress_file" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$want" ]; then
   say "$venv is up to date (stamp $want; --force redoes it). flash-attn: $(cat "$flash_note" 2>/dev/null || echo unknown)"
   if [ "$render" = 1 ]; then run bash "$REPO/scripts/setup_env.sh" render; fi
   exit 0
@@ -121,18 +130,23 @@ if [ ! -x "$py" ]; then
 else
   say "step 1/5 venv: using $py"
 fi
+[ "$dry" = 1 ] || rm -f "$stamp_file"   # not up to date until this run finishes
+enter_step venv
 
 # -- step 2: the pinned stack ---------------------------------------------------------------------------------
+enter_step stack
 say "step 2/5 stack: $requirements (first time: several minutes, several GB of wheels: torch, vllm, CUDA libraries)"
 run "$py" -m pip install -r "$requirements" || fail stack "pip could not install $requirements" \
   "read pip's message above: a network error -> rerun (pip resumes from its cache); a resolver conflict -> a package you added to requirements.txt clashes with the pins"
 
 # -- step 3: this recipe (editable, so the checkout is what runs) ---------------------------------------------
+enter_step recipe
 say "step 3/5 recipe: editable install of $REPO"
 run "$py" -m pip install -e "$REPO" --no-deps || fail recipe "pip install -e $REPO --no-deps failed" \
   "pip's message above names it; the build needs setuptools>=77 from the package index"
 
 # -- step 4: flash-attn, against the torch installed in step 2 ------------------------------------------------
+enter_step flash-attn
 flash_result="not installed (--flash-attn skip): training uses sdpa"
 if [ "$flash_mode" != skip ]; then
   log=$venv/flash-attn-install.log
@@ -175,6 +189,7 @@ else
 fi
 
 # -- step 5: the imports training needs -----------------------------------------------------------------------
+enter_step imports
 required="hydra recipes.dig.launch reward_fns data_prep"
 [ "$rehearsal" = 1 ] && required="dig_common.models recipes.dig.attention reward_fns data_prep"
 [ "$rehearsal" = 1 ] || required="torch vllm verl $required"
@@ -204,6 +219,7 @@ if n == 0:
   "$py" -m pip freeze --exclude-editable >"$venv/requirements-frozen.txt" 2>/dev/null || true
   echo "$flash_result" >"$flash_note"
   echo "$want" >"$stamp_file"
+  rm -f "$progress_file"
 fi
 if [ "$render" = 1 ]; then run bash "$REPO/scripts/setup_env.sh" render; fi
 say "ready: $py (flash-attn: $flash_result; installed versions: $venv/requirements-frozen.txt)"

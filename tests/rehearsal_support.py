@@ -20,10 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reward_fns.dig_reward import RESULT_KEYS
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "cpu_rehearsal.sh"
-# the reward's keys (docs/contracts.md): verl logs each as val-aux/dig/<key>/mean@<n> (acc as val-core)
-REWARD_KEYS = ("score", "acc", "format", "f1", "precision", "recall", "miou", "num_pred", "num_gt")
+# the reward's keys (docs/contracts.md): verl logs each as val-aux/dig/<key>/mean@<n> (acc as val-core); reward_error
+# among them, the count of the reward's internal errors
+REWARD_KEYS = RESULT_KEYS
 # rollout and actor compute in fp32 under profile=cpu: served weights equal to the actor's agree to rounding
 MAX_PROBS_DIFF = 1e-3
 LAUNCH_ENV = ("MODEL", "DATA_DIR", "CKPT_DIR", "RAY_ADDRESS", "DRY_RUN", "INIT_MODEL", "STAGES", "DIG_PYTHON")

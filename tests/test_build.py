@@ -66,7 +66,7 @@ def test_default_stages_follow_design_section_7():
         ),
         (lambda raw: raw["stages"]["2"].update(k="0"), r"stages\.2.*: k: expected 1 <= low <= high, got '0'"),
         (lambda raw: raw["stages"]["3"]["splits"]["val"].update(seed=1000000), r"reuses seed 1000000 of stages\.1"),
-        (lambda raw: raw["stages"]["1"]["splits"]["train"].update(num=-1), r"num must be a non-negative integer"),
+        (lambda raw: raw["stages"]["1"]["splits"]["train"].update(num=0), r"num must be an integer >= 1 \(the pairs"),
         (lambda raw: raw["stages"]["1"].update(no_diff_fraction=1.0), r"no_diff_fraction must be in \[0, 1\)"),
         (lambda raw: raw["stages"]["1"]["splits"]["train"].update(K=2), r"unknown keys \['K'\]"),
     ],
@@ -126,6 +126,19 @@ def test_rerun_skips_generation_and_conversion(tmp_path):
     events = B.build(tmp_path, MODEL, ["1"], small(), SMALL, generator, log=lambda e: None)
     assert [e["event"] for e in events] == ["skip", "skip"]
     assert generator.calls == [] and train.stat().st_mtime_ns == stamp
+
+
+def test_rerun_remakes_a_listed_pair_that_lost_its_image(tmp_path):
+    generator = CountingGenerator()
+    B.build(tmp_path, MODEL, ["1"], small(), SMALL, generator, log=lambda e: None)
+    pairs = tmp_path / "pairs" / "stage1" / "train"
+    lost = json.loads((pairs / "manifest.jsonl").read_text().splitlines()[1])
+    (pairs / lost["image_b"]).unlink()
+    generator.calls.clear()
+    events = B.build(tmp_path, MODEL, ["1"], small(), SMALL, generator, log=lambda e: None)
+    assert generator.calls == [(Path("stage1/train"), 1, "1")]  # not trusted because it is listed
+    assert (pairs / lost["image_b"]).is_file()
+    assert [e["event"] for e in events] == ["skip", "skip"]  # the same pairs: the parquets stand
 
 
 def test_rerun_with_more_pairs_generates_only_the_missing_ones(tmp_path):

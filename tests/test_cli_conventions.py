@@ -68,3 +68,22 @@ def test_a_renamed_flag_is_refused_not_taken(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "the following arguments are required: --out-dir" in capsys.readouterr().err
     assert not (tmp_path / "gallery").exists()
+
+
+def test_ctrl_c_is_one_line_saying_what_was_kept(capsys, monkeypatch):
+    """KeyboardInterrupt: no traceback, status 130, the tool's own resume hint (or the atomic-writes default)."""
+    from dig_common.cli import INTERRUPT_EXIT, NOTHING_HALF_WRITTEN, cli_main
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("DIG_DEBUG", raising=False)
+    assert cli_main("python -m tool")(interrupted)([]) == INTERRUPT_EXIT == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"python -m tool: interrupted: {NOTHING_HALF_WRITTEN}" and "Traceback" not in err
+    hint = "rerun the same command to resume; finished pairs are kept"
+    assert cli_main("python -m gen", on_interrupt=hint)(interrupted)([]) == 130
+    assert capsys.readouterr().err.strip() == f"python -m gen: interrupted: {hint}"
+    monkeypatch.setenv("DIG_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        cli_main("python -m tool")(interrupted)([])

@@ -128,6 +128,25 @@ def test_build_flag_syntax_stays_with_argparse(tmp_path, capsys):
     assert "the following arguments are required: --out-dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--num-train", "--num-val", "--num-test"])
+def test_build_zero_pairs_is_a_flag_error_naming_the_flag(tmp_path, capsys, flag):
+    argv = [str(a) for a in build_argv(tmp_path / "data")]
+    if flag in argv:
+        argv[argv.index(flag) + 1] = "0"
+    else:
+        argv += [flag, "0"]
+    with pytest.raises(SystemExit) as exit_:
+        build.main(argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "data").exists()
+
+
+def test_to_verl_with_no_pair_set_names_the_flag():
+    with pytest.raises(ValueError, match=r"no pair set to convert: give --pairs DIR"):
+        to_verl.plan_conversion([], MODEL, "1", "train")
+
+
 # ---------------------------------------------------------------- data_prep.to_verl
 
 
@@ -255,6 +274,20 @@ def test_audit_gallery_limit_and_atomic_files(tmp_path, capsys):
     assert shown["boxes"]["visibly_changed"] == 0 and shown["gallery"]["pairs_drawn"] == 2
     assert sheet.read_bytes()[:8] == PNG_SIGNATURE
     assert sorted(p.name for p in report.parent.iterdir()) == ["audit.json", "flagged"]
+
+
+def test_gallery_and_audit_pictures_default_to_the_pair_set_not_the_working_directory(tmp_path, monkeypatch):
+    run = write_pairs(tmp_path / "run", num=2, k=1, seed=3, width=48, height=32)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert gallery.main(["--pairs", str(run)]) == 0
+    assert (run / gallery.GALLERY_NAME).read_bytes()[:8] == PNG_SIGNATURE
+    assert audit.main(["--pairs", str(run), "--gallery", "--brief"]) == 0  # --gallery without a file
+    assert (run / "audit_flagged.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert list(cwd.iterdir()) == []  # nothing lands where the command was typed
+    # the pair set is still what the readers expect: the pictures are not pairs
+    assert len(to_verl.read_manifest(run)) == 2
 
 
 # ---------------------------------------------------------------- data_prep.budget

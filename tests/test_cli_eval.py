@@ -91,7 +91,7 @@ def run_module(prog: str, argv: list[str]) -> str:
 
 def test_dig_missing_data_as_a_subprocess(tmp_path, predictions):
     argv = ["--data", str(tmp_path / "nope.parquet"), "--predictions", str(predictions), "--out", str(tmp_path / "r")]
-    assert run_module("eval.dig", argv) == f"--data: no such parquet file: {tmp_path / 'nope.parquet'}"
+    assert run_module("eval.dig", argv) == f"--data {tmp_path / 'nope.parquet'}: no such parquet file"
 
 
 def test_dig_bad_inputs(tmp_path, capsys, data, predictions):
@@ -269,3 +269,168 @@ def test_default_model_is_the_shared_one():
     run = harness.build_parser()._subparsers._group_actions[0].choices["run"]
     assert run.get_default("model") == DEFAULT_MODEL
     assert load_model_spec().model_name == DEFAULT_MODEL
+
+
+# ------------------------------------------------------------------------ data built for another model, broken files
+
+
+def model_parquet(path: Path, model: str, **image_changes) -> Path:
+    """One row as data_prep.to_verl writes it for ``model`` (its prompt, its per-image pixel bounds, its name in
+    the file's metadata), with ``image_changes`` applied to the image structs alone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dig_common.parquet import METADATA_KEY
+    from dig_common.prompts import build_prompt
+
+    spec = load_model_spec(model)
+    image = {"bytes": b"png", "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels, **image_changes}
+    gt = json.dumps({"boxes": [[10, 20, 60, 80]], "width": 480, "height": 320, "types": ["color"]})
+    row = {
+        "data_source": "dig",
+        "prompt": build_prompt(spec),
+        "images": [image, dict(image)],
+        "ability": "grounding",
+        "reward_model": {"style": "rule", "ground_truth": gt},
+        "extra_info": {
+            "split": "test",
+            "index": 0,
+            "pair_id": "p1",
+            "stage": 0,
+            "num_differences": 1,
+            "types": ["color"],
+            "width": 480,
+            "height": 320,
+        },
+    }
+    table = pa.Table.from_pylist([row])
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps({"model": spec.model_name}).encode()})
+    pq.write_table(table, path)
+    return path
+
+
+def with_prompt_of(path: Path, model: str) -> Path:
+    """The same file with only the prompt replaced by ``model``'s."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dig_common.prompts import build_prompt
+
+    table = pq.read_table(path)
+    column = pa.array([build_prompt(load_model_spec(model))], type=table.schema.field("prompt").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("prompt"), "prompt", column), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("built", "given", "change", "why"),
+    [
+        # built for qwen2.5 (other bounds, other frame) scored as the default model: right answers would score 0
+        ("qwen2_5_vl_7b", None, {}, "its images carry min_pixels=3136 but qwen3_vl_8b_thinking uses 65536"),
+        # one field differs: max_pixels alone
+        ("qwen3_vl_8b_thinking", "qwen3_vl_8b_thinking", {"max_pixels": 401408}, "max_pixels=401408"),
+        # one field differs: the instruction alone (same bounds, the instruct model's prompt)
+        ("qwen3_vl_8b_instruct", "qwen3_vl_8b_thinking", {}, "its instruction is another model's"),
+    ],
+)
+def test_dig_refuses_data_built_for_another_model(tmp_path, capsys, predictions, built, given, change, why):
+    data = model_parquet(tmp_path / "test.parquet", built, **change)
+    argv = ["--data", str(data), "--predictions", str(predictions), "--out", str(tmp_path / "r.json")]
+    message = run_main(dig.main, argv + (["--model", given] if given else []), capsys, "eval.dig")
+    assert message.startswith(f"--data {data} was built for {built}, not for --model ")
+    assert why in message and f"pass --model {built}" in message
+    if given is None:
+        assert "--model qwen3_vl_8b_thinking (the default)" in message
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_dig_accepts_data_built_for_its_model(tmp_path, capsys, predictions):
+    data = model_parquet(tmp_path / "test.parquet", "qwen2_5_vl_7b")
+    out = tmp_path / "r.json"
+    assert (
+        dig.main(
+            ["--data", str(data), "--predictions", str(predictions), "--model", "qwen2_5_vl_7b", "--out", str(out)]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["overall"]["n"] == 1
+
+
+def test_instruction_only_mismatch_is_seen_by_the_shared_check(tmp_path):
+    from dig_common.parquet import model_mismatch, open_parquet
+
+    path = with_prompt_of(model_parquet(tmp_path / "t.parquet", "qwen3_vl_8b_thinking"), "qwen3_vl_8b_instruct")
+    spec = load_model_spec("qwen3_vl_8b_thinking")
+    assert "instruction" in model_mismatch(open_parquet(path), spec)
+    assert model_mismatch(open_parquet(path), load_model_spec("qwen3_vl_8b_instruct")) is None
+
+
+def truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_truncated_parquet_is_named(tmp_path, capsys, predictions):
+    data = truncated(model_parquet(tmp_path / "test.parquet", "qwen3_vl_8b_thinking"))
+    argv = ["--data", str(data), "--predictions", str(predictions), "--out", str(tmp_path / "r.json")]
+    message = run_main(dig.main, argv, capsys, "eval.dig")
+    assert message.startswith(f"--data {data}: not a readable parquet file (") and "rebuild it" in message
+    dump = tmp_path / "40.jsonl"
+    dump.write_text(json.dumps({"output": "[]", "gts": "{}"}) + "\n")
+    argv = ["--verl-dump", str(dump), "--data", str(data), "--out-dir", str(tmp_path / "g")]
+    message = run_main(visualize.main, argv, capsys, "eval.visualize")
+    assert message.startswith(f"--data {data}: not a readable parquet file (")
+    assert not (tmp_path / "g").exists()
+
+
+def test_visualize_refuses_a_verl_dump_rescored_with_another_model(tmp_path, capsys):
+    data = model_parquet(tmp_path / "val.parquet", "qwen2_5_vl_7b")
+    dump = tmp_path / "40.jsonl"
+    dump.write_text(json.dumps({"output": "[]", "gts": "{}"}) + "\n")
+    argv = ["--verl-dump", str(dump), "--data", str(data), "--out-dir", str(tmp_path / "g")]
+    message = run_main(visualize.main, argv, capsys, "eval.visualize")
+    assert message.startswith(f"--data {data} was built for qwen2_5_vl_7b, not for --model qwen3_vl_8b_thinking")
+
+
+# ------------------------------------------------------------------------ eval.harness: a harness that cannot run
+
+
+def shadow_lmms_eval(root: Path, init: str = "", main: str = "") -> dict:
+    """An ``lmms_eval`` package first on the path: ``init`` stands for what the installed one does at import."""
+    package = root / "lmms_eval"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(init)
+    (package / "__main__.py").write_text(main)
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1"}
+    env.pop("DIG_DEBUG", None)
+    return env
+
+
+def harness_run(tmp_path, checkpoint, env) -> subprocess.CompletedProcess:
+    argv = ["run", "--model-path", str(checkpoint), "--out-dir", str(tmp_path / "out"), "--benchmarks-only", "mmstar"]
+    return subprocess.run(
+        [sys.executable, "-m", "eval.harness", *argv, "--backend", "vllm"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="--backend vllm needs vLLM installed")
+def test_harness_run_refuses_an_lmms_eval_without_its_dependencies(tmp_path, checkpoint):
+    """lmms-eval installed with --no-deps (as in .venv) dies on its first import: one line, exit 2, nothing run."""
+    env = shadow_lmms_eval(tmp_path / "shadow", init="import loguru_is_not_installed\n")
+    proc = harness_run(tmp_path, checkpoint, env)
+    assert proc.returncode == 2, proc.stderr
+    message = one_error(proc.stderr, "eval.harness")
+    assert message.startswith("lmms-eval is installed but does not import here (ModuleNotFoundError: ")
+    assert "loguru_is_not_installed" in message and "pip install lmms-eval==0.7.3" in message
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="--backend vllm needs vLLM installed")
+def test_harness_run_that_fails_exits_1_with_what_it_collected(tmp_path, checkpoint):
+    env = shadow_lmms_eval(tmp_path / "shadow", main='import sys\n\nif __name__ == "__main__":\n    sys.exit(3)\n')
+    proc = harness_run(tmp_path, checkpoint, env)
+    assert proc.returncode == 1, proc.stderr
+    assert "the harness failed (exit 3)" in proc.stderr
+    assert (tmp_path / "out" / "perception.json").is_file()

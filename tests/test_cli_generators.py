@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_prep import runner as R
+from data_prep.manifest import append_entry, manifest_entry
 from data_prep.photo import pairs as P
 from data_prep.photo import synthetic as PS
 from data_prep.render import generate as G
@@ -123,12 +125,46 @@ def test_generate_without_the_render_venv_says_how_to_build_it(tmp_path):
 
 def test_generate_refuses_to_resume_with_other_settings(tmp_path, capsys, fake_render_python):
     out = tmp_path / "run"
-    assert G.main(["--num", "0", "--out-dir", str(out), "--seed", "1", "--no-progress"]) == 0
-    capsys.readouterr()
+    cfg = G.GenerateConfig(out=out, num=1, seed=1, progress=False)
+    state = R.RunState(cfg, cfg.resume_settings(S.load_vocabulary(None)))  # what a first run writes first ...
+    append_entry(out, manifest_entry(state.shard_dir, cfg.pair_id(0), 0, []))  # ... and once a pair is listed
     assert json.loads((out / "config.json").read_text())["seed"] == 1
-    line = refused(G, ["--num", 0, "--out-dir", out, "--seed", 2, "--samples", 4, "--no-progress"], capsys)
+    line = refused(G, ["--num", 1, "--out-dir", out, "--seed", 2, "--samples", 4, "--no-progress"], capsys)
     assert f"{out} holds a run with different settings (seed: 1 -> 2, samples: 16 -> 4)" in line
     assert "use a new --out-dir or the same settings to resume" in line
+
+
+@pytest.mark.parametrize("tool", ["generate", "photo_pairs"])
+def test_num_zero_is_refused(tmp_path, capsys, fake_render_python, request, tool):
+    out = tmp_path / "run"
+    if tool == "generate":
+        line = refused(G, ["--num", 0, "--out-dir", out], capsys)
+    else:
+        argv = photo_args(request.getfixturevalue("coco_dir"), out)
+        argv[argv.index("--num") + 1] = 0
+        line = refused(P, argv, capsys)
+    assert "--num: expected an integer >= 1 (the pairs of the whole run), got 0" in line
+    assert not out.exists()
+
+
+def test_generate_refuses_a_k_no_scene_can_hold_before_writing(tmp_path, capsys, fake_render_python):
+    out = tmp_path / "run"
+    line = refused(G, ["--num", 1, "--k", 99, "--out-dir", out], capsys)
+    assert "--k 99: no scene of " in line and "can hold 99 differences" in line and "lower --k" in line
+    assert not out.exists()
+    # the largest K of a range is what must fit; a K the scenes hold passes the check
+    assert "--k 2-99: " in refused(G, ["--num", 1, "--k", "2-99", "--out-dir", out], capsys)
+    G.check_k_possible(G.GenerateConfig(out=out, num=1, k="1-4"), S.load_vocabulary(None))
+
+
+def test_photo_pairs_k_too_large_is_one_line_and_does_not_block_the_folder(coco_dir, tmp_path, capsys):
+    """No candidate of the first pair can pass the gates with 99 differences: one line naming the pair and the fix;
+    the folder holds no pair, so a rerun with another --k uses it."""
+    out = tmp_path / "run"
+    line = refused(P, photo_args(coco_dir, out, "--k", 99), capsys)
+    assert "pair p0-0000000: no candidate passed the quality gates" in line and "lower --k" in line
+    assert P.main([str(a) for a in photo_args(coco_dir, out, "--k", 1)]) == 0
+    assert json.loads((out / "config.json").read_text())["k"] == "1"
 
 
 def test_generate_refuses_a_file_as_output_folder(tmp_path, capsys, fake_render_python):
@@ -195,8 +231,7 @@ def test_photo_pairs_names_the_bad_settings_file_and_key(coco_dir, tmp_path):
 def test_photo_pairs_refuses_to_resume_with_other_settings(coco_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = photo_args(coco_dir, out)
-    argv[argv.index("--num") + 1] = 0
-    assert P.main([str(a) for a in argv]) == 0
+    assert P.main([str(a) for a in argv]) == 0  # one pair made: the folder is bound to its settings
     capsys.readouterr()
     line = refused(P, [*argv, "--seed", 7, "--k", "2"], capsys)
     assert f"{out} holds a run with different settings (seed: 0 -> 7, k: '1' -> '2')" in line

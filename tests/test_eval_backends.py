@@ -165,11 +165,16 @@ def test_generate_to_file_appends_and_resumes(tmp_path):
     # a rerun over the same ids plus one new one answers only the new one
     assert backends.generate_to_file(backend, [[("a", request), ("d", request)]], path, "id") == 1
     assert len(path.read_text().splitlines()) == 4 and backend.calls == 3
-    # a run killed mid-write leaves a cut last line: resuming names it instead of appending after it
+    # a run killed mid-write leaves a cut last line: resuming drops it, answers that id again, appends after it
     with open(path, "a") as handle:
         handle.write('{"id": "e", "resp')
-    with pytest.raises(ValueError, match=r"p\.jsonl:5: not a predictions line .* delete it and rerun"):
-        backends.generate_to_file(backend, [[("f", request)]], path, "id")
+    assert backends.generate_to_file(backend, [[("e", request), ("f", request)]], path, "id") == 2
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["a", "b", "c", "d", "e", "f"]  # every line whole, each id once
+    # a damaged line that is not the last one is not a kill's doing: named, not dropped
+    path.write_text(path.read_text().replace('{"id": "b"', '{"ID": "b"'))
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: not a predictions line .* fix or delete that line"):
+        backends.generate_to_file(backend, [[("g", request)]], path, "id")
 
 
 def test_docs_decoding_table_matches_the_model_files():

@@ -83,7 +83,9 @@ def test_score_response_agrees_with_compute_score():
     ]
     for response in responses:
         scored = score_response(response, gt, knobs)
-        assert scored.metrics == pytest.approx(compute_score("dig", response, gt, None, **knobs)), response
+        reward = compute_score("dig", response, gt, None, **knobs)
+        assert reward.pop("reward_error") == 0.0  # the training-only key: eval reports errors in its own way
+        assert scored.metrics == pytest.approx(reward), response
         assert (scored.error is None) == (scored.metrics["format"] == 1.0)
 
 
@@ -109,6 +111,17 @@ def test_aggregation_by_k_type_and_hallucination():
     table = dig.markdown(results)
     assert "| K = 2 | 1 | 100.0 | 50.0 |" in table
     assert "hallucination rate 100.0" in table
+    # change types: box-level and pair-level columns apart. "added": its one box missed (box recall 0), its one
+    # pair p2 answered with one right box of two (pair precision 100, recall 50, F1 66.7): no row mixes levels
+    assert results["per_type"]["added"]["pair_recall"] == pytest.approx(0.5)
+    assert (
+        "| change type | GT boxes | box recall | box mIoU | pairs with it | pair precision | pair recall | pair F1 |"
+        in table
+    )
+    assert "| added | 1 | 0.0 | 0.0 | 1 | 100.0 | 50.0 | 66.7 | 0.0 |" in table
+    # colour: both boxes found (box recall 100); pairs p1 (exact) and p2 (half): pair recall (1 + 0.5) / 2
+    assert "| color | 2 | 100.0 | 100.0 | 2 | 100.0 | 75.0 | 83.3 | 50.0 |" in table
+    assert "type: " not in table
 
 
 def test_cli_writes_results_table_and_samples(tmp_path):

@@ -561,3 +561,41 @@ def test_metric_candidates_first_present_wins(tmp_path):
     write_lmms_eval_run(tmp_path / "out", "m", "x", {"hb": {"aAcc,none": 70.0, "qAcc,none": 40.0}})
     plan = {"hb": benchmarks[0].entry("lmms_eval")}
     assert harness.collect_lmms_eval(plan, benchmarks, tmp_path / "out")["hb"]["score"] == 70.0
+
+
+# What each paper column means, pinned here apart from eval/benchmarks.yaml (the file under test): a metric that
+# exists in the task but measures something else (MMVP's pair score, POPE's accuracy, one MMStar category) fails.
+LMMS_EVAL_MEANING = {
+    "hallusionbench": "aAcc",  # question accuracy; fAcc / qAcc are figure / question-pair accuracies
+    "vstar": "vstar_overall_acc",  # over both sub-tasks, not vstar_attribute_acc / vstar_spatial_acc
+    "mmvp": "mmvp_accuracy",  # per question; mmvp_pair_accuracy is the pair score
+    "cv_bench": "cv_bench_acc",  # pooled over 2D and 3D
+    "mmstar": "average",  # mean of the six categories, not one of them
+    "mmbench": "gpt_eval_score",  # the circular-evaluation score (the static task keeps the name)
+    "ai2d": "exact_match",
+    "pope": "pope_f1_score",  # the paper's POPE column is F1, not pope_accuracy
+}
+
+
+def test_collect_takes_the_metric_the_paper_reports_from_every_metric_the_task_writes(tmp_path):
+    """Every metric the installed task declares is in the results file, each with its own value: the collected
+    score must be the one of the metric the paper reports (meaning), not just a metric that exists."""
+    assert set(LMMS_EVAL_MEANING) == PAPER_LIST
+    tasks = lmms_eval_tasks()
+    benchmarks = harness.select_benchmarks(harness.load_benchmarks(), ",".join(sorted(PAPER_LIST)))
+    for judge_free in (False, True):
+        plan = {b.key: b.entry("lmms_eval", judge_free=judge_free) for b in benchmarks}
+        results, expected = {}, {}
+        for b in benchmarks:
+            entry = plan[b.key]
+            for task in entry.names:
+                metrics = [m["metric"] for m in tasks[task].get("metric_list", [])]
+                assert LMMS_EVAL_MEANING[b.key] in metrics, (b.key, task, metrics)
+                values = {m: round(0.1 + 0.05 * i, 2) for i, m in enumerate(metrics)}
+                results[task] = {"alias": task, **{f"{m},none": v for m, v in values.items()}}
+                value = values[LMMS_EVAL_MEANING[b.key]]
+                expected[b.key] = harness.to_percent(value, entry.scale)
+        out = tmp_path / f"judge_free_{judge_free}"
+        write_lmms_eval_run(out, "ckpt", "2026-12-01T10-00-00", results)
+        table = harness.collect_lmms_eval(plan, benchmarks, out)
+        assert {k: table[k]["score"] for k in expected} == pytest.approx(expected)

@@ -13,6 +13,7 @@ from PIL import Image
 from dig_common.models import load_model_spec
 from eval import dig, visualize
 from reward_fns import geometry
+from reward_fns.scoring import failed_metrics
 
 W, H = 100, 50
 GT_BOX = [20, 10, 40, 30]
@@ -27,7 +28,7 @@ def png(color) -> bytes:
 
 def write_parquet(path):
     gt = json.dumps({"boxes": [GT_BOX], "width": W, "height": H, "types": ["color"]})
-    image = {"bytes": png((0, 0, 255)), "min_pixels": 4096, "max_pixels": 1310720}
+    image = {"bytes": png((0, 0, 255)), "min_pixels": SPEC.min_pixels, "max_pixels": SPEC.max_pixels}
     extra = {"split": "val", "index": 0, "pair_id": "pair0", "stage": 1, "num_differences": 1}
     rows = [
         {
@@ -60,7 +61,9 @@ def test_gallery_from_eval_samples(tmp_path):
     # one matched prediction on the GT box, one unmatched far away
     preds.write_text(json.dumps({"pair_id": "pair0", "response": response([GT_BOX, [70, 5, 90, 45]])}) + "\n")
     out = tmp_path / "r.json"
-    dig.main(["--data", str(data), "--predictions", str(preds), "--model", SPEC.model_name, "--out", str(out)])
+    assert (
+        dig.main(["--data", str(data), "--predictions", str(preds), "--model", SPEC.model_name, "--out", str(out)]) == 0
+    )
     argv = ["--samples", str(tmp_path / "r.samples.jsonl"), "--data", str(data), "--out-dir", str(tmp_path / "g")]
     assert visualize.main(argv) == 0
     sheet = Image.open(tmp_path / "g" / "contact_sheet.png")
@@ -75,6 +78,21 @@ def test_gallery_from_eval_samples(tmp_path):
     assert tile_pixel(tile, 72.5, 5, "B") == (0, 0, 255)  # ... and the gap after it
     page = (tmp_path / "g" / "index.html").read_text()
     assert "pair0" in page and "tiles/0000.png" in page and "types color" in page
+
+
+def test_gallery_counts_pairs_and_samples_apart(tmp_path, capsys):
+    """4 pairs x 4 samples are 16 answers of 4 pairs, each tile naming its sample."""
+    samples = tmp_path / "r.samples.jsonl"
+    gt = {"pred_boxes": [], "gt_boxes": [GT_BOX], "pairs": [], "width": W, "height": H, "num_gt": 1}
+    metrics = failed_metrics(1)  # the nine metrics of an answer whose format failed
+    lines = [{"pair_id": f"p{p}", "sample": i, "metrics": metrics, **gt} for i in range(4) for p in range(4)]
+    samples.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert visualize.main(["--samples", str(samples), "--out-dir", str(tmp_path / "g")]) == 0
+    assert capsys.readouterr().out.startswith("eval.visualize: 16 answers (4 pairs x 4 samples) -> ")
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert "<h3>p0 #1</h3>" in page and "<h3>p3 #4</h3>" in page
+    assert visualize.count_text(lines[:4]) == "4 pairs"
+    assert visualize.count_text(lines[:1]) == "1 pair"
 
 
 @pytest.mark.verl

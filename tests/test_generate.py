@@ -117,41 +117,78 @@ def test_shards_and_no_diff_fraction(tmp_path):
     assert json.loads((out / "stats.json").read_text())["accepted"] == 4
 
 
-@pytest.mark.render
-def test_sigkill_mid_run_then_resume(tmp_path):
-    out = tmp_path / "killed"
-    num = 24
+def render_workers_of(pid: int) -> list[int]:
+    """Live render workers started by generator ``pid`` (they carry DIG_RENDER_PARENT_PID)."""
+    mark = f"DIG_RENDER_PARENT_PID={pid}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def render_cmd(out: Path, num: int) -> list[str]:
     cmd = [sys.executable, "-m", "data_prep.render", "--num", str(num), "--k", "1-4", "--seed", "5"]
     cmd += ["--out-dir", str(out), "--width", "64", "--height", "64", "--samples", "1", "--no-denoise"]
-    cmd += ["--workers", "2", "--threads", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    manifest = out / "manifest.jsonl"
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        if manifest.exists() and len(manifest.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"generator ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir() for c in (t / "children").read_text().split()]
-    assert children  # the render workers
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    return cmd + ["--workers", "2", "--threads", "1", "--no-progress"]
+
+
+def stopped_at(cmd: list[str], crash_at: str) -> subprocess.CompletedProcess:
+    """The generator, killed or interrupted by itself at a named point (dig_common.crashpoints), not after a
+    sleep; its render workers must not outlive it."""
+    env = {**os.environ, "DIG_CRASH_AT": crash_at}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=300)
     deadline = time.time() + 10
-    while time.time() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+    while time.time() < deadline and render_workers_of(proc.pid):
         time.sleep(0.05)
-    assert not any(Path(f"/proc/{c}").exists() for c in children), "render workers outlived the generator"
-    done_before = len(_manifest(out))
-    assert 4 <= done_before < num
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=300)
+    assert not render_workers_of(proc.pid), "render workers outlived the generator"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def check_run(out: Path, num: int) -> None:
     recs = _manifest(out)
-    ids = [r["pair_id"] for r in recs]
-    assert sorted(ids) == [pair_id(5, i) for i in range(num)]  # every pair exactly once
+    assert sorted(r["pair_id"] for r in recs) == [pair_id(5, i) for i in range(num)]  # every pair exactly once
     for rec in recs:
         _check_pair_files(out, rec)
-    leftovers = [p.name for p in out.rglob("*") if ".tmp-" in p.name]
-    assert leftovers == []
-    files = {p.name for p in (out / "shard-000-of-001").glob("s5-*")}
-    assert len(files) == 3 * num
+    assert [p.name for p in out.rglob("*") if ".tmp-" in p.name] == []
+    assert len({p.name for p in (out / "shard-000-of-001").glob("s5-*")}) == 3 * num
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["accepted"] == num  # stats count the manifest's pairs, whatever the kill left
+
+
+@pytest.mark.render
+@pytest.mark.parametrize("point", ["pair-listed:3", "pair-committed:3"])
+def test_sigkill_at_a_chosen_point_then_resume(tmp_path, point):
+    out, num = tmp_path / "killed", 8
+    cmd = render_cmd(out, num)
+    killed = stopped_at(cmd, point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(_manifest(out)) == 3
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout)["this_run"]["pairs"] == num - 3
+    check_run(out, num)
+
+
+@pytest.mark.render
+def test_ctrl_c_keeps_finished_pairs_and_says_how_to_resume(tmp_path):
+    out, num = tmp_path / "interrupted", 8
+    cmd = render_cmd(out, num)
+    stopped = stopped_at(cmd, "pair-committed:2:INT")
+    assert stopped.returncode == 130
+    assert "Traceback" not in stopped.stderr and "KeyboardInterrupt" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].startswith("python -m data_prep.render: interrupted: every finished")
+    listed = len(_manifest(out))
+    assert listed >= 2
+    assert json.loads((out / "stats.json").read_text())["accepted"] == listed
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout)["this_run"]["pairs"] == num - listed  # no finished pair is made again
+    check_run(out, num)
 
 
 def test_missing_render_venv_is_a_clear_error(tmp_path, monkeypatch):

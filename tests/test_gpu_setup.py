@@ -101,6 +101,47 @@ def test_launcher_setup_env_never_installs_into_a_system_python():
     assert "setup_gpu.sh" in result.stderr and "refusing to install into" in result.stderr
 
 
+def check_env(py, **env):
+    return subprocess.run(
+        ["bash", "-c", f'source "{REPO}/launch/common.sh"; dig_check_env "$1"', "_", str(py)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DIG_RENDER_PYTHON": BASE_PYTHON, **env},
+    )
+
+
+@pytest.mark.parametrize("step", ["stack", "flash-attn"])
+def test_a_setup_killed_at_a_step_is_named_by_the_launcher_and_finished_by_setup_env(tmp_path, step):
+    """A setup that stopped half way (here SIGKILLed at a chosen step) leaves its marker and no stamp; the
+    launcher, DRY_RUN included, refuses that venv naming the step, and SETUP_ENV=1 reruns the setup."""
+    venv = tmp_path / "venv"
+    subprocess.run([BASE_PYTHON, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    (venv / ".dig-gpu-stamp").write_text("a stamp from an earlier, finished setup\n")
+    empty = tmp_path / "requirements.txt"
+    empty.write_text("")
+    # the steps before flash-attn need the package index; only "stack" is reached offline
+    kill_at = "stack" if step == "flash-attn" else step
+    result = setup_gpu("--into", py, "--cpu-rehearsal", "--requirements", empty, env={"DIG_SETUP_STOP_AT": kill_at})
+    assert result.returncode == -9, result.stderr  # SIGKILL
+    assert (venv / ".dig-gpu-setup-unfinished").read_text() == f"{kill_at}\n"
+    assert not (venv / ".dig-gpu-stamp").exists()  # the old stamp no longer vouches for this venv
+    if step == "flash-attn":  # what a setup killed while compiling flash-attn leaves behind
+        (venv / ".dig-gpu-setup-unfinished").write_text("flash-attn\n")
+
+    refused = check_env(py, DRY_RUN="1")
+    assert refused.returncode == 1
+    assert f"the GPU setup of {venv} stopped at step '{step}' and never finished" in refused.stderr
+    assert "SETUP_ENV=1" in refused.stderr and "cannot import" not in refused.stderr
+
+    # SETUP_ENV=1 finishes it: the setup runs again (killed again here, before it would reach the index)
+    finishing = check_env(py, SETUP_ENV="1", DIG_SETUP_STOP_AT="stack")
+    assert finishing.returncode == 1
+    assert f"the GPU setup of {venv} stopped at step '{step}': finishing it" in finishing.stderr
+    assert "setup_gpu: killed at step 'stack'" in finishing.stderr
+
+
 def test_dry_run_plans_every_step_and_changes_nothing(tmp_path):
     venv = tmp_path / "venv"
     result = setup_gpu("--venv", venv, "--dry-run")

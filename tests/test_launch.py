@@ -405,13 +405,17 @@ def test_curriculum_stage_settings_keep_the_model_and_seed_only_the_first_stage(
 
 
 def test_curriculum_dry_run_init_model_seeds_the_first_stage_only(launch_env, monkeypatch, capsys):
-    monkeypatch.setenv("INIT_MODEL", "/weights/warm_start")
+    warm = launch_env / "warm_start"  # a checkpoint folder: the dry run checks config.json and the weights
+    warm.mkdir()
+    (warm / "config.json").write_text("{}")
+    (warm / "model.safetensors").write_bytes(b"\0")
+    monkeypatch.setenv("INIT_MODEL", str(warm))
     monkeypatch.setenv("MODEL", "qwen2_5_vl_3b")
     assert launch.main(["--curriculum", "1", "2"]) == 0
     inits = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dig] init weights: ")]
     stage1_merged = launch_env / "ckpt" / "dig" / "qwen2_5_vl_3b_stage1" / "hf_merged" / "global_step_LAST"
     assert inits == [
-        "[dig] init weights: /weights/warm_start [INIT_MODEL (explicit)]",
+        f"[dig] init weights: {warm} [INIT_MODEL (explicit), checked: config.json and 1 weight file(s)]",
         f"[dig] init weights: {stage1_merged} [stage 1 runs first (curriculum); its last step is merged before "
         "stage 2 starts]",
     ]

@@ -289,7 +289,7 @@ def test_sbatch_two_nodes_real_run_requeue_skips_the_finished_stage(local_slurm,
     for part in (first, second):
         assert "2 node(s) [dig1 dig2]" in part and "Ray nodes alive: 2/2" in part
         assert "[dig] GPUs: 2 node(s) x 8" in part and "DRY_RUN" not in part
-    assert "[dig] init weights: " + str(tiny) + " [INIT_MODEL (explicit)]" in first
+    assert "[dig] init weights: " + str(tiny) + " [INIT_MODEL (explicit), checked: config.json and " in first
     assert "[dig] curriculum: stage 1 already finished" in second
     assert (
         f"[dig] init weights: {stage1 / 'hf_merged' / 'global_step_4'} [stage 1 global_step_4, already merged]"

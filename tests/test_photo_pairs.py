@@ -7,18 +7,21 @@ SIGKILL + resume, bad input with clear errors, conversion through to_verl + verl
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from data_prep import runner as R
 from data_prep import to_verl
 from data_prep.photo import pairs as P
 from data_prep.photo.coco import PhotoDataError, load_coco
@@ -328,32 +331,63 @@ def test_same_seed_same_pairs_and_shards_make_the_same_run(coco_dir, per_type, t
     assert len(json.loads((out / "stats.json").read_text())["shards"]) == 2
 
 
-def test_sigkill_mid_run_then_resume_makes_every_pair_once(coco_dir, per_type, tmp_path):
-    out = tmp_path / "killed"
+def photo_cmd(coco_dir: Path, out: Path, num: int = 40) -> list[str]:
     cmd = [sys.executable, "-m", "data_prep.photo", "--coco", str(coco_dir / "annotations.json")]
-    cmd += ["--images", str(coco_dir / "images"), "--num", "40", "--k", "1-4", "--seed", "12"]
+    cmd += ["--images", str(coco_dir / "images"), "--num", str(num), "--k", "1-4", "--seed", "12"]
     cmd += ["--no-diff-fraction", "0.2", "--width", str(W), "--height", str(H), "--workers", "2"]
-    cmd += ["--out-dir", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    lines = out / "manifest.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if lines.exists() and len(lines.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the generator and its pool workers
-    proc.wait()
-    have = len(lines.read_text().splitlines())
-    assert have < 40, "the run finished before the kill: raise --num"
-    # what a kill can leave behind: a torn manifest line and a temp file
-    with lines.open("a") as f:
+    return cmd + ["--out-dir", str(out), "--no-progress"]
+
+
+def run_until(cmd: list[str], crash_at: str) -> subprocess.CompletedProcess:
+    """Run the generator with ``DIG_CRASH_AT`` (dig_common.crashpoints): it kills or interrupts itself at that
+    point, not after a guessed time; then its pool workers are ended too."""
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env={**os.environ, "DIG_CRASH_AT": crash_at}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    proc.wait(timeout=120)
+    with contextlib.suppress(ProcessLookupError):  # orphaned pool workers hold the pipes open
+        os.killpg(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def check_consistent(out: Path, num: int) -> dict:
+    """Every pair exactly once, its files whole, and stats.json counting exactly the manifest's pairs."""
+    ids = [m["pair_id"] for m in manifest(out)]
+    assert sorted(ids) == [f"p12-{i:07d}" for i in range(num)]  # each exactly once
+    assert not list(out.glob("shard-*/*.tmp-*"))
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["accepted"] == num
+    types = collections.Counter(t for m in manifest(out) for t in m["types"])
+    assert stats["differences_by_type"] == dict(types)
+    return stats
+
+
+@pytest.mark.parametrize(
+    ("point", "recounted"),
+    [
+        ("pair-listed:4", 1),  # killed between the manifest line and stats.json: the resume counts that pair
+        ("pair-committed:4", 0),  # killed after both
+    ],
+)
+def test_sigkill_at_a_chosen_point_then_resume_makes_every_pair_once(coco_dir, per_type, tmp_path, point, recounted):
+    out = tmp_path / "killed"
+    cmd = photo_cmd(coco_dir, out)
+    killed = run_until(cmd, point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(manifest(out)) == 4
+    counted = json.loads((out / "shard-000-of-001" / "stats.json").read_text())["accepted"]
+    assert counted == 4 - recounted  # what the kill left: stats lag the manifest by the pair at the kill
+    # what a kill can also leave behind: a torn manifest line and a temp file
+    with (out / "manifest.jsonl").open("a") as f:
         f.write('{"pair_id": "p12-00')
     (out / "shard-000-of-001" / "p12-0000039_a.png.tmp-1-2").write_bytes(b"partial")
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stderr
-    ids = [m["pair_id"] for m in manifest(out)]
-    assert sorted(ids) == [f"p12-{i:07d}" for i in range(40)]  # each exactly once
-    assert not list(out.glob("shard-*/*.tmp-*"))
+    assert json.loads(rerun.stdout)["this_run"]["pairs"] == 36
+    stats = check_consistent(out, 40)
+    assert stats.get("recounted", 0) == recounted
     ref = records(per_type["mixed"])  # the first 10 pairs also exist in the uninterrupted run
     for pid, rec in records(out).items():
         a, b = pixels(out, rec)  # every file decodes
@@ -361,7 +395,37 @@ def test_sigkill_mid_run_then_resume_makes_every_pair_once(coco_dir, per_type, t
             assert rec["differences"] == ref[pid]["differences"]
             assert all(np.array_equal(x, y) for x, y in zip((a, b), pixels(per_type["mixed"], ref[pid]), strict=True))
         assert a.shape == b.shape == (H, W, 3)
-    assert json.loads((out / "stats.json").read_text())["accepted"] == 40
+
+
+def test_ctrl_c_keeps_every_finished_pair_and_says_how_to_resume(coco_dir, tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = photo_cmd(coco_dir, out)
+    stopped = run_until(cmd, "pair-committed:3:INT")  # Ctrl-C right after the third pair is committed
+    assert stopped.returncode == 130
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == f"{P.PROG}: interrupted: {R.RESUME_HINT}"
+    listed = manifest(out)
+    assert len(listed) >= 3  # the three, and any pair that finished while stopping
+    assert all((out / m["image_b"]).is_file() for m in listed)
+    assert json.loads((out / "stats.json").read_text())["accepted"] == len(listed)  # counted as listed
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["this_run"]["pairs"] == 40 - len(listed)  # nothing made twice
+    check_consistent(out, 40)
+
+
+@pytest.mark.parametrize("lost", ["image_b", "json"])
+def test_resume_remakes_a_listed_pair_that_lost_a_file(coco_dir, per_type, tmp_path, lost):
+    out = tmp_path / "lost"
+    shutil.copytree(per_type["mixed"], out)
+    victim = manifest(out)[2]
+    (out / victim[lost]).unlink()
+    stats = P.generate(config(coco_dir, out, num=10, k="1-4", seed=12, no_diff_fraction=0.2))
+    assert stats["this_run"]["pairs"] == 1 and stats["accepted"] == 10  # made again, not counted twice
+    rec = records(out)[victim["pair_id"]]
+    ref = records(per_type["mixed"])[victim["pair_id"]]
+    assert all(np.array_equal(x, y) for x, y in zip(pixels(out, rec), pixels(per_type["mixed"], ref), strict=True))
+    assert len(to_verl.read_manifest(out)) == 10
 
 
 def test_resume_with_other_settings_is_refused(coco_dir, per_type):
@@ -646,3 +710,48 @@ def test_build_mixes_rendered_and_photo_pairs_into_one_parquet(coco_dir, tmp_pat
     ids = [r["extra_info"]["pair_id"] for r in table]
     assert len(ids) == 4 and sum(i.startswith("p") for i in ids) == 2 and sum(i.startswith("s") for i in ids) == 2
     assert [e["event"] for e in run()] == ["mix", "skip", "skip"]  # rerun: nothing generated or rewritten
+
+
+# ------------------------------------------------------------------------- instances cut by the frame, each edge
+
+FRAME_W, FRAME_H, SIDE = 200, 150, 40  # one photo; square instances of SIDE px (area 1600 >= min_area_px)
+BORDER = 2  # photo.yaml instances.border_px
+# (x, y) of an instance's box: touching each of the four edges (within the border), then one pixel further in
+EDGE_CASES = {
+    "left": ((BORDER, 50), (BORDER + 1, 50)),
+    "top": ((80, BORDER), (80, BORDER + 1)),
+    "right": ((FRAME_W - BORDER - SIDE, 50), (FRAME_W - BORDER - SIDE - 1, 50)),
+    "bottom": ((80, FRAME_H - BORDER - SIDE), (80, FRAME_H - BORDER - SIDE - 1)),
+}
+
+
+def one_instance_coco(folder: Path, x: int, y: int) -> Path:
+    """A COCO set of one photo with a square instance at (x, y), the case (only its position varies), and one in
+    the middle that is always usable (a set with no usable instance is refused as a whole)."""
+    (folder / "images").mkdir(parents=True)
+    Image.new("RGB", (FRAME_W, FRAME_H), (120, 90, 60)).save(folder / "images" / "p.jpg")
+
+    def square(ann_id: int, x: int, y: int) -> dict:
+        polygon = [x, y, x + SIDE, y, x + SIDE, y + SIDE, x, y + SIDE]
+        box = {"bbox": [x, y, SIDE, SIDE], "area": SIDE * SIDE, "iscrowd": 0, "segmentation": [polygon]}
+        return {"id": ann_id, "image_id": 1, "category_id": 1, **box}
+
+    raw = {
+        "images": [{"id": 1, "file_name": "p.jpg", "width": FRAME_W, "height": FRAME_H}],
+        "annotations": [square(1, x, y), square(2, 80, 55)],
+        "categories": [{"id": 1, "name": "box"}],
+    }
+    path = folder / "annotations.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize("edge", sorted(EDGE_CASES))
+def test_an_instance_cut_by_any_edge_is_never_used(tmp_path, edge):
+    assert P.load_settings()["instances"]["border_px"] == BORDER
+    cut, inside = EDGE_CASES[edge]
+    for (x, y), truncated in ((cut, 1), (inside, 0)):
+        folder = tmp_path / f"{x}-{y}"
+        coco = load_coco(one_instance_coco(folder, x, y), folder / "images", P.load_settings())
+        assert coco.skipped["truncated"] == truncated, (edge, x, y)
+        assert sorted(i.ann_id for i in coco.instances) == ([2] if truncated else [1, 2]), (edge, x, y)

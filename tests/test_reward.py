@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import yaml
 from dig_common.models import load_model_spec
 from eval import refcoco
 from eval import scoring as eval_scoring
-from reward_fns import geometry, parsing, scoring
+from reward_fns import dig_reward, geometry, parsing, scoring
 from reward_fns.dig_reward import RESULT_KEYS, RewardKnobs, check_reward_kwargs, compute_score
 
 W, H = 1000, 1000  # 1000 x 1000 so that rel1000 values equal pixels and the arithmetic stays readable
@@ -167,6 +168,74 @@ def test_last_complete_list_counts():
     assert score(boxes_text([A, B])[:-8], [A, B])["format"] == 0.0
 
 
+EDGE = [900, 850, 1000, 1000]  # touches the right and bottom edges of the 1000 x 1000 image
+# Transcripts shaped like real model output, each with several <think> blocks or boxes in several places, and
+# chosen so that a plausible wrong rule (the first </think>, the first list, ignoring <answer>, no clipping)
+# gives another result: (response, GT, require_think, expected format, num_pred, f1)
+TRANSCRIPTS = {
+    "two_thoughts_then_fenced_answer": (
+        "<think>\nIn A the mug is white; in B it looks red, around [[120, 80, 200, 160]].\n</think>\n\n"
+        "<think>Let me check the lamp again. It moved left.</think>\n\n```json\n"
+        + json.dumps([{"bbox_2d": B, "label": "lamp moved"}, {"bbox_2d": A, "label": "mug [colour]"}])
+        + "\n```\nThese are the two differences.",
+        [A, B],
+        True,
+        1.0,
+        2.0,
+        1.0,
+    ),
+    "answer_then_a_thought_with_nothing_after": (
+        f"<think>first look</think>{boxes_text([A])}<think>wait, let me look again</think>\n",
+        [A],
+        True,
+        0.0,
+        0.0,
+        0.0,  # the answer follows the LAST </think>: empty
+    ),
+    "answer_block_then_an_earlier_guess_in_prose": (
+        f"<think>x</think><answer>{boxes_text([A, B])}</answer>\nEarlier I thought {boxes_text([C])}.",
+        [A, B],
+        True,
+        1.0,
+        2.0,
+        1.0,
+    ),
+    "numbered_items_then_the_final_list": (
+        f"1) the cup {json.dumps(A)}\n2) the book {json.dumps(C)}\nFinal: {boxes_text([A, B])}",
+        [A, B],
+        False,
+        1.0,
+        2.0,
+        1.0,
+    ),
+    "unclosed_thought_of_a_non_thinking_model": (
+        f"<think>I believe {boxes_text([C])}",
+        [A],
+        False,
+        1.0,
+        1.0,
+        0.0,
+    ),
+    "box_past_the_bottom_right_edge_is_clipped": (
+        f"<think>a</think><think>b</think>{boxes_text([[900, 850, 1005, 1003]])}",
+        [EDGE],
+        True,
+        1.0,
+        1.0,
+        1.0,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSCRIPTS))
+def test_realistic_transcripts(name):
+    response, gt, require_think, fmt, num_pred, f1 = TRANSCRIPTS[name]
+    result = score(response, gt, require_think=require_think)
+    assert (result["format"], result["num_pred"], result["f1"]) == (fmt, num_pred, f1), result
+    if f1 == 1.0:
+        assert result["score"] == pytest.approx(1.0)
+
+
 def test_labels_with_brackets_and_quotes():
     answer = json.dumps([{"bbox_2d": A, "label": 'a "red] cube [x'}])
     assert score(answer, [A])["score"] == 1.0
@@ -242,7 +311,7 @@ def test_overlong_answer_fails_before_parsing():
 
 @pytest.mark.parametrize("response", [None, b"[[1,2,3,4]]", 42, ["[[1,2,3,4]]"]])
 def test_non_string_responses_never_raise(response):
-    assert_result(compute_score("dig", response, gt_json([A])), **FORMAT_FAILED, num_gt=1.0)
+    assert_result(compute_score("dig", response, gt_json([A])), **FORMAT_FAILED, num_gt=1.0, reward_error=0.0)
 
 
 @pytest.mark.parametrize(
@@ -257,7 +326,53 @@ def test_non_string_responses_never_raise(response):
     ],
 )
 def test_broken_ground_truth_never_raises(ground_truth):
-    assert_result(compute_score("dig", boxes_text([A]), ground_truth), score=0.0)
+    assert_result(compute_score("dig", boxes_text([A]), ground_truth), score=0.0, reward_error=1.0)
+
+
+MALFORMED_ANSWERS = [
+    "no boxes here",
+    "<think>the cup moved</think>[[1, 2, 3]]",
+    "<think>a</think><think>b</think>[[300, 300, 200, 200]]",  # inverted box
+    "[[1, 2, 3, 4]",  # cut off
+    json.dumps([A] * 51),  # over max_boxes
+]
+
+
+@pytest.mark.parametrize("answer", MALFORMED_ANSWERS)
+def test_a_malformed_answer_scores_zero_quietly(answer, caplog):
+    with caplog.at_level(logging.DEBUG, logger="dig.reward"):
+        assert_result(score(answer, [A]), **FORMAT_FAILED, num_gt=1.0, reward_error=0.0)
+    assert not caplog.records
+
+
+def test_an_internal_error_is_counted_and_logged_once_with_its_traceback(monkeypatch, caplog):
+    """A bug in the reward scores 0 like a format failure would, but the sample says so (reward_error, a key
+    verl logs with the others) and the first of its kind is logged with the traceback; samples keep one key list."""
+
+    def broken_match(pred, gt, knobs):
+        raise IndexError("hungarian: row 3 out of range")
+
+    monkeypatch.setattr(scoring, "match", broken_match)
+    monkeypatch.setattr(dig_reward, "_logged", set())
+    with caplog.at_level(logging.DEBUG, logger="dig.reward"):
+        results = [score(boxes_text([A]), [A]) for _ in range(3)]
+    for result in results:
+        assert_result(result, **FORMAT_FAILED, num_gt=1.0, reward_error=1.0)
+    assert len(caplog.records) == 1
+    record = caplog.records[0]
+    assert "reward_error" in record.getMessage()
+    assert "IndexError: hungarian: row 3 out of range" in record.getMessage()
+    assert "broken_match" in record.getMessage()  # the traceback, not only the message
+    monkeypatch.undo()
+    assert_result(score(boxes_text([A]), [A]), **PERFECT, reward_error=0.0)
+
+
+def test_a_broken_ground_truth_is_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(dig_reward, "_logged", set())
+    with caplog.at_level(logging.DEBUG, logger="dig.reward"):
+        for _ in range(3):
+            assert compute_score("dig", boxes_text([A]), "not json")["reward_error"] == 1.0
+    assert len(caplog.records) == 1 and "JSONDecodeError" in caplog.records[0].getMessage()
 
 
 def test_ground_truth_as_dict_and_extra_keys():

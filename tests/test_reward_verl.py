@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).with_name("verl_reward_probe.py")
 GT = json.dumps({"boxes": [[10, 20, 110, 120], [200, 100, 260, 180]], "width": 480, "height": 320})
 CASES = [
-    # malformed first: verl takes the key list from sample 0, so a failure must carry all nine keys
+    # malformed first: verl takes the key list from sample 0, so a failure must carry every key
     ["I see no boxes", GT],
     ['[{"bbox_2d": [10, 20, 110, 120], "label": "colour"}, {"bbox_2d": [200, 100, 260, 180]}]', GT],
     ["[[10, 20, 110, 120]]", GT],

@@ -20,6 +20,7 @@ import multiprocessing
 import pickle
 import random
 import resource
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,7 +472,7 @@ class PhotoPairMaker:
             drawn = (img_a, full_a, vis_a), (img_b, full_b, vis_b)
             record = self._write(pid, index, attempt, cand_seed, k, (scene_a, edits, scene_b), differences, *drawn)
             return record, delta
-        raise RuntimeError(
+        raise R.GateError(
             f"pair {pid}: no candidate passed the quality gates in {attempts} attempts (rejections: "
             f"{dict(delta['rejected'])}); relax the gates in {self.settings['path']}, lower --k or check the COCO set"
         )
@@ -564,6 +565,7 @@ def _maker(cfg: PhotoConfig) -> PhotoPairMaker:
 
 
 def _pool_init(cfg: PhotoConfig) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it keeps what finished, then stops
     _PROCESS["maker"] = _maker(cfg)
 
 
@@ -618,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main(PROG)
+@cli_main(PROG, on_interrupt=R.RESUME_HINT)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None

@@ -217,6 +217,12 @@ class RenderWorker:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill(self):
+        """Stop now, mid-render (an interrupted run): a pair being rendered leaves only temp files, which the next
+        run removes. ``close`` would wait for the render in progress (seconds to minutes)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
     def __enter__(self):
         return self
 
@@ -311,7 +317,7 @@ class PairMaker:
             os.replace(tmp_b, final_b)
             atomic_write_text(self.shard_dir / f"{pid}.json", json.dumps(record, indent=1))
             return manifest_entry(self.shard_dir, pid, index, record["differences"]), delta
-        raise RuntimeError(
+        raise R.GateError(
             f"pair {pid}: no candidate passed the quality gates in {self.vocab.gates['max_attempts_per_pair']} "
             f"attempts (rejections: {dict(delta['rejected'])}); relax gates in {self.vocab.path} or lower --k"
         )
@@ -352,10 +358,16 @@ def _run_local(cfg: GenerateConfig, vocab: S.Vocabulary, state: R.RunState, todo
 
     try:
         with futures.ThreadPoolExecutor(len(workers), thread_name_prefix="render", initializer=bind) as pool:
-            R.run_local(state, todo, lambda index: mine.maker.make(index), pool)
+            stop = functools.partial(_kill_all, workers)
+            R.run_local(state, todo, lambda index: mine.maker.make(index), pool, stop=stop)
     finally:
         for w in workers:
             w.close()
+
+
+def _kill_all(workers: list[RenderWorker]) -> None:
+    for w in workers:
+        w.kill()
 
 
 def _ray_chunk(cfg: GenerateConfig, python: str, indices: list[int]) -> list[R.Result]:
@@ -373,11 +385,31 @@ def _run_ray(cfg: GenerateConfig, state: R.RunState, todo: list[int]) -> None:
     R.run_ray(state, todo, _ray_chunk, (task_cfg, str(render_python())), cfg.threads_per_worker, chunk=4)
 
 
+def check_k_possible(cfg: GenerateConfig, vocab: S.Vocabulary) -> None:
+    """The largest K of --k must fit the vocabulary's scenes: scenes and edits are sampled (pure Python, no
+    render) as the first pair's candidates would be; if none of them can place K differences, no pair ever
+    will, so --k is refused in one line before anything is written."""
+    high = R.parse_k(cfg.k)[1]
+    attempts = int(vocab.gates["max_attempts_per_pair"])
+    why: collections.Counter[str] = collections.Counter()
+    for attempt in range(attempts):
+        try:
+            sample_candidate(vocab, R.derive_seed("k-check", cfg.seed, attempt), high, cfg.change_weights)
+            return
+        except S.SamplingError as err:
+            why[str(err)] += 1
+    raise ValueError(
+        f"--k {cfg.k}: no scene of {vocab.path} can hold {high} differences ({attempts} tries: "
+        f"{why.most_common(1)[0][0]}); lower --k (the curriculum uses 1-4) or allow more objects per scene"
+    )
+
+
 def generate(cfg: GenerateConfig) -> dict:
     """Generate (or resume) a run; returns the stats dict also written to <out>/stats.json."""
     cfg.validate()
     cfg.out = Path(cfg.out)
     vocab = S.load_vocabulary(cfg.vocab)  # a bad vocabulary fails here, before any render
+    check_k_possible(cfg, vocab)
     render_python()  # a missing render venv fails here too, before the output folder is made
     state = R.RunState(cfg, cfg.resume_settings(vocab), added_later={"difficulty_filters": {}})
     return R.run(state, functools.partial(_run_local, cfg, vocab, state), functools.partial(_run_ray, cfg, state))
@@ -407,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main(PROG)
+@cli_main(PROG, on_interrupt=R.RESUME_HINT)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = GenerateConfig(

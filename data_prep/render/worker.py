@@ -407,6 +407,10 @@ def _die_with_parent():
 
 def main():
     _die_with_parent()
+    # Ctrl-C reaches the whole process group: the parent decides (it keeps the finished pairs, then stops us)
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     proto = os.fdopen(os.dup(1), "w", buffering=1)  # private channel for answers
     os.dup2(2, 1)  # Blender's C-level prints on fd 1 go to stderr and cannot corrupt the protocol
     sys.stdout = sys.stderr

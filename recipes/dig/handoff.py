@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -62,6 +63,33 @@ def is_merged(target: Path) -> bool:
     return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
 
 
+# A Hugging Face hub id, "org/name": what INIT_MODEL may be instead of a folder (the run downloads it).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+
+
+def check_init_model(value: str) -> str:
+    """INIT_MODEL: a complete Hugging Face checkpoint folder (config.json and weights), or a hub id. Returns the
+    plan's note; raises LaunchError for a path that is not such a folder (checked here, before any GPU)."""
+    path = Path(value).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(value):
+        return "INIT_MODEL (explicit), a hub id: the run downloads it"
+    fix = (
+        "set INIT_MODEL to a Hugging Face checkpoint folder (config.json and *.safetensors, e.g. a stage's "
+        "hf_merged/global_step_N) or a hub id such as Qwen/Qwen2.5-VL-3B-Instruct"
+    )
+    if not path.is_dir():
+        raise LaunchError(f"INIT_MODEL={value}: {'not a folder' if path.exists() else 'no such folder'}; {fix}")
+    weights = [f for pattern in WEIGHT_GLOBS for f in path.glob(pattern)]
+    missing = [name for name, ok in (("config.json", (path / "config.json").is_file()), ("weights", weights)) if not ok]
+    if missing:
+        raise LaunchError(
+            f"INIT_MODEL={value}: not a complete checkpoint folder (no {' and no '.join(missing)}"
+            f"{'' if 'weights' not in missing else ' *.safetensors / *.bin'}); {fix}"
+        )
+    return f"INIT_MODEL (explicit), checked: config.json and {len(weights)} weight file(s)"
+
+
 def merge_command(python: str, actor_dir: Path, target: Path) -> list[str]:
     merger = [python, "-m", "verl.model_merger", "merge", "--backend", "fsdp"]
     return [*merger, "--local_dir", str(actor_dir), "--target_dir", str(target)]
@@ -70,7 +98,7 @@ def merge_command(python: str, actor_dir: Path, target: Path) -> list[str]:
 def plan_handoff(settings: Settings, stage: int, prev_cfg, spec: ModelSpec) -> Handoff:
     """Stage 1: the base model. Stage k: stage k-1's last step, merged to HF (merge planned if not done yet)."""
     if settings.init_model:
-        return Handoff(settings.init_model, "INIT_MODEL (explicit)")
+        return Handoff(settings.init_model, check_init_model(settings.init_model))
     if stage == 1:
         return Handoff(spec.hf_path, f"base model {spec.hf_path}")
     prev_dir = experiment_dir(prev_cfg)

@@ -60,6 +60,7 @@ from recipes.dig.preflight import (
     DataReport,
     check_data,
     check_gpu_environment,
+    check_mini_batches,
     check_reward_kwargs,
     default_gpus_per_node,
     load_reward,
@@ -128,6 +129,7 @@ def plan_stage(settings: Settings, overlay_root: Path | None = None) -> Plan:
             compose(overrides[: len(overrides) - len(settings.extra_overrides)]), cfg, settings.extra_overrides
         )
     validate(cfg)
+    check_mini_batches(cfg)
     check_reward_kwargs(cfg, spec)
     probe = load_reward(cfg)
     data = check_data(cfg, spec, settings, stage, model_ref)
@@ -247,13 +249,14 @@ def status(settings: Settings) -> int:
 
 def curriculum_stage_settings(settings: Settings, stages: list[int]) -> list[Settings]:
     """The one resolved settings, per stage: INIT_MODEL seeds the first stage only; a dry run plans stage k on
-    the checkpoint stage k-1 will produce."""
+    the checkpoint stage k-1 will produce when stage k-1 comes before it in the list (else it must be done)."""
     return [
         replace(
             settings,
             stage=stage,
             init_model=settings.init_model if i == 0 else None,
-            assume_previous=settings.assume_previous or settings.dry_run,
+            # only a stage whose predecessor runs before it in this list: STAGES="2 3" needs stage 1 done
+            assume_previous=settings.assume_previous or (settings.dry_run and i > 0 and stages[i - 1] == stage - 1),
         )
         for i, stage in enumerate(stages)
     ]

@@ -12,6 +12,7 @@ from pathlib import Path
 from data_prep.budget import prompt_token_bound
 from data_prep.stages import STAGES_FILE
 from dig_common.models import ModelSpec
+from dig_common.parquet import model_mismatch, open_parquet
 from recipes.dig.settings import LaunchError, Settings
 
 RENDER_SEC_PER_PAIR = 4.5  # 480x320, 16 spp: measured wall time per pair on a 2-core box
@@ -63,6 +64,33 @@ def load_reward(cfg):
     return result
 
 
+def check_mini_batches(cfg) -> None:
+    """What verl 0.9.1 checks only without dynamic batch sizes, and then asserts in the first actor update.
+
+    ``ActorConfig.validate`` requires train_batch_size >= ppo_mini_batch_size only when ``use_dynamic_bsz`` is
+    off; the recipe runs with it on. A real run then reaches ``engine_workers.train_mini_batch`` after the first
+    rollout: each of the dp = GPUs / ulysses_sequence_parallel_size ranks holds train_batch_size x n / dp
+    samples and ``tensordict_utils.make_iterator`` asserts that they split into whole mini-batches of
+    ppo_mini_batch_size x n / dp (after ``assert (ppo_mini_batch_size x n) % dp == 0``). Both are refused here."""
+    actor, rollout, trainer = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout, cfg.trainer
+    train, mini, n = int(cfg.data.train_batch_size), int(actor.ppo_mini_batch_size), int(rollout.n)
+    sp = int(actor.get("ulysses_sequence_parallel_size", 1) or 1)
+    dp = max(int(trainer.nnodes) * int(trainer.n_gpus_per_node) // sp, 1)
+    if train % mini:
+        relation = "below" if train < mini else "not a multiple of"
+        raise LaunchError(
+            f"data.train_batch_size={train} is {relation} actor_rollout_ref.actor.ppo_mini_batch_size={mini}: "
+            "verl's first actor update would stop on it (after the first rollout); make data.train_batch_size a "
+            "multiple of ppo_mini_batch_size (or lower ppo_mini_batch_size)"
+        )
+    if (mini * n) % dp:
+        raise LaunchError(
+            f"actor_rollout_ref.actor.ppo_mini_batch_size x rollout.n = {mini} x {n} is not divisible by the {dp} "
+            f"data-parallel ranks (GPUs / ulysses_sequence_parallel_size): verl's first actor update would stop "
+            "on it; choose ppo_mini_batch_size so that it is"
+        )
+
+
 @dataclass
 class DataReport:
     ready: bool
@@ -81,14 +109,12 @@ def data_files(cfg) -> dict[str, Path]:
 
 
 def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
-    import pyarrow.parquet as pq
-
     from data_prep.to_verl import SCHEMA
 
     try:
-        pf = pq.ParquetFile(path)
-    except Exception as err:
-        raise LaunchError(f"data file {path}: not a readable parquet file: {err}") from err
+        pf = open_parquet(path, "data file")
+    except ValueError as err:
+        raise LaunchError(str(err)) from err
     missing = [c for c in SCHEMA.names if c not in pf.schema_arrow.names]
     if missing:
         raise LaunchError(
@@ -97,14 +123,12 @@ def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
     rows = pf.metadata.num_rows
     if rows == 0:
         raise LaunchError(f"data file {path}: 0 rows")
-    first = next(pf.iter_batches(batch_size=1, columns=["images", "extra_info"])).to_pylist()[0]
-    image = (first["images"] or [{}])[0] or {}
-    for key in ("min_pixels", "max_pixels"):
-        if image.get(key) is not None and image.get(key) != getattr(spec, key):
-            raise LaunchError(
-                f"data file {path}: images carry {key}={image.get(key)} but MODEL={spec.model_name} uses "
-                f"{getattr(spec, key)}; the data was built for another model: use a DATA_DIR per model"
-            )
+    why = model_mismatch(pf, spec)
+    if why:
+        raise LaunchError(
+            f"data file {path}: {why} (MODEL={spec.model_name}); the data was built for another model: use a "
+            "DATA_DIR per model"
+        )
     sizes = pf.read(columns=["extra_info"]).column("extra_info").to_pylist()
     worst = max(prompt_token_bound(int(e["width"]), int(e["height"]), spec) for e in sizes if e and e.get("width"))
     if worst > cfg.data.max_prompt_length:
