@@ -2,18 +2,20 @@
 
     python -m data_prep.build --out-dir data --model qwen3_vl_8b_thinking --stage all
 
-Layout under ``--out-dir``::
+Layout under ``--out-dir``: the pairs are rendered once and shared by every model; the parquets are per model
+(prompt wording, per-image pixel bounds, coordinate frame)::
 
-    pairs/stage1/{train,val}/ ...          generator output (docs/contracts.md, pair record), one folder per generation run
-    pairs/test/test/{1-k1,...}/            the test split: one run per K
-    stage1/{train,val}.parquet ... stage3/ verl rows (docs/contracts.md, parquet row) for --model
-    test/test.parquet
+    pairs/stage1/{train,val}/ ...                 generator output (docs/contracts.md, pair record), one folder
+                                                  per generation run of the stage as stages.yaml defines it
+    pairs/test/test/{1-k1,...}/                   the test split: one run per K
+    <model>/stage1/{train,val}.parquet ... stage3 verl rows (docs/contracts.md, parquet row) for --model
+    <model>/test/test.parquet
 
 Stage sizes, K distributions, seeds and the no-difference fraction come from ``data_prep/stages.yaml``. Reruns
 skip what is done: a run whose manifest already holds its pairs is not started again, and a parquet whose
-recorded metadata (model, stage, split, pair ids, prompt, pixel bounds) matches is not rewritten. Switching
-``--model`` only reconverts. Before converting, the pair seeds of the test split are checked to be disjoint
-from every training and validation run found under ``pairs/``.
+recorded metadata (model, stage, split, pair ids, prompt, pixel bounds) matches is not rewritten. A second
+``--model`` only converts (seconds). Before converting, the pair seeds of the test split are checked to be
+disjoint from every training and validation run found under ``pairs/``.
 """
 
 from __future__ import annotations
@@ -91,14 +93,25 @@ def source_runs(data_dir: Path, stage: Stage, split: str, mix: SourceMix) -> lis
     return out
 
 
-def parquet_path(data_dir: Path, stage: Stage, split: str) -> Path:
-    return data_dir / stage_dir_name(stage) / f"{split}.parquet"
+def parquet_path(data_dir: Path, model_name: str, stage: Stage, split: str) -> Path:
+    """``<data_dir>/<model>/stage<k>/<split>.parquet``: the file the recipe's data.train_files / val_files name."""
+    return data_dir / model_name / stage_dir_name(stage) / f"{split}.parquet"
 
 
 def manifest_size(pairs_dir: Path, num: int) -> int:
     """How many of the run's first ``num`` pairs the manifest already lists."""
     entries = read_manifest(pairs_dir, required=False).entries
     return sum(1 for e in entries if e.index is not None and e.index < num)
+
+
+def pairs_to_make(data_dir: Path, stage: Stage, splits: list[str], mix: SourceMix) -> dict[str, int]:
+    """Pairs each source still has to generate for ``splits`` of ``stage`` ({"rendered": n, "photo": m}); zero for
+    both means a build only converts."""
+    todo = {"rendered": 0, "photo": 0}
+    for split in splits:
+        for source, run, pairs_dir in source_runs(Path(data_dir), stage, split, mix):
+            todo[source] += run.num - manifest_size(pairs_dir, run.num)
+    return todo
 
 
 def _shared_config(run: Run, out: Path, options: BuildOptions) -> dict:
@@ -208,7 +221,7 @@ def build(
     ``mixes``: source mix per stage name (``stages.load_source_mixes``); None or a missing stage: rendered only.
     """
     data_dir = Path(data_dir)
-    load_model_spec(model)  # bad model name: fail before generating anything
+    model_name = load_model_spec(model).model_name  # bad model name: fail before generating anything
     selected = [curriculum.stage(name) for name in stages]
     mixes = {s.name: (mixes or {}).get(s.name, SourceMix(dict(RENDERED_ONLY))) for s in selected}
     mixes = {name: mix.with_paths(options.coco, options.images) for name, mix in mixes.items()}
@@ -216,7 +229,7 @@ def build(
         raise NotADirectoryError(f"--out-dir {data_dir} is a file: give the folder the datasets go to")
     for stage in selected:
         for split in stage.splits:
-            to_verl.check_parquet_path(parquet_path(data_dir, stage, split))
+            to_verl.check_parquet_path(parquet_path(data_dir, model_name, stage, split))
     for stage in selected:  # the mix is reported first; a photo share without a COCO set fails before any work
         mix = mixes[stage.name]
         if mix.uses_photo:
@@ -244,7 +257,7 @@ def build(
     for stage in selected:
         allowed = stage.allowed_k()
         for split in stage.splits:
-            out = parquet_path(data_dir, stage, split)
+            out = parquet_path(data_dir, model_name, stage, split)
             runs = source_runs(data_dir, stage, split, mixes[stage.name])
             plan = to_verl.plan_conversion(
                 [folder for _, _, folder in runs],
@@ -289,7 +302,9 @@ def _source_counts(data_dir: Path, stage: Stage, split: str, mix: SourceMix) -> 
 @cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = tool_parser(PROG, __doc__)
-    parser.add_argument("--out-dir", type=Path, required=True, help="the dataset folder (pairs/ and the parquets)")
+    parser.add_argument(
+        "--out-dir", type=Path, required=True, help="the dataset folder (pairs/, shared, and <model>/ parquets)"
+    )
     parser.add_argument("--model", required=True, help="base model name or YAML path (pixel bounds, prompt)")
     parser.add_argument("--stage", required=True, help="1, 2, 3, test or all")
     parser.add_argument("--stages-file", type=Path, default=STAGES_FILE)

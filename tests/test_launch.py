@@ -101,8 +101,8 @@ def test_dry_run_every_stage_of_every_model(model, tmp_path):
         assert cfg.trainer.experiment_name == f"{model}_stage{stage}"  # fresh name per stage
         assert cfg.trainer.default_local_dir == str(tmp_path / "ckpt" / "dig" / f"{model}_stage{stage}")
         assert cfg.trainer.resume_mode == "auto"
-        assert cfg.data.train_files == str(tmp_path / "data" / f"stage{stage}" / "train.parquet")
-        assert cfg.data.val_files == str(tmp_path / "data" / f"stage{stage}" / "val.parquet")
+        assert cfg.data.train_files == str(tmp_path / "data" / model / f"stage{stage}" / "train.parquet")
+        assert cfg.data.val_files == str(tmp_path / "data" / model / f"stage{stage}" / "val.parquet")
         assert cfg.data.image_patch_size == spec.patch_size
         # GRPO + low-variance KL loss, vLLM async rollouts with two images
         assert cfg.algorithm.adv_estimator == "grpo" and not cfg.algorithm.use_kl_in_reward
@@ -220,10 +220,50 @@ def test_model_file_given_by_path(launch_env, monkeypatch):
     assert plan.data.build_command[plan.data.build_command.index("--model") + 1] == str(path)
 
 
+def write_manifest(pairs_dir: Path, num: int) -> None:
+    """A run folder whose manifest lists ``num`` pairs (what data_prep.build counts to decide what to render)."""
+    from data_prep.manifest import append_entry, manifest_entry
+
+    pairs_dir.mkdir(parents=True)
+    for index in range(num):
+        pid = f"s1-{index:07d}"
+        append_entry(pairs_dir, manifest_entry(pairs_dir / "shard-000", pid, index, [{"type": "color"}]))
+
+
+def test_switching_model_plans_a_conversion_not_a_render(launch_env):
+    """The pairs under data/pairs/ are shared by every model: with them on disk, a second model's missing parquets
+    are planned as a conversion (seconds), not a render (hours); with half of them, only the rest is rendered."""
+    from data_prep.stages import STAGES_FILE, load_curriculum
+
+    runs = load_curriculum(STAGES_FILE).stage("1").splits
+    nums = {split: sum(run.num for run in split_runs) for split, split_runs in runs.items()}
+    write_manifest(launch_env / "data" / "pairs" / "stage1" / "train", nums["train"] // 2)
+    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b"))
+    line = next(line for line in plan.data.lines if line.startswith("data: missing"))
+    assert f"renders {nums['train'] - nums['train'] // 2 + nums['val']} pairs x 4.5 s/pair" in line
+    shutil.rmtree(launch_env / "data" / "pairs")
+    for split, num in nums.items():
+        write_manifest(launch_env / "data" / "pairs" / "stage1" / split, num)
+    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b"))
+    line = next(line for line in plan.data.lines if line.startswith("data: missing"))
+    assert str(launch_env / "data" / "qwen2_5_vl_3b" / "stage1" / "train.parquet") in line
+    assert f"it only converts {sum(nums.values())} pairs" in line and "renders" not in line
+    assert plan.data.build_command[-6:] == [
+        "--out-dir",
+        str(launch_env / "data"),
+        "--model",
+        "qwen2_5_vl_3b",
+        "--stage",
+        "1",
+    ]
+
+
 def test_existing_data_is_checked_and_reported(launch_env):
     spec = load_model_spec("qwen2_5_vl_3b")
     for split in ("train", "val"):
-        write_stage_parquet(launch_env / "data" / "stage1" / f"{split}.parquet", spec.min_pixels, spec.max_pixels)
+        write_stage_parquet(
+            launch_env / "data" / spec.model_name / "stage1" / f"{split}.parquet", spec.min_pixels, spec.max_pixels
+        )
     small_batch = ["data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2"]
     plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b", extra_overrides=small_batch))
     assert plan.data.ready and plan.data.build_command is None
@@ -326,7 +366,11 @@ def test_bad_stage_is_an_argparse_error_in_the_same_form(launch_env, capsys):
 def test_data_built_for_another_model_is_rejected(launch_env, monkeypatch, capsys):
     other = load_model_spec("qwen2_5_vl_7b")
     for split in ("train", "val"):
-        write_stage_parquet(launch_env / "data" / "stage1" / f"{split}.parquet", other.min_pixels, other.max_pixels)
+        write_stage_parquet(  # the default model's folder holding files built for another model
+            launch_env / "data" / "qwen3_vl_8b_thinking" / "stage1" / f"{split}.parquet",
+            other.min_pixels,
+            other.max_pixels,
+        )
     rc, err = run_launch(["--stage", "1"], capsys)  # MODEL defaults to qwen3_vl_8b_thinking
     assert rc == 2
     assert "train.parquet" in err and "built for another model" in err

@@ -49,7 +49,9 @@ def test_real_curriculum_rerun_reaches_the_gpu_boundary(cluster):
     tiny = save_tiny_checkpoint("qwen2_5_vl", root / "tiny")
     for stage in (1, 2):
         for split in ("train", "val"):
-            write_stage_parquet(root / "data" / f"stage{stage}" / f"{split}.parquet", spec.min_pixels, spec.max_pixels)
+            write_stage_parquet(
+                root / "data" / MODEL / f"stage{stage}" / f"{split}.parquet", spec.min_pixels, spec.max_pixels
+            )
     # stage 1 as a finished run leaves it: done marker at its last step, that step merged to HF
     stage1 = root / "ckpt" / "dig" / f"{MODEL}_stage1"
     merged = stage1 / "hf_merged" / "global_step_4"

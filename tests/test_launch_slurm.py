@@ -243,7 +243,9 @@ def test_sbatch_two_nodes_real_run_requeue_skips_the_finished_stage(local_slurm,
     for stage in (1, 2):
         for split in ("train", "val"):
             write_stage_parquet(
-                tmp_path / "data" / f"stage{stage}" / f"{split}.parquet", spec.min_pixels, spec.max_pixels
+                tmp_path / "data" / spec.model_name / f"stage{stage}" / f"{split}.parquet",
+                spec.min_pixels,
+                spec.max_pixels,
             )
     with ray_environment(tmp_path) as ray_env:
         env = base_env(env, tmp_path, ray_env)

@@ -62,7 +62,7 @@ def hydra_value(value: object) -> str:
 
 def stage_overrides(settings: Settings, stage: int, model_option: str, overlay: Path | None) -> list[str]:
     """The overrides the launcher adds for one stage, before the user's own (which win)."""
-    data_dir = settings.data_dir or (REPO_ROOT / "data" / model_option)
+    data_dir = settings.data_dir or (REPO_ROOT / "data")
     overrides = [
         f"base_model={model_option}",
         f"stage=stage{stage}",
