@@ -26,29 +26,35 @@ from PIL import Image
 from dig_common.models import load_model_spec, model_names
 from dig_common.paths import BASE_MODEL_DIR
 from recipes.dig import launch
-from recipes.dig.settings import KNOB_NAMES, STAGES, LaunchError, Settings
+from recipes.dig.settings import KNOB_NAMES, REMOVED_KNOBS, STAGES, LaunchError, Settings
 
 pytestmark = pytest.mark.verl
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH_ENV_KEYS = KNOB_NAMES  # every variable the launch path reads (recipes/dig/settings.py)
+LAUNCH_ENV_KEYS = (*KNOB_NAMES, *REMOVED_KNOBS)  # every variable the launch path reads (recipes/dig/settings.py)
 
 
 @pytest.fixture
 def launch_env(tmp_path, monkeypatch):
-    """A clean launch environment: dry run, checkpoints and data under tmp_path."""
+    """A clean launch environment: dry run; checkpoints and data under tmp_path through ``dirs(tmp_path)``."""
     for key in LAUNCH_ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("DRY_RUN", "1")
-    monkeypatch.setenv("CKPT_DIR", str(tmp_path / "ckpt"))
-    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
     return tmp_path
 
 
+def dirs(root: Path) -> list[str]:
+    """The Hydra overrides that put checkpoints and data under ``root``."""
+    return [f"curriculum.ckpt_dir={root / 'ckpt'}", f"curriculum.data_dir={root / 'data'}"]
+
+
+def with_dirs(root: Path, argv: list[str]) -> list[str]:
+    """Launcher argv with ``dirs(root)`` appended as overrides (after ``--``, which ends --curriculum's list)."""
+    return [*argv, *([] if "--" in argv else ["--"]), *dirs(root)]
+
+
 def dry_settings(tmp_path: Path, stage: int, **kwargs) -> Settings:
-    return Settings(
-        stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True, gpus_per_node=8, **kwargs
-    )
+    return Settings(stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True, **kwargs)
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -146,17 +152,11 @@ def test_dry_run_every_stage_of_every_model(model, tmp_path):
 
 def test_stage1_script_dry_run_subprocess(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
-    env.update(
-        DRY_RUN="1",
-        CKPT_DIR=str(tmp_path / "ckpt"),
-        DATA_DIR=str(tmp_path / "data"),
-        NNODES="2",
-        GPUS_PER_NODE="4",
-        MODEL="qwen2_5_vl_3b",
-        LOGGER="console,wandb",
-    )
+    env.update(DRY_RUN="1")
+    settings = ["base_model=qwen2_5_vl_3b", "trainer.nnodes=2", "trainer.n_gpus_per_node=4"]
+    settings += ["trainer.logger=[console,wandb]", *dirs(tmp_path)]
     result = subprocess.run(
-        ["bash", str(REPO / "launch" / "grpo_stage1.sh"), "trainer.total_epochs=2"],
+        ["bash", str(REPO / "launch" / "grpo_stage1.sh"), *settings, "trainer.total_epochs=2"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -199,9 +199,9 @@ def test_training_entry_point_composes_the_dry_run_config(tmp_path):
 
 
 def test_base_model_override_selects_the_model(launch_env):
-    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_7b", "trainer.save_freq=5"])
+    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_7b", "trainer.save_freq=5", *dirs(launch_env)])
     assert settings.model == "qwen2_5_vl_7b" and settings.extra_overrides == ["trainer.save_freq=5"]
-    settings.gpus_per_node = 8
+    assert (settings.data_dir, settings.ckpt_dir) == (launch_env / "data", launch_env / "ckpt")
     assert launch.plan_stage(settings).cfg.dig.model_name == "qwen2_5_vl_7b"
 
 
@@ -292,11 +292,11 @@ BAD_INPUTS = {
     ),
     "typo_value_type": ({}, ["--stage", "1", "trainer.save_freq=often"], ["trainer.save_freq=often"]),
     "unknown_model": (
-        {"MODEL": "qwen9_vl"},
-        ["--stage", "1"],
-        ["MODEL=qwen9_vl", "unknown model 'qwen9_vl'", "qwen3_vl_8b_thinking"],
+        {},
+        ["--stage", "1", "base_model=qwen9_vl"],
+        ["base_model=qwen9_vl", "unknown model 'qwen9_vl'", "qwen3_vl_8b_thinking"],
     ),
-    "missing_model_file": ({"MODEL": "/nonexistent/m.yaml"}, ["--stage", "1"], ["model config file not found"]),
+    "missing_model_file": ({}, ["--stage", "1", "base_model=/nonexistent/m.yaml"], ["model config file not found"]),
     "missing_previous_stage": (
         {},
         ["--stage", "2"],
@@ -309,7 +309,9 @@ BAD_INPUTS = {
         ["custom_reward_function.path=/x.py", "reward.custom_reward_function"],
     ),
     "stage_override": ({}, ["--stage", "1", "stage=stage2"], ["the stage is chosen by the script"]),
-    "model_twice": ({"MODEL": "qwen2_5_vl_3b"}, ["--stage", "1", "base_model=qwen2_5_vl_7b"], ["disagree"]),
+    "removed_model_env": ({"MODEL": "qwen2_5_vl_3b"}, ["--stage", "1"], ["MODEL='qwen2_5_vl_3b'", "base_model=NAME"]),
+    "removed_data_dir_env": ({"DATA_DIR": "/data"}, ["--stage", "1"], ["DATA_DIR='/data'", "curriculum.data_dir=DIR"]),
+    "removed_logger_env": ({"LOGGER": "console"}, ["--stage", "1"], ["LOGGER='console'", "trainer.logger="]),
     "verl_validate_config": (
         {},
         ["--stage", "1", "actor_rollout_ref.actor.use_dynamic_bsz=false"],
@@ -330,9 +332,17 @@ BAD_INPUTS = {
         ["--stage", "1", "+reward.custom_reward_function.reward_kwargs.w_format=2"],
         ["w_format=2"],
     ),
-    "bad_nnodes": ({"NNODES": "two"}, ["--stage", "1"], ["NNODES='two'"]),
-    "tp_vs_gpus": ({"GPUS_PER_NODE": "3"}, ["--stage", "1"], ["tensor_model_parallel_size=2", "n_gpus_per_node=3"]),
-    "unknown_logger": ({"LOGGER": "console,wandbb"}, ["--stage", "1"], ["unknown backend(s) ['wandbb']"]),
+    "bad_nnodes": ({}, ["--stage", "1", "trainer.nnodes=two"], ["trainer.nnodes=two"]),
+    "tp_vs_gpus": (
+        {},
+        ["--stage", "1", "trainer.n_gpus_per_node=3"],
+        ["tensor_model_parallel_size=2", "n_gpus_per_node=3"],
+    ),
+    "unknown_logger": (
+        {},
+        ["--stage", "1", "trainer.logger=[console,wandbb]"],
+        ["trainer.logger", "unknown backend(s) ['wandbb']"],
+    ),
     "prompt_budget": ({}, ["--stage", "1", "data.max_prompt_length=256"], ["data.max_prompt_length=256"]),
     "reward_not_loadable": (
         {},
@@ -347,7 +357,7 @@ def test_bad_input_names_its_culprit(case, launch_env, monkeypatch, capsys):
     env, argv, expected = BAD_INPUTS[case]
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    rc, err = run_launch(argv, capsys)
+    rc, err = run_launch(with_dirs(launch_env, argv), capsys)
     assert rc == 2
     assert err.startswith("python -m recipes.dig.launch: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
@@ -371,14 +381,14 @@ def test_data_built_for_another_model_is_rejected(launch_env, monkeypatch, capsy
             other.min_pixels,
             other.max_pixels,
         )
-    rc, err = run_launch(["--stage", "1"], capsys)  # MODEL defaults to qwen3_vl_8b_thinking
+    rc, err = run_launch(with_dirs(launch_env, ["--stage", "1"]), capsys)  # base_model: qwen3_vl_8b_thinking
     assert rc == 2
     assert "train.parquet" in err and "built for another model" in err
 
 
 def test_no_gpu_without_dry_run_fails_before_anything_starts(launch_env, monkeypatch, capsys):
     monkeypatch.delenv("DRY_RUN")
-    rc, err = run_launch(["--stage", "1"], capsys)
+    rc, err = run_launch(with_dirs(launch_env, ["--stage", "1"]), capsys)
     assert rc == 2
     assert "no GPU visible" in err and "DRY_RUN=1" in err
     assert not (launch_env / "ckpt").exists() and not (launch_env / "data").exists()
@@ -387,15 +397,14 @@ def test_no_gpu_without_dry_run_fails_before_anything_starts(launch_env, monkeyp
 def test_model_file_clashing_with_builtin_name(launch_env, monkeypatch, capsys):
     clash = launch_env / "qwen2_5_vl_3b.yaml"
     shutil.copyfile(BASE_MODEL_DIR / "qwen2_5_vl_3b.yaml", clash)
-    monkeypatch.setenv("MODEL", str(clash))
-    rc, err = run_launch(["--stage", "1"], capsys)
+    rc, err = run_launch(with_dirs(launch_env, ["--stage", "1", f"base_model={clash}"]), capsys)
     assert rc == 2 and "clashes with a built-in model" in err
 
 
 def test_script_refuses_an_interpreter_without_the_stack(tmp_path):
     """launch/common.sh verifies the environment before anything: /bin/false stands for a Python without verl."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
-    env.update(DRY_RUN="1", DIG_PYTHON="/bin/false", CKPT_DIR=str(tmp_path / "ckpt"))
+    env.update(DRY_RUN="1", DIG_PYTHON="/bin/false")
     result = subprocess.run(
         ["bash", str(REPO / "launch" / "grpo_stage1.sh")],
         env=env,
@@ -432,15 +441,14 @@ def test_copied_model_file_keeping_the_old_name_is_refused(launch_env, monkeypat
     """The data dir follows the file name, the experiment (checkpoints, resume) dig.model_name: they must agree."""
     copy = launch_env / "my_vlm.yaml"
     shutil.copyfile(BASE_MODEL_DIR / "qwen2_5_vl_3b.yaml", copy)  # model_name: qwen2_5_vl_3b left as is
-    monkeypatch.setenv("MODEL", str(copy))
-    rc, err = run_launch(["--stage", "1"], capsys)
+    rc, err = run_launch(with_dirs(launch_env, ["--stage", "1", f"base_model={copy}"]), capsys)
     assert rc == 2
     assert "dig.model_name='qwen2_5_vl_3b' differs from the file name 'my_vlm'" in err and str(copy) in err
 
 
 def test_curriculum_stage_settings_keep_the_model_and_seed_only_the_first_stage(launch_env, monkeypatch):
     monkeypatch.setenv("INIT_MODEL", "/weights/warm_start")
-    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_3b", "trainer.save_freq=5"])
+    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_3b", "trainer.save_freq=5", *dirs(launch_env)])
     per_stage = launch.curriculum_stage_settings(settings, [1, 2, 3])
     assert [s.stage for s in per_stage] == [1, 2, 3]
     assert {s.model for s in per_stage} == {"qwen2_5_vl_3b"}
@@ -450,8 +458,7 @@ def test_curriculum_stage_settings_keep_the_model_and_seed_only_the_first_stage(
 
 def test_curriculum_dry_run_init_model_seeds_the_first_stage_only(launch_env, monkeypatch, capsys):
     monkeypatch.setenv("INIT_MODEL", "/weights/warm_start")
-    monkeypatch.setenv("MODEL", "qwen2_5_vl_3b")
-    assert launch.main(["--curriculum", "1", "2"]) == 0
+    assert launch.main(with_dirs(launch_env, ["--curriculum", "1", "2", "--", "base_model=qwen2_5_vl_3b"])) == 0
     inits = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dig] init weights: ")]
     stage1_merged = launch_env / "ckpt" / "dig" / "qwen2_5_vl_3b_stage1" / "hf_merged" / "global_step_LAST"
     assert inits == [
@@ -475,8 +482,7 @@ EXPECTED_ATTENTION = {  # CPU: flash-attn does not import in the test venv
 def test_attention_choice_is_printed_and_reaches_verl_for_every_model(launch_env, monkeypatch, capsys):
     assert set(EXPECTED_ATTENTION) == set(model_names())
     for model, expected in EXPECTED_ATTENTION.items():
-        monkeypatch.setenv("MODEL", model)
-        assert launch.main(["--stage", "1"]) == 0
+        assert launch.main(with_dirs(launch_env, ["--stage", "1", f"base_model={model}"])) == 0
         out = capsys.readouterr().out
         line = next(line for line in out.splitlines() if line.startswith("[dig] attention: "))
         assert line.startswith(f"[dig] attention: {expected} (flash-attn does not import: sdpa"), line

@@ -103,7 +103,7 @@ def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
     for key in ("min_pixels", "max_pixels"):
         if image.get(key) is not None and image.get(key) != getattr(spec, key):
             raise LaunchError(
-                f"data file {path}: images carry {key}={image.get(key)} but MODEL={spec.model_name} uses "
+                f"data file {path}: images carry {key}={image.get(key)} but base_model={spec.model_name} uses "
                 f"{getattr(spec, key)}; the data was built for another model: the parquets are per model (data_prep.build --model)"
             )
     sizes = pf.read(columns=["extra_info"]).column("extra_info").to_pylist()
@@ -221,9 +221,7 @@ def wandb_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def default_gpus_per_node(dry_run: bool) -> int:
-    if dry_run:
-        return 8
+def visible_gpus() -> int:
     import torch
 
     return max(torch.cuda.device_count(), 1)
