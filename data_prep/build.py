@@ -28,7 +28,7 @@ from pathlib import Path
 
 from data_prep import to_verl
 from data_prep.manifest import manifest_path, read_manifest
-from data_prep.render.generate import DEVICES
+from data_prep.render.generate import DEVICES, GenerateConfig
 from data_prep.stages import (
     RENDERED_ONLY,
     STAGES_FILE,
@@ -48,9 +48,9 @@ TEST_STAGE = "test"
 
 @dataclass(frozen=True)
 class BuildOptions:
-    width: int = 480
-    height: int = 320
-    samples: int = 16
+    width: int = GenerateConfig.width  # the generators' defaults (runner.RunConfig, GenerateConfig)
+    height: int = GenerateConfig.height
+    samples: int = GenerateConfig.samples
     workers: int = 1
     denoise: bool = True
     ray_address: str | None = None
@@ -130,9 +130,14 @@ def _shared_config(run: Run, out: Path, options: BuildOptions) -> dict:
     }
 
 
-def _generator_config(run: Run, out: Path, options: BuildOptions):
-    from data_prep.render.generate import GenerateConfig
+def render_settings(curriculum: Curriculum, width=None, height=None, samples=None) -> dict[str, int]:
+    """Width, height and samples of every run: the flag, else the stages file's ``render:``, else the generator's
+    default."""
+    given = {"width": width, "height": height, "samples": samples}
+    return {key: int(value or curriculum.render.get(key, getattr(BuildOptions, key))) for key, value in given.items()}
 
+
+def _generator_config(run: Run, out: Path, options: BuildOptions):
     return GenerateConfig(
         **_shared_config(run, out, options),
         samples=options.samples,
@@ -326,11 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     curriculum = load_curriculum(args.stages_file).with_sizes(args.num_train, args.num_val, args.num_test)
     stages = list(curriculum.stages) if args.stage == "all" else [curriculum.stage(args.stage).name]
-    render = curriculum.render
     options = BuildOptions(
-        width=args.width or int(render.get("width", 480)),
-        height=args.height or int(render.get("height", 320)),
-        samples=args.samples or int(render.get("samples", 16)),
+        **render_settings(curriculum, args.width, args.height, args.samples),
         workers=args.workers,
         denoise=not args.no_denoise,
         ray_address=args.ray_address,

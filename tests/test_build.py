@@ -245,3 +245,21 @@ def test_stage_difficulty_filters_and_device_reach_the_generator(tmp_path):
         ("stage2", {}, "cuda"),
         ("stage2", {}, "cuda"),
     ]
+
+
+def test_render_size_and_samples_have_one_default(tmp_path):
+    """The flag wins, then the stages file's render: block, then the generators' own defaults (RunConfig,
+    GenerateConfig): the shipped stages file sets none of them, so the CLIs and the build agree."""
+    from data_prep.render.generate import GenerateConfig
+
+    generator = {"width": GenerateConfig.width, "height": GenerateConfig.height, "samples": GenerateConfig.samples}
+    assert generator == {"width": 480, "height": 320, "samples": 16}
+    assert B.render_settings(load_curriculum(STAGES_FILE)) == generator
+    assert B.BuildOptions().width == 480 and B.BuildOptions().samples == 16
+    raw = yaml.safe_load(STAGES_FILE.read_text())
+    raw["render"] = {"width": 640, "samples": 4}
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    curriculum = load_curriculum(path)
+    assert B.render_settings(curriculum) == {"width": 640, "height": 320, "samples": 4}
+    assert B.render_settings(curriculum, width=64, samples=1) == {"width": 64, "height": 320, "samples": 1}

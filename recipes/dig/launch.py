@@ -60,7 +60,7 @@ from recipes.dig.preflight import (
     DataReport,
     check_data,
     check_gpu_environment,
-    check_reward_kwargs,
+    check_reward_config,
     load_reward,
     visible_gpus,
     wandb_credentials,
@@ -128,7 +128,7 @@ def plan_stage(settings: Settings, overlay_root: Path | None = None) -> Plan:
             compose(overrides[: len(overrides) - len(settings.extra_overrides)]), cfg, settings.extra_overrides
         )
     validate(cfg)
-    check_reward_kwargs(cfg, spec)
+    check_reward_config(cfg, spec)
     probe = load_reward(cfg)
     data = check_data(cfg, spec, settings, stage, model_ref)
     return Plan(settings, spec, cfg, overrides, handoff, data, probe, overlay, attention)

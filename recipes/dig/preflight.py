@@ -18,15 +18,15 @@ RENDER_SEC_PER_PAIR = 4.5  # 480x320, 16 spp: measured wall time per pair on a 2
 CONVERT_SEC_PER_PAIR = 0.01  # parquet conversion of a 480x320 pair, rounded up (benchmarks/prep.py: 364-682 pairs/s)
 
 
-def check_reward_kwargs(cfg, spec: ModelSpec) -> None:
+def check_reward_config(cfg, spec: ModelSpec) -> None:
     """The reward must see the same frame and pixel bounds the parquet was written with."""
     from omegaconf import OmegaConf
 
-    from reward_fns.dig_reward import check_reward_kwargs as validate_knobs
+    from reward_fns.dig_reward import check_reward_kwargs
 
     kwargs = OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs, resolve=True)
     try:  # the same check compute_score makes, but here, before any GPU is requested
-        validate_knobs(**kwargs)
+        check_reward_kwargs(**kwargs)
     except ValueError as err:
         raise LaunchError(f"reward.custom_reward_function.reward_kwargs: {err}") from err
     for key, want in spec.reward_kwargs().items():
@@ -119,8 +119,8 @@ def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
 def planned_build(data_dir: Path, stage: int) -> dict:
     """What data_prep.build does for a stage's missing parquets: pairs per source still to generate (none when the
     pairs are there: it only converts), pairs to convert, image size and pair sources (data_prep/stages.yaml, read
-    by data_prep.stages: the one loader of that file; the size defaults are data_prep.build's)."""
-    from data_prep.build import BuildOptions, pairs_to_make
+    by data_prep.stages: the one loader of that file; the size: data_prep.build.render_settings)."""
+    from data_prep.build import pairs_to_make, render_settings
     from data_prep.stages import load_curriculum, load_source_mixes
 
     try:
@@ -129,11 +129,12 @@ def planned_build(data_dir: Path, stage: int) -> dict:
         mix = load_source_mixes(STAGES_FILE)[definition.name]
     except (ValueError, FileNotFoundError) as err:
         raise LaunchError(str(err)) from err
+    size = render_settings(curriculum)
     return {
         "pairs": {split: sum(run.num for run in runs) for split, runs in definition.splits.items()},
         "to_make": pairs_to_make(data_dir, definition, list(definition.splits), mix),
-        "width": int(curriculum.render.get("width", BuildOptions.width)),
-        "height": int(curriculum.render.get("height", BuildOptions.height)),
+        "width": size["width"],
+        "height": size["height"],
         "sources": mix.describe(),
     }
 

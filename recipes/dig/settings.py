@@ -166,7 +166,8 @@ def check_removed_knobs(env: dict) -> None:
 
 
 def parse_bool(name: str, raw: str | None, default: bool = False) -> bool:
-    """One truth table for every boolean knob (launch/common.sh's dig_bool is the same)."""
+    """One truth table for every boolean knob and the launcher's boolean overrides (recipes/dig/attention.py);
+    launch/common.sh's dig_bool cannot import it and repeats it (a test keeps the two equal)."""
     text = (raw or "").strip().lower()
     if not text:
         return default
