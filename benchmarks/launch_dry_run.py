@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/launch_dry_run.py [--model NAME] [--repeats N]
 
 Prints one JSON line per run: {"bench": "launch_dry_run", "model", "stage", "wall_s", "rc"}. Stages 2 and 3
-are planned on the checkpoint the previous stage will produce (DIG_ASSUME_PREVIOUS=1), in an empty CKPT_DIR.
+are planned on the checkpoint the previous stage will produce (DIG_ASSUME_PREVIOUS=1), in an empty curriculum.ckpt_dir.
 """
 
 from __future__ import annotations
@@ -27,19 +27,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(
-            os.environ,
-            DRY_RUN="1",
-            DIG_ASSUME_PREVIOUS="1",
-            MODEL=args.model,
-            CKPT_DIR=f"{tmp}/ckpt",
-            DATA_DIR=f"{tmp}/data",
-        )
+        env = dict(os.environ, DRY_RUN="1", DIG_ASSUME_PREVIOUS="1")
+        overrides = [f"base_model={args.model}", f"curriculum.ckpt_dir={tmp}/ckpt", f"curriculum.data_dir={tmp}/data"]
         for _ in range(args.repeats):
             for stage in (1, 2, 3):
                 start = time.perf_counter()
                 result = subprocess.run(
-                    ["bash", str(REPO / "launch" / f"grpo_stage{stage}.sh")], env=env, capture_output=True, text=True
+                    ["bash", str(REPO / "launch" / f"grpo_stage{stage}.sh"), *overrides],
+                    env=env,
+                    capture_output=True,
+                    text=True,
                 )
                 wall = time.perf_counter() - start
                 record = {

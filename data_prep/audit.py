@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep.gallery import _font, check_cli_paths, draw_boxes, image_paths, load_records, pair_boxes, save_png
+from data_prep.gallery import _font, check_cli_paths, draw_boxes, image_paths, load_records, pair_boxes
 from data_prep.manifest import read_manifest
 from data_prep.render.ground_truth import unlabeled_blobs
 from dig_common.argtypes import positive_int
 from dig_common.cli import cli_main, tool_parser
+from dig_common.drawing import save_png
 from dig_common.fileio import atomic_write_text
 
 PROG = "python -m data_prep.audit"

@@ -2,18 +2,20 @@
 
     python -m data_prep.build --out-dir data --model qwen3_vl_8b_thinking --stage all
 
-Layout under ``--out-dir``::
+Layout under ``--out-dir``: the pairs are rendered once and shared by every model; the parquets are per model
+(prompt wording, per-image pixel bounds, coordinate frame)::
 
-    pairs/stage1/{train,val}/ ...          generator output (docs/contracts.md, pair record), one folder per generation run
-    pairs/test/test/{1-k1,...}/            the test split: one run per K
-    stage1/{train,val}.parquet ... stage3/ verl rows (docs/contracts.md, parquet row) for --model
-    test/test.parquet
+    pairs/stage1/{train,val}/ ...                 generator output (docs/contracts.md, pair record), one folder
+                                                  per generation run of the stage as stages.yaml defines it
+    pairs/test/test/{1-k1,...}/                   the test split: one run per K
+    <model>/stage1/{train,val}.parquet ... stage3 verl rows (docs/contracts.md, parquet row) for --model
+    <model>/test/test.parquet
 
 Stage sizes, K distributions, seeds and the no-difference fraction come from ``data_prep/stages.yaml``. Reruns
 skip what is done: a run whose manifest already holds its pairs is not started again, and a parquet whose
-recorded metadata (model, stage, split, pair ids, prompt, pixel bounds) matches is not rewritten. Switching
-``--model`` only reconverts. Before converting, the pair seeds of the test split are checked to be disjoint
-from every training and validation run found under ``pairs/``.
+recorded metadata (model, stage, split, pair ids, prompt, pixel bounds) matches is not rewritten. A second
+``--model`` only converts (seconds). Before converting, the pair seeds of the test split are checked to be
+disjoint from every training and validation run found under ``pairs/``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from data_prep import to_verl
 from data_prep.manifest import manifest_path, read_manifest
-from data_prep.render.generate import DEVICES
+from data_prep.render.generate import DEVICES, GenerateConfig
 from data_prep.runner import RESUME_HINT as PAIRS_KEPT
 from data_prep.stages import (
     RENDERED_ONLY,
@@ -48,9 +50,9 @@ TEST_STAGE = "test"
 
 @dataclass(frozen=True)
 class BuildOptions:
-    width: int = 480
-    height: int = 320
-    samples: int = 16
+    width: int = GenerateConfig.width  # the generators' defaults (runner.RunConfig, GenerateConfig)
+    height: int = GenerateConfig.height
+    samples: int = GenerateConfig.samples
     workers: int = 1
     denoise: bool = True
     ray_address: str | None = None
@@ -93,8 +95,9 @@ def source_runs(data_dir: Path, stage: Stage, split: str, mix: SourceMix) -> lis
     return out
 
 
-def parquet_path(data_dir: Path, stage: Stage, split: str) -> Path:
-    return data_dir / stage_dir_name(stage) / f"{split}.parquet"
+def parquet_path(data_dir: Path, model_name: str, stage: Stage, split: str) -> Path:
+    """``<data_dir>/<model>/stage<k>/<split>.parquet``: the file the recipe's data.train_files / val_files name."""
+    return data_dir / model_name / stage_dir_name(stage) / f"{split}.parquet"
 
 
 def manifest_size(pairs_dir: Path, num: int) -> int:
@@ -102,6 +105,16 @@ def manifest_size(pairs_dir: Path, num: int) -> int:
     lost one is missing: the generator makes it again)."""
     manifest = read_manifest(pairs_dir, required=False)
     return sum(1 for e in manifest.entries if e.index is not None and e.index < num and manifest.complete(e))
+
+
+def pairs_to_make(data_dir: Path, stage: Stage, splits: list[str], mix: SourceMix) -> dict[str, int]:
+    """Pairs each source still has to generate for ``splits`` of ``stage`` ({"rendered": n, "photo": m}); zero for
+    both means a build only converts."""
+    todo = {"rendered": 0, "photo": 0}
+    for split in splits:
+        for source, run, pairs_dir in source_runs(Path(data_dir), stage, split, mix):
+            todo[source] += run.num - manifest_size(pairs_dir, run.num)
+    return todo
 
 
 def _shared_config(run: Run, out: Path, options: BuildOptions) -> dict:
@@ -120,9 +133,14 @@ def _shared_config(run: Run, out: Path, options: BuildOptions) -> dict:
     }
 
 
-def _generator_config(run: Run, out: Path, options: BuildOptions):
-    from data_prep.render.generate import GenerateConfig
+def render_settings(curriculum: Curriculum, width=None, height=None, samples=None) -> dict[str, int]:
+    """Width, height and samples of every run: the flag, else the stages file's ``render:``, else the generator's
+    default."""
+    given = {"width": width, "height": height, "samples": samples}
+    return {key: int(value or curriculum.render.get(key, getattr(BuildOptions, key))) for key, value in given.items()}
 
+
+def _generator_config(run: Run, out: Path, options: BuildOptions):
     return GenerateConfig(
         **_shared_config(run, out, options),
         samples=options.samples,
@@ -211,7 +229,7 @@ def build(
     ``mixes``: source mix per stage name (``stages.load_source_mixes``); None or a missing stage: rendered only.
     """
     data_dir = Path(data_dir)
-    load_model_spec(model)  # bad model name: fail before generating anything
+    model_name = load_model_spec(model).model_name  # bad model name: fail before generating anything
     selected = [curriculum.stage(name) for name in stages]
     mixes = {s.name: (mixes or {}).get(s.name, SourceMix(dict(RENDERED_ONLY))) for s in selected}
     mixes = {name: mix.with_paths(options.coco, options.images) for name, mix in mixes.items()}
@@ -219,7 +237,7 @@ def build(
         raise NotADirectoryError(f"--out-dir {data_dir} is a file: give the folder the datasets go to")
     for stage in selected:
         for split in stage.splits:
-            to_verl.check_parquet_path(parquet_path(data_dir, stage, split))
+            to_verl.check_parquet_path(parquet_path(data_dir, model_name, stage, split))
     for stage in selected:  # the mix is reported first; a photo share without a COCO set fails before any work
         mix = mixes[stage.name]
         if mix.uses_photo:
@@ -247,7 +265,7 @@ def build(
     for stage in selected:
         allowed = stage.allowed_k()
         for split in stage.splits:
-            out = parquet_path(data_dir, stage, split)
+            out = parquet_path(data_dir, model_name, stage, split)
             runs = source_runs(data_dir, stage, split, mixes[stage.name])
             plan = to_verl.plan_conversion(
                 [folder for _, _, folder in runs],
@@ -296,7 +314,9 @@ RESUME_HINT = PAIRS_KEPT.replace("<out-dir>/manifest.jsonl", "<out-dir>/pairs/..
 @cli_main(PROG, on_interrupt=RESUME_HINT)
 def main(argv: list[str] | None = None) -> int:
     parser = tool_parser(PROG, __doc__)
-    parser.add_argument("--out-dir", type=Path, required=True, help="the dataset folder (pairs/ and the parquets)")
+    parser.add_argument(
+        "--out-dir", type=Path, required=True, help="the dataset folder (pairs/, shared, and <model>/ parquets)"
+    )
     parser.add_argument("--model", required=True, help="base model name or YAML path (pixel bounds, prompt)")
     parser.add_argument("--stage", required=True, help="1, 2, 3, test or all")
     parser.add_argument("--stages-file", type=Path, default=STAGES_FILE)
@@ -318,11 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     curriculum = load_curriculum(args.stages_file).with_sizes(args.num_train, args.num_val, args.num_test)
     stages = list(curriculum.stages) if args.stage == "all" else [curriculum.stage(args.stage).name]
-    render = curriculum.render
     options = BuildOptions(
-        width=args.width or int(render.get("width", 480)),
-        height=args.height or int(render.get("height", 320)),
-        samples=args.samples or int(render.get("samples", 16)),
+        **render_settings(curriculum, args.width, args.height, args.samples),
         workers=args.workers,
         denoise=not args.no_denoise,
         ray_address=args.ray_address,

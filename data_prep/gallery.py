@@ -17,8 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data_prep.manifest import read_manifest
 from dig_common.argtypes import positive_int
 from dig_common.cli import CliError, cli_main, tool_parser
-from dig_common.drawing import draw_box
-from dig_common.fileio import atomic_output
+from dig_common.drawing import draw_box, save_png
 
 PROG = "python -m data_prep.gallery"
 SHEET_LIMIT = 24  # pairs on a contact sheet unless --limit says otherwise
@@ -150,12 +149,6 @@ def check_cli_paths(pairs_dir: Path, outputs: dict[str, Path | None]) -> None:
     for flag, out in outputs.items():
         if out is not None and out.is_dir():
             raise CliError(f"{flag} {out} is a folder: give the file to write")
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG atomically (the temp name has no .png suffix, so the format is named)."""
-    with atomic_output(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 @cli_main(PROG)

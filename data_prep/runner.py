@@ -76,6 +76,7 @@ class RunConfig:
     num: int
     k: int | str = "1"
     seed: int = 0
+    # the image size of every pair source: the one home of the 480x320 default (build, the CLIs, the stages file)
     width: int = 480
     height: int = 320
     workers: int = 1
@@ -429,8 +430,8 @@ def add_run_flags(parser: argparse.ArgumentParser, workers: str) -> None:
     p.add_argument("--k", default="1", help="differences per pair: an integer or a uniform range like 1-4 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="run seed; pair ids and content derive from (seed, index)")
     p.add_argument("--out-dir", type=Path, required=True, help="output folder (created; a rerun resumes)")
-    p.add_argument("--width", type=int, default=480)
-    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--width", type=int, default=RunConfig.width, help=f"default {RunConfig.width}")
+    p.add_argument("--height", type=int, default=RunConfig.height, help=f"default {RunConfig.height}")
     p.add_argument("--workers", type=int, default=1, help=f"{workers} (or concurrent Ray tasks)")
     p.add_argument("--shard", default="0/1", help="i/N: make only pairs with index %% N == i (default 0/1)")
     p.add_argument("--no-diff-fraction", type=float, default=0.0, help="fraction of pairs with zero differences")

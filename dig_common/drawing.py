@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from PIL import ImageDraw
 
+from dig_common.fileio import atomic_output
+
 
 def draw_box(
     draw: ImageDraw.ImageDraw, box, color, width: int = 2, scale: float = 1.0, dashed: bool = False, dash: int = 6
@@ -31,3 +33,9 @@ def draw_box(
                 end = min(pos + dash - 1, b)
                 draw.line((pos, fixed, end, fixed) if horizontal else (fixed, pos, fixed, end), fill=color)
     return x0, y0, x1, y1
+
+
+def save_png(image, path) -> None:
+    """Write a PIL image as PNG atomically (the temp name has no .png suffix, so the format is named)."""
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG")

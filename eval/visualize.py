@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw
 
 from dig_common.argtypes import positive_int
 from dig_common.cli import cli_main, tool_parser
-from dig_common.drawing import draw_box
-from dig_common.fileio import atomic_output, atomic_write_text
+from dig_common.drawing import draw_box, save_png
+from dig_common.fileio import atomic_write_text
 from dig_common.models import load_model_spec
 from dig_common.parquet import open_parquet
 from eval.dig import check_data_model
@@ -229,11 +229,6 @@ def write_gallery(
     save_png(contact_sheet(tiles, columns), sheet_path)
     atomic_write_text(page_path, html_page(samples, files, title))
     return {"contact_sheet": sheet_path, "html": page_path}
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    with atomic_output(path) as tmp:
-        image.save(tmp, format="PNG")  # the temp name has no .png suffix to guess the format from
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,9 @@
 # Picks the Python, checks that it can run the recipe (or installs the GPU stack with SETUP_ENV=1), and hands
 # over to the one implementation: python -m recipes.dig.launch (config, checks, data, handoff, training).
 #
-# Knobs (environment): the table in docs/launch.md (recipes/dig/settings.py parses the launcher's; booleans
-# here use dig_bool, the same truth table). Extra arguments are Hydra overrides passed to verl.
+# Settings are Hydra overrides (the extra arguments, e.g. base_model=qwen2_5_vl_7b); environment variables are
+# launcher behaviour only: the tables in docs/launch.md (recipes/dig/settings.py parses the launcher's; booleans
+# here use dig_bool, the same truth table).
 
 DIG_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export DIG_REPO
@@ -25,11 +26,11 @@ dig_bool() {
   esac
 }
 
-# dig_ray_gpus: GPUs each node's Ray declares: GPUS_PER_NODE (or SLURM's count), 0 for a dry run without GPUs.
+# dig_ray_gpus GPUS: GPUs each node's Ray declares: GPUS (the node's count), 0 for a dry run SLURM gave no GPUs.
 dig_ray_gpus() {
   local dry_run slurm_gpus=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
   dry_run=$(dig_bool DRY_RUN) || return 1
-  if [ "$dry_run" = 1 ] && [ -z "${slurm_gpus##*:}" ]; then echo 0; else echo "${GPUS_PER_NODE:-0}"; fi
+  if [ "$dry_run" = 1 ] && [ -z "${slurm_gpus##*:}" ]; then echo 0; else echo "${1:-0}"; fi
 }
 
 # dig_python: DIG_PYTHON, else the GPU venv (present, or about to be built by SETUP_ENV=1), else the CPU .venv.

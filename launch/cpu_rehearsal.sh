@@ -61,15 +61,15 @@ fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 cd "$REPO"
 
-data=$out_dir/data/$model
+data=$out_dir/data  # pairs/ (shared by both tiny models) and $model/ (its parquets), as data_prep.build writes
 weights=$out_dir/models/$model
 # small renders: 8 train / 4 val pairs per stage, 1 test pair per K, 96x64 at 4 samples (about a minute on 2 cores)
-say "data: $data"
+say "data: $data/$model"
 "$py" -m data_prep.build --out-dir "$data" --model "$model" --stage all --num-train "${DIG_REHEARSAL_TRAIN:-8}" \
   --num-val 4 --num-test 1 --width 96 --height 64 --samples 4 --workers 1 --no-progress
 if [ ! -f "$weights/config.json" ]; then
   say "tiny model: $weights (built offline, warm-started on stage 1's train split)"
-  "$py" -m recipes.dig.rehearsal.tiny_models --model "$model" --out "$weights" --data "$data/stage1/train.parquet"
+  "$py" -m recipes.dig.rehearsal.tiny_models --model "$model" --out "$weights" --data "$data/$model/stage1/train.parquet"
 fi
 
 stages=${STAGES:-1 2 3}
@@ -94,6 +94,6 @@ last_stage=${stage_list[${#stage_list[@]}-1]}
 last=$(ls -d "$out_dir/checkpoints/dig/${model}_stage$last_stage/hf_merged/global_step_"* 2>/dev/null | sort -V | tail -n 1)
 [ -n "$last" ] || die "no merged checkpoint of stage $last_stage under $out_dir/checkpoints (did the curriculum finish?)"
 say "eval: $last"
-"$py" -m eval.dig --data "$data/test/test.parquet" --model "$model" --model-path "$last" --backend vllm \
+"$py" -m eval.dig --data "$data/$model/test/test.parquet" --model "$model" --model-path "$last" --backend vllm \
   --out "$out_dir/eval/$model/results.json"
 say "done: $out_dir"

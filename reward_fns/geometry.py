@@ -65,62 +65,18 @@ def match_boxes(pred, gt, width: float, height: float, *, w_l1: float, w_giou: f
     if not len(pred) or not len(gt):
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0)
-    if len(pred) * len(gt) <= SMALL_MATCH_PAIRS:
-        cost, iou = _cost_small(pred.tolist(), gt.tolist(), width, height, w_l1, w_giou)
-    else:
-        cost, iou = _cost_vectorised(pred, gt, width, height, w_l1, w_giou)
-    if cost.shape[0] == 1:  # one prediction (or one GT, below): the assignment is an argmin
-        col = int(cost[0].argmin())
-        return np.array([0]), np.array([col]), iou[0, col : col + 1]
-    if cost.shape[1] == 1:
-        row = int(cost[:, 0].argmin())
-        return np.array([row]), np.array([0]), iou[row : row + 1, 0]
+    cost, iou = cost_matrix(pred, gt, width, height, w_l1, w_giou)
     rows, cols = linear_sum_assignment(cost)
     return rows, cols, iou[rows, cols]
 
 
-# Up to this many (prediction, GT) pairs the cost matrix is built in plain Python: a reward call sees a
-# handful of boxes, where numpy's per-call overhead costs more than the arithmetic (about 2x faster here).
-# Both builders give the same numbers; tests/test_geometry.py checks that they agree.
-SMALL_MATCH_PAIRS = 48
-
-
-def _cost_vectorised(pred, gt, width, height, w_l1, w_giou) -> tuple[np.ndarray, np.ndarray]:
+def cost_matrix(pred: np.ndarray, gt: np.ndarray, width: float, height: float, w_l1: float, w_giou: float):
+    """(cost, IoU), each (N, M): ``w_l1 * L1 - w_giou * GIoU``, L1 over the four corners normalised by the image size."""
     inter, union, hull, corner_gap = _pair_terms(pred, gt)
     iou = _safe_divide(inter, union)
     giou = iou - _safe_divide(hull - union, hull)
-    l1 = (corner_gap * np.array([1.0 / width, 1.0 / height, 1.0 / width, 1.0 / height])).sum(-1)
+    l1 = (corner_gap / np.array([width, height, width, height])).sum(-1)
     return w_l1 * l1 - w_giou * giou, iou
-
-
-def _cost_small(pred: list, gt: list, width, height, w_l1, w_giou) -> tuple[np.ndarray, np.ndarray]:
-    # Conditional expressions instead of min()/max() calls: this loop is the reward's hot spot.
-    inv_w, inv_h = 1.0 / width, 1.0 / height
-    gts = []
-    for gx0, gy0, gx1, gy1 in gt:
-        gw, gh = gx1 - gx0, gy1 - gy0
-        gts.append((gx0, gy0, gx1, gy1, gw * gh if gw > 0 and gh > 0 else 0.0))
-    cost, ious = [], []
-    for px0, py0, px1, py1 in pred:
-        pw, ph = px1 - px0, py1 - py0
-        pred_area = pw * ph if pw > 0 and ph > 0 else 0.0
-        cost_row, iou_row = [], []
-        for gx0, gy0, gx1, gy1, gt_area in gts:
-            iw = (px1 if px1 < gx1 else gx1) - (px0 if px0 > gx0 else gx0)
-            ih = (py1 if py1 < gy1 else gy1) - (py0 if py0 > gy0 else gy0)
-            inter = iw * ih if iw > 0 and ih > 0 else 0.0
-            union = pred_area + gt_area - inter
-            hw = (px1 if px1 > gx1 else gx1) - (px0 if px0 < gx0 else gx0)
-            hh = (py1 if py1 > gy1 else gy1) - (py0 if py0 < gy0 else gy0)
-            hull = hw * hh if hw > 0 and hh > 0 else 0.0
-            iou = inter / union if union > 0 else 0.0
-            giou = iou - ((hull - union) / hull if hull > 0 else 0.0)
-            l1 = (abs(px0 - gx0) + abs(px1 - gx1)) * inv_w + (abs(py0 - gy0) + abs(py1 - gy1)) * inv_h
-            cost_row.append(w_l1 * l1 - w_giou * giou)
-            iou_row.append(iou)
-        cost.append(cost_row)
-        ious.append(iou_row)
-    return np.array(cost), np.array(ious)
 
 
 @lru_cache(maxsize=4096)

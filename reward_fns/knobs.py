@@ -93,7 +93,6 @@ class RewardKnobs:
 
 
 KNOB_NAMES = frozenset(f.name for f in fields(RewardKnobs))
-DEFAULT_KNOBS = RewardKnobs()
 
 
 @lru_cache(maxsize=64)
@@ -101,22 +100,13 @@ def _cached(items: tuple) -> RewardKnobs:
     return RewardKnobs.from_kwargs(**dict(items))
 
 
-_last_call: tuple[dict, RewardKnobs] = ({}, DEFAULT_KNOBS)  # replaced as one object: safe across threads
-
-
 def knobs_from_call(kwargs: dict) -> RewardKnobs:
-    """``compute_score``'s keyword arguments as knobs, cached: verl passes equal kwargs on every call, so the
-    last call's answer is checked first (a dict comparison costs less than hashing a tuple of the items)."""
-    global _last_call
-    last = _last_call
-    if last[0] == kwargs:
-        return last[1]
+    """``compute_score``'s keyword arguments as knobs, validated once per distinct set (verl passes the same
+    kwargs on every call)."""
     try:
-        knobs = _cached(tuple(kwargs.items()))
+        return _cached(tuple(sorted(kwargs.items())))
     except TypeError:  # an unhashable value: validate without the cache (and name the knob if it is wrong)
         return RewardKnobs.from_kwargs(**kwargs)
-    _last_call = (dict(kwargs), knobs)
-    return knobs
 
 
 def check_reward_kwargs(**kwargs) -> dict:

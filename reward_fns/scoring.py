@@ -125,7 +125,7 @@ def failed_metrics(num_gt: float) -> dict[str, float]:
     return out
 
 
-class Scored(NamedTuple):  # a tuple: built once per reward call, where a frozen dataclass costs more
+class Scored(NamedTuple):
     """One answer through the whole pipeline: the reward's metrics plus what eval reports and draws."""
 
     metrics: dict[str, float]  # the nine RESULT_KEYS
@@ -134,18 +134,15 @@ class Scored(NamedTuple):  # a tuple: built once per reward call, where a frozen
     error: str | None  # why format failed; None when it did not
 
 
-_new_scored = tuple.__new__  # Scored(...) goes through a Python-level __new__: a microsecond per reward call
-
-
 def score_answer(solution_str: str, gt: GroundTruth, knobs: RewardKnobs) -> Scored:
     """Steps 1-8: the one scoring pipeline. compute_score and eval.scoring (eval.dig, eval.visualize) call it;
     eval.refcoco, which scores only the first box, calls its steps 1-3 (``predicted_pixel_boxes``)."""
     try:
         pred = predicted_pixel_boxes(solution_str, gt.width, gt.height, knobs)
     except ParseError as err:
-        return _new_scored(Scored, (failed_metrics(len(gt.boxes)), None, None, str(err)))
+        return Scored(failed_metrics(len(gt.boxes)), None, None, str(err))
     result = match(pred, gt, knobs)
-    return _new_scored(Scored, (metrics(len(pred), len(gt.boxes), result, knobs), pred, result, None))
+    return Scored(metrics(len(pred), len(gt.boxes), result, knobs), pred, result, None)
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **knobs) -> dict[str, float]:

@@ -100,8 +100,12 @@ def test_user_overrides_read_from_the_dotlist():
     assert user_overrides([f"+{ATTN_OVERRIDE_KEY}=eager", f"{REMOVE_PADDING_KEY}=False"]) == ("eager", False)
     assert user_overrides([f"++{ATTN_OVERRIDE_KEY}=sdpa", f"{ATTN_OVERRIDE_KEY}='eager'"]) == ("eager", None)
     assert user_overrides([f"{REMOVE_PADDING_KEY}=true"]) == (None, True)
-    with pytest.raises(AttentionError, match="is not true or false"):
-        user_overrides([f"{REMOVE_PADDING_KEY}=maybe"])
+    assert user_overrides([f"{REMOVE_PADDING_KEY}=YES"]) == (None, True)  # the launcher's one truth table
+    for word in ("maybe", "on"):
+        with pytest.raises(
+            AttentionError, match=f"{REMOVE_PADDING_KEY}='{word}': expected one of 1/true/yes/0/false/no"
+        ):
+            user_overrides([f"{REMOVE_PADDING_KEY}={word}"])
 
 
 def _fake_python(path, body):

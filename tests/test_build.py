@@ -107,10 +107,10 @@ def test_build_all_writes_the_layout_with_k_per_stage(tmp_path):
     ]
     for stage, ks in (("1", {1}), ("2", {2}), ("3", {1, 2, 3})):  # 3 pairs of stage 3 cycle K = 1, 2, 3
         for split in ("train", "val"):
-            info = [r["extra_info"] for r in rows(tmp_path / f"stage{stage}" / f"{split}.parquet")]
+            info = [r["extra_info"] for r in rows(tmp_path / MODEL / f"stage{stage}" / f"{split}.parquet")]
             assert {i["num_differences"] for i in info} <= ks and {i["split"] for i in info} == {split}
             assert {i["stage"] for i in info} == {stage}
-    test_info = [r["extra_info"] for r in rows(tmp_path / "test" / "test.parquet")]
+    test_info = [r["extra_info"] for r in rows(tmp_path / MODEL / "test" / "test.parquet")]
     assert sorted(i["num_differences"] for i in test_info) == [1, 1, 2, 2, 3, 3, 4, 4]
     assert [i["index"] for i in test_info] == list(range(8))
     assert (tmp_path / "pairs" / "test" / "test" / "3-k4" / "manifest.jsonl").is_file()
@@ -120,7 +120,7 @@ def test_build_all_writes_the_layout_with_k_per_stage(tmp_path):
 def test_rerun_skips_generation_and_conversion(tmp_path):
     generator = CountingGenerator()
     B.build(tmp_path, MODEL, ["1"], small(), SMALL, generator, log=lambda e: None)
-    train = tmp_path / "stage1" / "train.parquet"
+    train = tmp_path / MODEL / "stage1" / "train.parquet"
     stamp = train.stat().st_mtime_ns
     generator.calls.clear()
     events = B.build(tmp_path, MODEL, ["1"], small(), SMALL, generator, log=lambda e: None)
@@ -147,14 +147,14 @@ def test_rerun_with_more_pairs_generates_only_the_missing_ones(tmp_path):
     generator.calls.clear()
     B.build(tmp_path, MODEL, ["1"], small(num_train=5, num_val=1), SMALL, generator, log=lambda e: None)
     assert generator.calls == [(Path("stage1/train"), 3, "1")]
-    assert len(rows(tmp_path / "stage1" / "train.parquet")) == 5
+    assert len(rows(tmp_path / MODEL / "stage1" / "train.parquet")) == 5
 
 
 def test_fewer_pairs_than_on_disk_takes_the_first_indices(tmp_path):
     generator = CountingGenerator()
     B.build(tmp_path, MODEL, ["1"], small(num_train=4, num_val=1), SMALL, generator, log=lambda e: None)
     B.build(tmp_path, MODEL, ["1"], small(num_train=2, num_val=1), SMALL, generator, log=lambda e: None)
-    info = [r["extra_info"] for r in rows(tmp_path / "stage1" / "train.parquet")]
+    info = [r["extra_info"] for r in rows(tmp_path / MODEL / "stage1" / "train.parquet")]
     assert [i["pair_id"] for i in info] == ["s1000000-0000000", "s1000000-0000001"]
 
 
@@ -164,10 +164,12 @@ def test_switching_model_reconverts_without_regenerating(tmp_path):
     generator.calls.clear()
     events = B.build(tmp_path, "qwen2_5_vl_7b", ["1"], small(), SMALL, generator, log=lambda e: None)
     assert generator.calls == [] and [e["event"] for e in events] == ["convert", "convert"]
-    image = rows(tmp_path / "stage1" / "val.parquet")[0]["images"][0]
+    image = rows(tmp_path / "qwen2_5_vl_7b" / "stage1" / "val.parquet")[0]["images"][0]
     qwen25 = load_model_spec("qwen2_5_vl_7b")
     assert (image["min_pixels"], image["max_pixels"]) == (qwen25.min_pixels, qwen25.max_pixels)
     assert qwen25.max_pixels != load_model_spec(MODEL).max_pixels  # the switch is visible in the rows
+    first = rows(tmp_path / MODEL / "stage1" / "val.parquet")[0]["images"][0]  # the first model's files stay
+    assert first["max_pixels"] == load_model_spec(MODEL).max_pixels
 
 
 def test_test_seeds_overlapping_training_are_rejected_before_conversion(tmp_path):
@@ -181,7 +183,10 @@ def test_test_seeds_overlapping_training_are_rejected_before_conversion(tmp_path
         ValueError, match=r"test pair s1000001-0000000 and pairs/stage1/train pair s1000000-0000001 share"
     ):
         B.build(data, MODEL, ["1", "test"], curriculum, SMALL, CountingGenerator(), log=lambda e: None)
-    assert not (data / "test" / "test.parquet").exists() and not (data / "stage1" / "train.parquet").exists()
+    assert (
+        not (data / MODEL / "test" / "test.parquet").exists()
+        and not (data / MODEL / "stage1" / "train.parquet").exists()
+    )
 
 
 def test_unknown_model_fails_before_generating(tmp_path):
@@ -218,7 +223,7 @@ def test_real_generator_64px_1spp_into_verl_rows(tmp_path, capsys):
     assert B.main(argv) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [e["event"] for e in events if e.get("event") != "generate"] == ["convert", "convert"]
-    table = pq.read_table(tmp_path / "stage2" / "train.parquet").to_pylist()
+    table = pq.read_table(tmp_path / "qwen2_5_vl_3b" / "stage2" / "train.parquet").to_pylist()
     assert len(table) == 2
     for row in table:
         info = row["extra_info"]
@@ -253,3 +258,21 @@ def test_stage_difficulty_filters_and_device_reach_the_generator(tmp_path):
         ("stage2", {}, "cuda"),
         ("stage2", {}, "cuda"),
     ]
+
+
+def test_render_size_and_samples_have_one_default(tmp_path):
+    """The flag wins, then the stages file's render: block, then the generators' own defaults (RunConfig,
+    GenerateConfig): the shipped stages file sets none of them, so the CLIs and the build agree."""
+    from data_prep.render.generate import GenerateConfig
+
+    generator = {"width": GenerateConfig.width, "height": GenerateConfig.height, "samples": GenerateConfig.samples}
+    assert generator == {"width": 480, "height": 320, "samples": 16}
+    assert B.render_settings(load_curriculum(STAGES_FILE)) == generator
+    assert B.BuildOptions().width == 480 and B.BuildOptions().samples == 16
+    raw = yaml.safe_load(STAGES_FILE.read_text())
+    raw["render"] = {"width": 640, "samples": 4}
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    curriculum = load_curriculum(path)
+    assert B.render_settings(curriculum) == {"width": 640, "height": 320, "samples": 4}
+    assert B.render_settings(curriculum, width=64, samples=1) == {"width": 64, "height": 320, "samples": 1}

@@ -100,8 +100,8 @@ def test_build_out_dir_that_is_a_file(tmp_path, capsys):
 
 def test_build_parquet_path_that_is_a_folder_fails_before_generating(tmp_path, capsys):
     data = tmp_path / "data"
-    (data / "stage1" / "val.parquet").mkdir(parents=True)
-    fails(build.main, build_argv(data), capsys, build.PROG, f"{data / 'stage1' / 'val.parquet'} is a folder")
+    (data / MODEL / "stage1" / "val.parquet").mkdir(parents=True)
+    fails(build.main, build_argv(data), capsys, build.PROG, f"{data / MODEL / 'stage1' / 'val.parquet'} is a folder")
     assert not (data / "pairs").exists()
 
 

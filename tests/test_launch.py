@@ -26,29 +26,35 @@ from PIL import Image
 from dig_common.models import load_model_spec, model_names
 from dig_common.paths import BASE_MODEL_DIR
 from recipes.dig import launch
-from recipes.dig.settings import KNOB_NAMES, STAGES, LaunchError, Settings
+from recipes.dig.settings import KNOB_NAMES, REMOVED_KNOBS, STAGES, LaunchError, Settings
 
 pytestmark = pytest.mark.verl
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCH_ENV_KEYS = KNOB_NAMES  # every variable the launch path reads (recipes/dig/settings.py)
+LAUNCH_ENV_KEYS = (*KNOB_NAMES, *REMOVED_KNOBS)  # every variable the launch path reads (recipes/dig/settings.py)
 
 
 @pytest.fixture
 def launch_env(tmp_path, monkeypatch):
-    """A clean launch environment: dry run, checkpoints and data under tmp_path."""
+    """A clean launch environment: dry run; checkpoints and data under tmp_path through ``dirs(tmp_path)``."""
     for key in LAUNCH_ENV_KEYS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("DRY_RUN", "1")
-    monkeypatch.setenv("CKPT_DIR", str(tmp_path / "ckpt"))
-    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
     return tmp_path
 
 
+def dirs(root: Path) -> list[str]:
+    """The Hydra overrides that put checkpoints and data under ``root``."""
+    return [f"curriculum.ckpt_dir={root / 'ckpt'}", f"curriculum.data_dir={root / 'data'}"]
+
+
+def with_dirs(root: Path, argv: list[str]) -> list[str]:
+    """Launcher argv with ``dirs(root)`` appended as overrides (after ``--``, which ends --curriculum's list)."""
+    return [*argv, *([] if "--" in argv else ["--"]), *dirs(root)]
+
+
 def dry_settings(tmp_path: Path, stage: int, **kwargs) -> Settings:
-    return Settings(
-        stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True, gpus_per_node=8, **kwargs
-    )
+    return Settings(stage=stage, ckpt_dir=tmp_path / "ckpt", data_dir=tmp_path / "data", dry_run=True, **kwargs)
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -101,8 +107,8 @@ def test_dry_run_every_stage_of_every_model(model, tmp_path):
         assert cfg.trainer.experiment_name == f"{model}_stage{stage}"  # fresh name per stage
         assert cfg.trainer.default_local_dir == str(tmp_path / "ckpt" / "dig" / f"{model}_stage{stage}")
         assert cfg.trainer.resume_mode == "auto"
-        assert cfg.data.train_files == str(tmp_path / "data" / f"stage{stage}" / "train.parquet")
-        assert cfg.data.val_files == str(tmp_path / "data" / f"stage{stage}" / "val.parquet")
+        assert cfg.data.train_files == str(tmp_path / "data" / model / f"stage{stage}" / "train.parquet")
+        assert cfg.data.val_files == str(tmp_path / "data" / model / f"stage{stage}" / "val.parquet")
         assert cfg.data.image_patch_size == spec.patch_size
         # GRPO + low-variance KL loss, vLLM async rollouts with two images
         assert cfg.algorithm.adv_estimator == "grpo" and not cfg.algorithm.use_kl_in_reward
@@ -146,17 +152,11 @@ def test_dry_run_every_stage_of_every_model(model, tmp_path):
 
 def test_stage1_script_dry_run_subprocess(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
-    env.update(
-        DRY_RUN="1",
-        CKPT_DIR=str(tmp_path / "ckpt"),
-        DATA_DIR=str(tmp_path / "data"),
-        NNODES="2",
-        GPUS_PER_NODE="4",
-        MODEL="qwen2_5_vl_3b",
-        LOGGER="console,wandb",
-    )
+    env.update(DRY_RUN="1")
+    settings = ["base_model=qwen2_5_vl_3b", "trainer.nnodes=2", "trainer.n_gpus_per_node=4"]
+    settings += ["trainer.logger=[console,wandb]", *dirs(tmp_path)]
     result = subprocess.run(
-        ["bash", str(REPO / "launch" / "grpo_stage1.sh"), "trainer.total_epochs=2"],
+        ["bash", str(REPO / "launch" / "grpo_stage1.sh"), *settings, "trainer.total_epochs=2"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -199,9 +199,9 @@ def test_training_entry_point_composes_the_dry_run_config(tmp_path):
 
 
 def test_base_model_override_selects_the_model(launch_env):
-    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_7b", "trainer.save_freq=5"])
+    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_7b", "trainer.save_freq=5", *dirs(launch_env)])
     assert settings.model == "qwen2_5_vl_7b" and settings.extra_overrides == ["trainer.save_freq=5"]
-    settings.gpus_per_node = 8
+    assert (settings.data_dir, settings.ckpt_dir) == (launch_env / "data", launch_env / "ckpt")
     assert launch.plan_stage(settings).cfg.dig.model_name == "qwen2_5_vl_7b"
 
 
@@ -220,10 +220,50 @@ def test_model_file_given_by_path(launch_env, monkeypatch):
     assert plan.data.build_command[plan.data.build_command.index("--model") + 1] == str(path)
 
 
+def write_manifest(pairs_dir: Path, num: int) -> None:
+    """A run folder whose manifest lists ``num`` pairs (what data_prep.build counts to decide what to render)."""
+    from data_prep.manifest import append_entry, manifest_entry
+
+    pairs_dir.mkdir(parents=True)
+    for index in range(num):
+        pid = f"s1-{index:07d}"
+        append_entry(pairs_dir, manifest_entry(pairs_dir / "shard-000", pid, index, [{"type": "color"}]))
+
+
+def test_switching_model_plans_a_conversion_not_a_render(launch_env):
+    """The pairs under data/pairs/ are shared by every model: with them on disk, a second model's missing parquets
+    are planned as a conversion (seconds), not a render (hours); with half of them, only the rest is rendered."""
+    from data_prep.stages import STAGES_FILE, load_curriculum
+
+    runs = load_curriculum(STAGES_FILE).stage("1").splits
+    nums = {split: sum(run.num for run in split_runs) for split, split_runs in runs.items()}
+    write_manifest(launch_env / "data" / "pairs" / "stage1" / "train", nums["train"] // 2)
+    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b"))
+    line = next(line for line in plan.data.lines if line.startswith("data: missing"))
+    assert f"renders {nums['train'] - nums['train'] // 2 + nums['val']} pairs x 4.5 s/pair" in line
+    shutil.rmtree(launch_env / "data" / "pairs")
+    for split, num in nums.items():
+        write_manifest(launch_env / "data" / "pairs" / "stage1" / split, num)
+    plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b"))
+    line = next(line for line in plan.data.lines if line.startswith("data: missing"))
+    assert str(launch_env / "data" / "qwen2_5_vl_3b" / "stage1" / "train.parquet") in line
+    assert f"it only converts {sum(nums.values())} pairs" in line and "renders" not in line
+    assert plan.data.build_command[-6:] == [
+        "--out-dir",
+        str(launch_env / "data"),
+        "--model",
+        "qwen2_5_vl_3b",
+        "--stage",
+        "1",
+    ]
+
+
 def test_existing_data_is_checked_and_reported(launch_env):
     spec = load_model_spec("qwen2_5_vl_3b")
     for split in ("train", "val"):
-        write_stage_parquet(launch_env / "data" / "stage1" / f"{split}.parquet", spec.min_pixels, spec.max_pixels)
+        write_stage_parquet(
+            launch_env / "data" / spec.model_name / "stage1" / f"{split}.parquet", spec.min_pixels, spec.max_pixels
+        )
     small_batch = ["data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2"]
     plan = launch.plan_stage(dry_settings(launch_env, 1, model="qwen2_5_vl_3b", extra_overrides=small_batch))
     assert plan.data.ready and plan.data.build_command is None
@@ -252,11 +292,11 @@ BAD_INPUTS = {
     ),
     "typo_value_type": ({}, ["--stage", "1", "trainer.save_freq=often"], ["trainer.save_freq=often"]),
     "unknown_model": (
-        {"MODEL": "qwen9_vl"},
-        ["--stage", "1"],
-        ["MODEL=qwen9_vl", "unknown model 'qwen9_vl'", "qwen3_vl_8b_thinking"],
+        {},
+        ["--stage", "1", "base_model=qwen9_vl"],
+        ["base_model=qwen9_vl", "unknown model 'qwen9_vl'", "qwen3_vl_8b_thinking"],
     ),
-    "missing_model_file": ({"MODEL": "/nonexistent/m.yaml"}, ["--stage", "1"], ["model config file not found"]),
+    "missing_model_file": ({}, ["--stage", "1", "base_model=/nonexistent/m.yaml"], ["model config file not found"]),
     "missing_previous_stage": (
         {},
         ["--stage", "2"],
@@ -269,7 +309,9 @@ BAD_INPUTS = {
         ["custom_reward_function.path=/x.py", "reward.custom_reward_function"],
     ),
     "stage_override": ({}, ["--stage", "1", "stage=stage2"], ["the stage is chosen by the script"]),
-    "model_twice": ({"MODEL": "qwen2_5_vl_3b"}, ["--stage", "1", "base_model=qwen2_5_vl_7b"], ["disagree"]),
+    "removed_model_env": ({"MODEL": "qwen2_5_vl_3b"}, ["--stage", "1"], ["MODEL='qwen2_5_vl_3b'", "base_model=NAME"]),
+    "removed_data_dir_env": ({"DATA_DIR": "/data"}, ["--stage", "1"], ["DATA_DIR='/data'", "curriculum.data_dir=DIR"]),
+    "removed_logger_env": ({"LOGGER": "console"}, ["--stage", "1"], ["LOGGER='console'", "trainer.logger="]),
     "verl_validate_config": (
         {},
         ["--stage", "1", "actor_rollout_ref.actor.use_dynamic_bsz=false"],
@@ -290,9 +332,17 @@ BAD_INPUTS = {
         ["--stage", "1", "+reward.custom_reward_function.reward_kwargs.w_format=2"],
         ["w_format=2"],
     ),
-    "bad_nnodes": ({"NNODES": "two"}, ["--stage", "1"], ["NNODES='two'"]),
-    "tp_vs_gpus": ({"GPUS_PER_NODE": "3"}, ["--stage", "1"], ["tensor_model_parallel_size=2", "n_gpus_per_node=3"]),
-    "unknown_logger": ({"LOGGER": "console,wandbb"}, ["--stage", "1"], ["unknown backend(s) ['wandbb']"]),
+    "bad_nnodes": ({}, ["--stage", "1", "trainer.nnodes=two"], ["trainer.nnodes=two"]),
+    "tp_vs_gpus": (
+        {},
+        ["--stage", "1", "trainer.n_gpus_per_node=3"],
+        ["tensor_model_parallel_size=2", "n_gpus_per_node=3"],
+    ),
+    "unknown_logger": (
+        {},
+        ["--stage", "1", "trainer.logger=[console,wandbb]"],
+        ["trainer.logger", "unknown backend(s) ['wandbb']"],
+    ),
     "prompt_budget": ({}, ["--stage", "1", "data.max_prompt_length=256"], ["data.max_prompt_length=256"]),
     "reward_not_loadable": (
         {},
@@ -307,7 +357,7 @@ def test_bad_input_names_its_culprit(case, launch_env, monkeypatch, capsys):
     env, argv, expected = BAD_INPUTS[case]
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    rc, err = run_launch(argv, capsys)
+    rc, err = run_launch(with_dirs(launch_env, argv), capsys)
     assert rc == 2
     assert err.startswith("python -m recipes.dig.launch: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
@@ -326,15 +376,19 @@ def test_bad_stage_is_an_argparse_error_in_the_same_form(launch_env, capsys):
 def test_data_built_for_another_model_is_rejected(launch_env, monkeypatch, capsys):
     other = load_model_spec("qwen2_5_vl_7b")
     for split in ("train", "val"):
-        write_stage_parquet(launch_env / "data" / "stage1" / f"{split}.parquet", other.min_pixels, other.max_pixels)
-    rc, err = run_launch(["--stage", "1"], capsys)  # MODEL defaults to qwen3_vl_8b_thinking
+        write_stage_parquet(  # the default model's folder holding files built for another model
+            launch_env / "data" / "qwen3_vl_8b_thinking" / "stage1" / f"{split}.parquet",
+            other.min_pixels,
+            other.max_pixels,
+        )
+    rc, err = run_launch(with_dirs(launch_env, ["--stage", "1"]), capsys)  # base_model: qwen3_vl_8b_thinking
     assert rc == 2
     assert "train.parquet" in err and "built for another model" in err
 
 
 def test_no_gpu_without_dry_run_fails_before_anything_starts(launch_env, monkeypatch, capsys):
     monkeypatch.delenv("DRY_RUN")
-    rc, err = run_launch(["--stage", "1"], capsys)
+    rc, err = run_launch(with_dirs(launch_env, ["--stage", "1"]), capsys)
     assert rc == 2
     assert "no GPU visible" in err and "DRY_RUN=1" in err
     assert not (launch_env / "ckpt").exists() and not (launch_env / "data").exists()
@@ -343,15 +397,14 @@ def test_no_gpu_without_dry_run_fails_before_anything_starts(launch_env, monkeyp
 def test_model_file_clashing_with_builtin_name(launch_env, monkeypatch, capsys):
     clash = launch_env / "qwen2_5_vl_3b.yaml"
     shutil.copyfile(BASE_MODEL_DIR / "qwen2_5_vl_3b.yaml", clash)
-    monkeypatch.setenv("MODEL", str(clash))
-    rc, err = run_launch(["--stage", "1"], capsys)
+    rc, err = run_launch(with_dirs(launch_env, ["--stage", "1", f"base_model={clash}"]), capsys)
     assert rc == 2 and "clashes with a built-in model" in err
 
 
 def test_script_refuses_an_interpreter_without_the_stack(tmp_path):
     """launch/common.sh verifies the environment before anything: /bin/false stands for a Python without verl."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
-    env.update(DRY_RUN="1", DIG_PYTHON="/bin/false", CKPT_DIR=str(tmp_path / "ckpt"))
+    env.update(DRY_RUN="1", DIG_PYTHON="/bin/false")
     result = subprocess.run(
         ["bash", str(REPO / "launch" / "grpo_stage1.sh")],
         env=env,
@@ -388,15 +441,14 @@ def test_copied_model_file_keeping_the_old_name_is_refused(launch_env, monkeypat
     """The data dir follows the file name, the experiment (checkpoints, resume) dig.model_name: they must agree."""
     copy = launch_env / "my_vlm.yaml"
     shutil.copyfile(BASE_MODEL_DIR / "qwen2_5_vl_3b.yaml", copy)  # model_name: qwen2_5_vl_3b left as is
-    monkeypatch.setenv("MODEL", str(copy))
-    rc, err = run_launch(["--stage", "1"], capsys)
+    rc, err = run_launch(with_dirs(launch_env, ["--stage", "1", f"base_model={copy}"]), capsys)
     assert rc == 2
     assert "dig.model_name='qwen2_5_vl_3b' differs from the file name 'my_vlm'" in err and str(copy) in err
 
 
 def test_curriculum_stage_settings_keep_the_model_and_seed_only_the_first_stage(launch_env, monkeypatch):
     monkeypatch.setenv("INIT_MODEL", "/weights/warm_start")
-    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_3b", "trainer.save_freq=5"])
+    settings = Settings.from_env(1, ["base_model=qwen2_5_vl_3b", "trainer.save_freq=5", *dirs(launch_env)])
     per_stage = launch.curriculum_stage_settings(settings, [1, 2, 3])
     assert [s.stage for s in per_stage] == [1, 2, 3]
     assert {s.model for s in per_stage} == {"qwen2_5_vl_3b"}
@@ -410,8 +462,7 @@ def test_curriculum_dry_run_init_model_seeds_the_first_stage_only(launch_env, mo
     (warm / "config.json").write_text("{}")
     (warm / "model.safetensors").write_bytes(b"\0")
     monkeypatch.setenv("INIT_MODEL", str(warm))
-    monkeypatch.setenv("MODEL", "qwen2_5_vl_3b")
-    assert launch.main(["--curriculum", "1", "2"]) == 0
+    assert launch.main(with_dirs(launch_env, ["--curriculum", "1", "2", "--", "base_model=qwen2_5_vl_3b"])) == 0
     inits = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dig] init weights: ")]
     stage1_merged = launch_env / "ckpt" / "dig" / "qwen2_5_vl_3b_stage1" / "hf_merged" / "global_step_LAST"
     assert inits == [
@@ -435,8 +486,7 @@ EXPECTED_ATTENTION = {  # CPU: flash-attn does not import in the test venv
 def test_attention_choice_is_printed_and_reaches_verl_for_every_model(launch_env, monkeypatch, capsys):
     assert set(EXPECTED_ATTENTION) == set(model_names())
     for model, expected in EXPECTED_ATTENTION.items():
-        monkeypatch.setenv("MODEL", model)
-        assert launch.main(["--stage", "1"]) == 0
+        assert launch.main(with_dirs(launch_env, ["--stage", "1", f"base_model={model}"])) == 0
         out = capsys.readouterr().out
         line = next(line for line in out.splitlines() if line.startswith("[dig] attention: "))
         assert line.startswith(f"[dig] attention: {expected} (flash-attn does not import: sdpa"), line

@@ -143,9 +143,15 @@ def test_curriculum_skips_finished_stage(stage1_run):
     if not (exp_dir / DONE_MARKER).exists():  # when run alone
         write_done_marker(launch.plan_stage(settings(root, 1)).cfg)
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "INIT_MODEL", "STAGES", "LOGGER")}
-    env.update(DRY_RUN="1", MODEL=MODEL, CKPT_DIR=str(root / "ckpt"), DATA_DIR=str(root / "data"))
+    env.update(DRY_RUN="1")
+    overrides = [f"base_model={MODEL}", f"curriculum.ckpt_dir={root / 'ckpt'}", f"curriculum.data_dir={root / 'data'}"]
     result = subprocess.run(
-        ["bash", str(REPO / "launch" / "curriculum.sh")], env=env, cwd=root, capture_output=True, text=True, timeout=300
+        ["bash", str(REPO / "launch" / "curriculum.sh"), *overrides],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr

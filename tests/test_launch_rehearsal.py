@@ -49,7 +49,9 @@ def test_real_curriculum_rerun_reaches_the_gpu_boundary(cluster):
     tiny = save_tiny_checkpoint("qwen2_5_vl", root / "tiny")
     for stage in (1, 2):
         for split in ("train", "val"):
-            write_stage_parquet(root / "data" / f"stage{stage}" / f"{split}.parquet", spec.min_pixels, spec.max_pixels)
+            write_stage_parquet(
+                root / "data" / MODEL / f"stage{stage}" / f"{split}.parquet", spec.min_pixels, spec.max_pixels
+            )
     # stage 1 as a finished run leaves it: done marker at its last step, that step merged to HF
     stage1 = root / "ckpt" / "dig" / f"{MODEL}_stage1"
     merged = stage1 / "hf_merged" / "global_step_4"
@@ -63,17 +65,15 @@ def test_real_curriculum_rerun_reaches_the_gpu_boundary(cluster):
         TRANSFORMERS_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         DRY_RUN="false",
-        CKPT_DIR=str(root / "ckpt"),
-        DATA_DIR=str(root / "data"),
-        GPUS_PER_NODE="1",
         STAGES="1 2",
         INIT_MODEL=str(tiny),
-        LOGGER="console",
     )
+    settings = [f"curriculum.ckpt_dir={root / 'ckpt'}", f"curriculum.data_dir={root / 'data'}"]
+    settings += ["trainer.n_gpus_per_node=1", "trainer.logger=[console]"]
     log = root / "curriculum.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            ["bash", str(REPO / "launch" / "curriculum.sh"), f"base_model={MODEL}", *SMALL_BATCH],
+            ["bash", str(REPO / "launch" / "curriculum.sh"), f"base_model={MODEL}", *settings, *SMALL_BATCH],
             cwd=root,
             env=env,
             stdout=out,
@@ -98,7 +98,7 @@ def test_real_curriculum_rerun_reaches_the_gpu_boundary(cluster):
     assert f"[dig] experiment: dig/{MODEL}_stage2 -> {exp2} (resume_mode=auto)" in lines
     for split in ("train", "val"):
         assert any(
-            line.startswith(f"[dig] data {split}: {root / 'data' / 'stage2' / f'{split}.parquet'} (2 rows")
+            line.startswith(f"[dig] data {split}: {root / 'data' / MODEL / 'stage2' / f'{split}.parquet'} (2 rows")
             for line in lines
         )
     command = next(line for line in lines if line.startswith("[dig] command: "))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from recipes.dig import settings as launch_settings
-from recipes.dig.settings import KNOBS, LaunchError, Settings, knob_table, parse_bool
+from recipes.dig.settings import KNOBS, REMOVED_KNOBS, LaunchError, Settings, knob_table, parse_bool
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON_SH = REPO / "launch" / "common.sh"
@@ -18,7 +18,7 @@ BOOL_INPUTS = ["1", "0", "true", "false", "yes", "no", "TRUE", "False", "Yes", "
 
 
 def bash_bool(value: str | None, *extra: str, func: str = "dig_bool DRY_RUN") -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "GPUS_PER_NODE") and not k.startswith("SLURM")}
+    env = {k: v for k, v in os.environ.items() if k != "DRY_RUN" and not k.startswith("SLURM")}
     if value is not None:
         env["DRY_RUN"] = value
     for item in extra:
@@ -59,11 +59,11 @@ def test_launcher_refuses_an_unknown_boolean_by_name():
 
 def test_sbatch_ray_gpus_follow_the_launchers_dry_run_meaning():
     """DRY_RUN=false is a real run everywhere: the sbatch script's Ray declares the GPUs (was: 0, a dry run)."""
-    assert bash_bool("false", "GPUS_PER_NODE=8", func="dig_ray_gpus").stdout.strip() == "8"
-    assert bash_bool("0", "GPUS_PER_NODE=8", func="dig_ray_gpus").stdout.strip() == "8"
-    assert bash_bool("true", "GPUS_PER_NODE=8", func="dig_ray_gpus").stdout.strip() == "0"
-    assert bash_bool("1", "GPUS_PER_NODE=8", "SLURM_GPUS_PER_NODE=h100:8", func="dig_ray_gpus").stdout.strip() == "8"
-    refused = bash_bool("nope", "GPUS_PER_NODE=8", func="dig_ray_gpus")
+    assert bash_bool("false", func="dig_ray_gpus 8").stdout.strip() == "8"
+    assert bash_bool("0", func="dig_ray_gpus 8").stdout.strip() == "8"
+    assert bash_bool("true", func="dig_ray_gpus 8").stdout.strip() == "0"
+    assert bash_bool("1", "SLURM_GPUS_PER_NODE=h100:8", func="dig_ray_gpus 8").stdout.strip() == "8"
+    refused = bash_bool("nope", func="dig_ray_gpus 8")
     assert refused.returncode != 0 and "DRY_RUN='nope'" in refused.stderr
 
 
@@ -71,7 +71,40 @@ def test_docs_knob_table_is_the_parsers():
     docs = (REPO / "docs" / "launch.md").read_text()
     assert knob_table() in docs, "docs/launch.md's knob table differs: paste `python -m recipes.dig.settings`"
     documented = re.findall(r"^\| `([A-Z_]+)` \|", docs, flags=re.M)
-    assert documented == [k.name for k in KNOBS]
+    assert documented == [k.name for k in KNOBS] + list(REMOVED_KNOBS)
+
+
+@pytest.mark.parametrize("name", sorted(REMOVED_KNOBS))
+def test_a_removed_knob_stops_the_launch_naming_its_override(name):
+    """One channel per setting: a variable that used to carry a setting is refused, naming the Hydra key."""
+    with pytest.raises(LaunchError) as err:
+        Settings.from_env(1, [], env={name: "2"})
+    message = str(err.value)
+    assert message.startswith(f"{name}='2': ") and REMOVED_KNOBS[name] in message and "\n" not in message
+    assert Settings.from_env(1, [], env={name: " "}).stage == 1  # empty is unset
+
+
+def test_settings_come_from_overrides_with_the_yaml_defaults(tmp_path, monkeypatch):
+    from recipes.dig.settings import REPO_ROOT, config_defaults, default_model
+
+    defaults = Settings.from_env(1, ["trainer.save_freq=5"], env={})
+    assert defaults.model == default_model() == "qwen3_vl_8b_thinking"
+    assert defaults.data_dir == REPO_ROOT / config_defaults()["curriculum"]["data_dir"]
+    assert defaults.ckpt_dir == REPO_ROOT / config_defaults()["curriculum"]["ckpt_dir"]
+    monkeypatch.chdir(tmp_path)  # a given relative path is the user's: against the cwd
+    given = Settings.from_env(
+        1, ["base_model=qwen2_5_vl_3b", "curriculum.data_dir=d", "++curriculum.ckpt_dir=c", "x.y=1"], env={}
+    )
+    assert (given.model, given.data_dir, given.ckpt_dir) == ("qwen2_5_vl_3b", tmp_path / "d", tmp_path / "c")
+    assert given.extra_overrides == ["x.y=1"]
+
+
+def test_the_default_model_has_one_home():
+    """dig_grpo.yaml's defaults list names the default model; the data and eval tools' default must agree."""
+    from dig_common.models import DEFAULT_MODEL
+    from recipes.dig.settings import default_model
+
+    assert default_model() == DEFAULT_MODEL
 
 
 @pytest.mark.parametrize("knob", KNOBS, ids=lambda k: k.name)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from ray_local import free_port_range, free_ports, ray_processes
-from test_launch import LAUNCH_ENV_KEYS, write_stage_parquet
+from test_launch import LAUNCH_ENV_KEYS, dirs, write_stage_parquet
 from tiny_qwen import save_tiny_checkpoint
 
 from dig_common.models import load_model_spec
@@ -196,7 +196,7 @@ def requeue_and_restart(job: str, env: dict, log: Path) -> None:
 
 def base_env(env: dict, tmp_path: Path, ray_env: dict) -> dict:
     env = {k: v for k, v in env.items() if k not in LAUNCH_ENV_KEYS and not k.startswith("RAY_")}
-    env.update(ray_env, CKPT_DIR=str(tmp_path / "ckpt"), DATA_DIR=str(tmp_path / "data"), STAGE="all")
+    env.update(ray_env, STAGE="all")
     return env
 
 
@@ -206,9 +206,9 @@ def test_sbatch_two_nodes_curriculum_dry_run_with_requeue(local_slurm, tmp_path)
     env, _ = local_slurm
     with ray_environment(tmp_path) as ray_env:
         env = base_env(env, tmp_path, ray_env)
-        env.update(DRY_RUN="1", MODEL="qwen3_vl_4b_thinking")
+        env.update(DRY_RUN="1")
         log = tmp_path / "job.out"
-        job = submit(env, log, "trainer.total_epochs=2")
+        job = submit(env, log, *dirs(tmp_path), "base_model=qwen3_vl_4b_thinking", "trainer.total_epochs=2")
         try:
             wait_for(lambda: log.exists() and "Ray nodes alive: 2/2" in log.read_text(), 240, "two Ray nodes", log)
             requeue_and_restart(job, env, log)
@@ -243,22 +243,23 @@ def test_sbatch_two_nodes_real_run_requeue_skips_the_finished_stage(local_slurm,
     for stage in (1, 2):
         for split in ("train", "val"):
             write_stage_parquet(
-                tmp_path / "data" / f"stage{stage}" / f"{split}.parquet", spec.min_pixels, spec.max_pixels
+                tmp_path / "data" / spec.model_name / f"stage{stage}" / f"{split}.parquet",
+                spec.min_pixels,
+                spec.max_pixels,
             )
     with ray_environment(tmp_path) as ray_env:
         env = base_env(env, tmp_path, ray_env)
         env.update(
             DRY_RUN="false",
-            MODEL="qwen2_5_vl_3b",
-            GPUS_PER_NODE="8",
             INIT_MODEL=str(tiny),
-            LOGGER="console",
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
             HF_DATASETS_OFFLINE="1",
         )
         log = tmp_path / "job.out"
-        job = submit(env, log, "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2")
+        settings = [*dirs(tmp_path), "base_model=qwen2_5_vl_3b", "trainer.logger=[console]"]
+        settings.append("trainer.n_gpus_per_node=8")  # also the GPUs the sbatch script declares to Ray
+        job = submit(env, log, *settings, "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2")
 
         def trainer_started(stage: int) -> bool:
             text = log.read_text() if log.exists() else ""

@@ -706,7 +706,8 @@ def test_build_mixes_rendered_and_photo_pairs_into_one_parquet(coco_dir, tmp_pat
     assert generated == {("rendered", "train"), ("photo", "train-photo"), ("rendered", "val"), ("photo", "val-photo")}
     converted = [e for e in events if e["event"] == "convert"]
     assert [e["sources"] for e in converted] == [{"rendered": 2, "photo": 2}, {"rendered": 1, "photo": 1}]
-    table = pq.read_table(tmp_path / "data" / "stage1" / "train.parquet", columns=["extra_info"]).to_pylist()
+    table = pq.read_table(tmp_path / "data" / "qwen2_5_vl_7b" / "stage1" / "train.parquet", columns=["extra_info"])
+    table = table.to_pylist()
     ids = [r["extra_info"]["pair_id"] for r in table]
     assert len(ids) == 4 and sum(i.startswith("p") for i in ids) == 2 and sum(i.startswith("s") for i in ids) == 2
     assert [e["event"] for e in run()] == ["mix", "skip", "skip"]  # rerun: nothing generated or rewritten

@@ -71,7 +71,7 @@ class GenerateConfig(R.RunConfig):
     """A rendered run: the shared run fields (``runner.RunConfig``: out, num, k, seed, width, height, workers,
     no_diff_fraction, shard, ray_address, progress) and the renderer's."""
 
-    samples: int = 16
+    samples: int = 16  # Cycles samples per pixel (+ OIDN): the one home of this default
     threads: int | None = None  # per worker; default: CPU cores / workers
     vocab: Path | str | None = None
     denoise: bool = True
@@ -421,7 +421,12 @@ def generate(cfg: GenerateConfig) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = tool_parser(PROG, __doc__)
     R.add_run_flags(p, workers="render worker processes")
-    p.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel (default 16 + OIDN)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=GenerateConfig.samples,
+        help=f"Cycles samples per pixel (default {GenerateConfig.samples} + OIDN)",
+    )
     p.add_argument("--no-denoise", action="store_true", help="turn the OIDN denoiser off (tests: 1 spp)")
     p.add_argument("--threads", type=int, default=None, help="Cycles threads per worker (default cores/workers)")
     p.add_argument(

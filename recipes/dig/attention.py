@@ -27,6 +27,7 @@ import subprocess
 from dataclasses import dataclass
 
 from dig_common.models import ATTN_IMPLEMENTATIONS, ModelSpec
+from recipes.dig.settings import FALSE_WORDS, TRUE_WORDS
 
 # Families whose verl-patched attention needs flash-attn once sequences are packed (remove-padding).
 PACKING_NEEDS_FLASH_ATTN = ("qwen2_vl", "qwen2_5_vl")
@@ -34,8 +35,6 @@ PACKING_NEEDS_FLASH_ATTN = ("qwen2_vl", "qwen2_5_vl")
 ATTN_OVERRIDE_KEY = "actor_rollout_ref.model.override_config.attn_implementation"
 REMOVE_PADDING_KEY = "actor_rollout_ref.model.use_remove_padding"
 SETUP_HINT = "bash scripts/setup_gpu.sh"
-
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 class AttentionError(ValueError):
@@ -94,9 +93,11 @@ def user_overrides(overrides: list[str]) -> tuple[str | None, bool | None]:
             attn = value.strip("'\"")
         elif key == REMOVE_PADDING_KEY:
             word = value.strip("'\"").lower()
-            if word not in _TRUE + _FALSE:
-                raise AttentionError(f"{REMOVE_PADDING_KEY}={value!r} is not true or false")
-            packing = word in _TRUE
+            if word not in TRUE_WORDS + FALSE_WORDS:
+                raise AttentionError(
+                    f"{REMOVE_PADDING_KEY}={value!r}: expected one of {'/'.join(TRUE_WORDS + FALSE_WORDS)}"
+                )
+            packing = word in TRUE_WORDS
     return attn, packing
 
 

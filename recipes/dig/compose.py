@@ -6,41 +6,39 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
-
 from dig_common.fileio import atomic_output
 from dig_common.models import ModelSpec, load_model_spec, model_file
 from dig_common.paths import BASE_MODEL_DIR
-from recipes.dig.settings import REPO_ROOT, LaunchError, Settings, override_key
+from recipes.dig.settings import CONFIG_FILE, LaunchError, Settings, config_defaults, override_key
 
-CONFIG_DIR = Path(__file__).resolve().parent / "config"
-CONFIG_NAME = "dig_grpo"
+CONFIG_DIR = CONFIG_FILE.parent
+CONFIG_NAME = CONFIG_FILE.stem
 # dig_grpo.yaml's hydra.searchpath (verl's config, and dig_common for the base_model group); a model overlay
 # folder is added after it
-SEARCHPATH = yaml.safe_load((CONFIG_DIR / f"{CONFIG_NAME}.yaml").read_text(encoding="utf-8"))["hydra"]["searchpath"]
+SEARCHPATH = config_defaults()["hydra"]["searchpath"]
 # Top-level keys verl 0.9's main_ppo no longer migrates: Hydra accepts them, verl silently ignores them.
 LEGACY_REWARD_PREFIXES = ("custom_reward_function.", "reward_model.reward_kwargs", "reward_model.reward_manager")
 
 
 def resolve_model(settings: Settings) -> tuple[ModelSpec, str, Path | None]:
-    """(spec, Hydra option name, overlay search dir or None) for MODEL, a name or a path to a YAML file."""
+    """(spec, Hydra option name, overlay search dir or None) for base_model=, a name or a path to a YAML file."""
     try:
         path = model_file(settings.model)
         spec = load_model_spec(path)
     except (ValueError, FileNotFoundError) as err:
-        raise LaunchError(f"MODEL={settings.model}: {err}") from err
+        raise LaunchError(f"base_model={settings.model}: {err}") from err
     if spec.model_name != path.stem:
         # the data dir comes from the file name and the experiment (checkpoints, resume) from dig.model_name: a
         # copied file with the old name would resume the other model's run
         raise LaunchError(
-            f"MODEL={settings.model}: dig.model_name={spec.model_name!r} differs from the file name {path.stem!r}; "
+            f"base_model={settings.model}: dig.model_name={spec.model_name!r} differs from the file name {path.stem!r}; "
             f"set model_name: {path.stem} in {path} (it names the experiment and its checkpoints)"
         )
     if path.parent.resolve() == BASE_MODEL_DIR.resolve():
         return spec, path.stem, None
     if (BASE_MODEL_DIR / f"{path.stem}.yaml").exists():
         raise LaunchError(
-            f"MODEL={settings.model}: its name {path.stem!r} clashes with a built-in model; rename the file"
+            f"base_model={settings.model}: its name {path.stem!r} clashes with a built-in model; rename the file"
         )
     return spec, path.stem, path
 
@@ -62,18 +60,14 @@ def hydra_value(value: object) -> str:
 
 def stage_overrides(settings: Settings, stage: int, model_option: str, overlay: Path | None) -> list[str]:
     """The overrides the launcher adds for one stage, before the user's own (which win)."""
-    data_dir = settings.data_dir or (REPO_ROOT / "data" / model_option)
     overrides = [
         f"base_model={model_option}",
         f"stage=stage{stage}",
-        f"curriculum.data_dir={hydra_value(data_dir)}",
+        f"curriculum.data_dir={hydra_value(settings.data_dir)}",
         f"curriculum.ckpt_dir={hydra_value(settings.ckpt_dir)}",
-        f"trainer.nnodes={settings.nnodes}",
     ]
     if settings.gpus_per_node is not None:
         overrides.append(f"trainer.n_gpus_per_node={settings.gpus_per_node}")
-    if settings.logger:
-        overrides.append(f"trainer.logger=[{','.join(settings.logger)}]")
     if overlay is not None:
         overrides.append(f"hydra.searchpath=[{','.join(SEARCHPATH)},{hydra_value(f'file://{overlay}')}]")
     return overrides
@@ -158,12 +152,12 @@ def check_recipe_invariants(cfg) -> None:
     if trainer.n_gpus_per_node % rollout.tensor_model_parallel_size:
         raise LaunchError(
             f"actor_rollout_ref.rollout.tensor_model_parallel_size={rollout.tensor_model_parallel_size} must divide "
-            f"trainer.n_gpus_per_node={trainer.n_gpus_per_node} (GPUS_PER_NODE)"
+            f"trainer.n_gpus_per_node={trainer.n_gpus_per_node}"
         )
     if (data.train_batch_size * rollout.n) % n_gpus:
         raise LaunchError(
             f"data.train_batch_size x rollout.n = {data.train_batch_size} x {rollout.n} must be divisible by the "
-            f"{n_gpus} GPUs (NNODES x GPUS_PER_NODE)"
+            f"{n_gpus} GPUs (trainer.nnodes x trainer.n_gpus_per_node)"
         )
     longest = data.max_prompt_length + data.max_response_length
     if not rollout.enable_chunked_prefill and rollout.max_num_batched_tokens < longest:
@@ -191,8 +185,6 @@ def check_recipe_invariants(cfg) -> None:
     backends = [trainer.logger] if isinstance(trainer.logger, str) else list(trainer.logger)
     unknown = [b for b in backends if b not in Tracking.supported_backend]
     if unknown:
-        raise LaunchError(
-            f"trainer.logger (LOGGER): unknown backend(s) {unknown}; verl supports {Tracking.supported_backend}"
-        )
+        raise LaunchError(f"trainer.logger: unknown backend(s) {unknown}; verl supports {Tracking.supported_backend}")
     if cfg.reward.custom_reward_function.path is None:
         raise LaunchError("reward.custom_reward_function.path is null: verl would fall back to its default scorer")

@@ -61,9 +61,9 @@ from recipes.dig.preflight import (
     check_data,
     check_gpu_environment,
     check_mini_batches,
-    check_reward_kwargs,
-    default_gpus_per_node,
+    check_reward_config,
     load_reward,
+    visible_gpus,
     wandb_credentials,
 )
 from recipes.dig.settings import REPO_ROOT, STAGES, LaunchError, Settings, override_key
@@ -130,7 +130,7 @@ def plan_stage(settings: Settings, overlay_root: Path | None = None) -> Plan:
         )
     validate(cfg)
     check_mini_batches(cfg)
-    check_reward_kwargs(cfg, spec)
+    check_reward_config(cfg, spec)
     probe = load_reward(cfg)
     data = check_data(cfg, spec, settings, stage, model_ref)
     return Plan(settings, spec, cfg, overrides, handoff, data, probe, overlay, attention)
@@ -164,12 +164,13 @@ def describe(plan: Plan) -> str:
 
 
 def resolve_gpus(settings: Settings) -> None:
-    """Real runs check the GPU environment first (not the CPU rehearsal's); GPUS_PER_NODE defaults to what this
-    node sees."""
-    if not settings.dry_run and not rehearsal.selected(settings.extra_overrides):
-        check_gpu_environment(settings.ray_address)
-    if settings.gpus_per_node is None:
-        settings.gpus_per_node = default_gpus_per_node(settings.dry_run)
+    """Real runs check the GPU environment first; without trainer.n_gpus_per_node they use the GPUs this node
+    sees. A dry run keeps dig_grpo.yaml's value, the CPU rehearsal its profile's (and has no GPU to check)."""
+    if settings.dry_run or rehearsal.selected(settings.extra_overrides):
+        return
+    check_gpu_environment(settings.ray_address)
+    if "trainer.n_gpus_per_node" not in {override_key(o) for o in settings.extra_overrides}:
+        settings.gpus_per_node = visible_gpus()
 
 
 def plan_and_print(settings: Settings) -> Plan:
@@ -178,7 +179,7 @@ def plan_and_print(settings: Settings) -> Plan:
     print(describe(plan), flush=True)
     if "wandb" in plan.cfg.trainer.logger and not wandb_credentials():
         print(
-            "[dig] WARNING: LOGGER has wandb but no WANDB_API_KEY / ~/.netrc login (WANDB_MODE=offline to log locally)"
+            "[dig] WARNING: trainer.logger has wandb but no WANDB_API_KEY / ~/.netrc login (WANDB_MODE=offline to log locally)"
         )
     return plan
 
@@ -234,7 +235,6 @@ def run(settings: Settings, exec_trainer: bool = True) -> int:
 def stage_experiment_dir(settings: Settings) -> Path:
     spec, model_option, model_path = resolve_model(settings)
     overlay = model_overlay_dir(model_path, Path(tempfile.mkdtemp(prefix="dig_model_"))) if model_path else None
-    settings = replace(settings, gpus_per_node=settings.gpus_per_node or 8)  # does not enter the experiment path
     cfg = compose(stage_overrides(settings, settings.stage, model_option, overlay) + settings.extra_overrides)
     return experiment_dir(cfg)
 

@@ -16,17 +16,18 @@ from dig_common.parquet import model_mismatch, open_parquet
 from recipes.dig.settings import LaunchError, Settings
 
 RENDER_SEC_PER_PAIR = 4.5  # 480x320, 16 spp: measured wall time per pair on a 2-core box
+CONVERT_SEC_PER_PAIR = 0.01  # parquet conversion of a 480x320 pair, rounded up (benchmarks/prep.py: 364-682 pairs/s)
 
 
-def check_reward_kwargs(cfg, spec: ModelSpec) -> None:
+def check_reward_config(cfg, spec: ModelSpec) -> None:
     """The reward must see the same frame and pixel bounds the parquet was written with."""
     from omegaconf import OmegaConf
 
-    from reward_fns.dig_reward import check_reward_kwargs as validate_knobs
+    from reward_fns.dig_reward import check_reward_kwargs
 
     kwargs = OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs, resolve=True)
     try:  # the same check compute_score makes, but here, before any GPU is requested
-        validate_knobs(**kwargs)
+        check_reward_kwargs(**kwargs)
     except ValueError as err:
         raise LaunchError(f"reward.custom_reward_function.reward_kwargs: {err}") from err
     for key, want in spec.reward_kwargs().items():
@@ -126,8 +127,8 @@ def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
     why = model_mismatch(pf, spec)
     if why:
         raise LaunchError(
-            f"data file {path}: {why} (MODEL={spec.model_name}); the data was built for another model: use a "
-            "DATA_DIR per model"
+            f"data file {path}: {why} (base_model={spec.model_name}); the data was built for another model: the "
+            "parquets are per model (data_prep.build --model)"
         )
     sizes = pf.read(columns=["extra_info"]).column("extra_info").to_pylist()
     worst = max(prompt_token_bound(int(e["width"]), int(e["height"]), spec) for e in sizes if e and e.get("width"))
@@ -139,23 +140,26 @@ def inspect_parquet(path: Path, cfg, spec: ModelSpec) -> str:
     return f"{path} ({rows} rows, prompts <= ~{worst} tokens of {cfg.data.max_prompt_length})"
 
 
-def planned_render(stage: int) -> dict:
-    """Pairs per split, image size and pair sources data_prep.build renders for a stage (data_prep/stages.yaml,
-    read by data_prep.stages: the one loader of that file; the size defaults are data_prep.build's)."""
-    from data_prep.build import BuildOptions
+def planned_build(data_dir: Path, stage: int) -> dict:
+    """What data_prep.build does for a stage's missing parquets: pairs per source still to generate (none when the
+    pairs are there: it only converts), pairs to convert, image size and pair sources (data_prep/stages.yaml, read
+    by data_prep.stages: the one loader of that file; the size: data_prep.build.render_settings)."""
+    from data_prep.build import pairs_to_make, render_settings
     from data_prep.stages import load_curriculum, load_source_mixes
 
     try:
         curriculum = load_curriculum(STAGES_FILE)
         definition = curriculum.stage(stage)
-        sources = load_source_mixes(STAGES_FILE)[definition.name].describe()
+        mix = load_source_mixes(STAGES_FILE)[definition.name]
     except (ValueError, FileNotFoundError) as err:
         raise LaunchError(str(err)) from err
+    size = render_settings(curriculum)
     return {
         "pairs": {split: sum(run.num for run in runs) for split, runs in definition.splits.items()},
-        "width": int(curriculum.render.get("width", BuildOptions.width)),
-        "height": int(curriculum.render.get("height", BuildOptions.height)),
-        "sources": sources,
+        "to_make": pairs_to_make(data_dir, definition, list(definition.splits), mix),
+        "width": size["width"],
+        "height": size["height"],
+        "sources": mix.describe(),
     }
 
 
@@ -175,16 +179,10 @@ def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: 
     if not missing:
         return DataReport(True, lines)
     data_dir = Path(cfg.curriculum.data_dir)
-    expected = {
-        "train": data_dir / f"stage{stage}" / "train.parquet",
-        "val": data_dir / f"stage{stage}" / "val.parquet",
-    }
+    expected = {split: data_dir / spec.model_name / f"stage{stage}" / f"{split}.parquet" for split in ("train", "val")}
     if any(files.get(s) != p for s, p in expected.items() if s in missing):
         raise LaunchError(f"data file(s) not found: {', '.join(str(p) for p in missing.values())} (set by an override)")
-    plan = planned_render(stage)
-    pairs = sum(plan["pairs"].get(split, 0) for split in missing)
-    workers = settings.data_workers or 1
-    seconds = pairs * RENDER_SEC_PER_PAIR / workers
+    plan = planned_build(data_dir, stage)
     worst = prompt_token_bound(plan["width"], plan["height"], spec)
     if worst > cfg.data.max_prompt_length:
         raise LaunchError(
@@ -196,11 +194,27 @@ def check_data(cfg, spec: ModelSpec, settings: Settings, stage: int, model_ref: 
     if settings.data_workers:
         command += ["--workers", str(settings.data_workers)]
     command += settings.data_build_args
+    pairs = sum(plan["pairs"].values())
+    to_render = plan["to_make"]["rendered"]
+    if not any(plan["to_make"].values()):
+        work = (
+            f"the pairs are in {data_dir / 'pairs'} (shared by every model): it only converts {pairs} pairs "
+            f"(~{pairs * CONVERT_SEC_PER_PAIR:.0f} s)"
+        )
+    else:
+        workers = settings.data_workers or 1
+        hours = to_render * RENDER_SEC_PER_PAIR / workers / 3600
+        work = (
+            f"renders {to_render} pairs x {RENDER_SEC_PER_PAIR} s/pair (measured at 480x320, 16 spp on 2 cores) / "
+            f"{workers} worker(s) = ~{hours:.1f} h"
+        )
+        if plan["to_make"]["photo"]:
+            work += f", makes {plan['to_make']['photo']} photo pairs"
+        work += f", then converts {pairs} pairs"
     lines.append(
         f"data: missing {', '.join(str(p) for p in missing.values())}; the run builds them first with "
-        f"`{shlex.join(command)}`: {pairs} pairs x {RENDER_SEC_PER_PAIR} s/pair (measured at 480x320, 16 spp on "
-        f"2 cores) / {workers} worker(s) = ~{seconds / 3600:.1f} h; sources {plan['sources']}; prompts <= ~{worst} "
-        f"tokens of {cfg.data.max_prompt_length}"
+        f"`{shlex.join(command)}`: {work}; sources {plan['sources']}; prompts <= ~{worst} tokens of "
+        f"{cfg.data.max_prompt_length}"
     )
     return DataReport(False, lines, command)
 
@@ -232,9 +246,7 @@ def wandb_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def default_gpus_per_node(dry_run: bool) -> int:
-    if dry_run:
-        return 8
+def visible_gpus() -> int:
     import torch
 
     return max(torch.cuda.device_count(), 1)

@@ -1,9 +1,12 @@
-"""Environment -> launch settings: every knob of the launch scripts, parsed once, here.
+"""Environment and overrides -> launch settings, parsed once, here.
 
-``KNOBS`` is the one list of environment variables the launch path reads (the table in docs/launch.md is
-checked against it by tests/test_launch_settings.py). Booleans have one truth table, shared with the shell
-(``dig_bool`` in launch/common.sh): ``1/true/yes`` and ``0/false/no`` (any case), unset or empty is the
-default, anything else is refused by name.
+One channel per setting: a configuration value is a Hydra key with its one default in
+``recipes/dig/config/dig_grpo.yaml`` (``CONFIG_KEYS`` lists the ones the launcher reads or fills in); environment
+variables are only launcher behaviour (``KNOBS``: dry run, stages, initial weights, setup, the Python, SLURM/Ray
+plumbing). A variable that used to carry a setting (``REMOVED_KNOBS``) stops the launch naming its key. The
+tables in docs/launch.md are ``python -m recipes.dig.settings`` (tests/test_launch_settings.py keeps them equal).
+Booleans have one truth table, shared with the shell (``dig_bool`` in launch/common.sh): ``1/true/yes`` and
+``0/false/no`` (any case), unset or empty is the default, anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from dig_common.cli import CliError
-from dig_common.models import DEFAULT_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_FILE = Path(__file__).resolve().parent / "config" / "dig_grpo.yaml"
 STAGES = (1, 2, 3)
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
@@ -46,23 +51,7 @@ COMMON_SH = "launch/common.sh"
 SBATCH = "launch/slurm/dig_grpo.sbatch"
 
 KNOBS = (
-    Knob(
-        "MODEL",
-        f"`{DEFAULT_MODEL}`",
-        "a file name of `dig_common/base_model/` or a path to a model YAML (same as the override `base_model=NAME`)",
-    ),
-    Knob("NNODES", "`1` (`SLURM_NNODES` under SLURM)", "`trainer.nnodes`"),
-    Knob("SLURM_NNODES", "set by SLURM", "`NNODES` when that is unset"),
-    Knob("GPUS_PER_NODE", "GPUs visible (8 in a dry run)", "`trainer.n_gpus_per_node`"),
-    Knob(
-        "DATA_DIR",
-        "`data/<model>`",
-        "`<DATA_DIR>/stage{1,2,3}/{train,val}.parquet`; per model, because the parquet carries the model's pixel "
-        "bounds",
-    ),
-    Knob("CKPT_DIR", "`checkpoints`", "`<CKPT_DIR>/dig/<model>_stage<k>/` (+ `tensorboard/`, `hydra/`)"),
     Knob("DRY_RUN", "`0`", "boolean: check everything on CPU, print the plan and command, start nothing"),
-    Knob("LOGGER", "`console,tensorboard`", "`trainer.logger`, e.g. `console,wandb` (needs `WANDB_API_KEY`)"),
     Knob(
         "INIT_MODEL",
         "—",
@@ -114,8 +103,71 @@ KNOBS = (
 KNOB_NAMES = tuple(k.name for k in KNOBS)
 
 
+@dataclass(frozen=True)
+class ConfigKey:
+    key: str  # a Hydra key of dig_grpo.yaml (or a config group)
+    meaning: str
+    launcher: str  # what the launcher does with it
+
+
+CONFIG_KEYS = (
+    ConfigKey(
+        "base_model",
+        "a file name of `dig_common/base_model/` or a path to a model YAML",
+        "a path is copied into a search-path folder so Hydra can select it",
+    ),
+    ConfigKey(
+        "curriculum.data_dir",
+        "`<data_dir>/<model>/stage{1,2,3}/{train,val}.parquet`; the pairs in `<data_dir>/pairs/` are shared by "
+        "every model",
+        "made absolute (the default against the repo, a given one against the cwd); builds missing parquets there",
+    ),
+    ConfigKey(
+        "curriculum.ckpt_dir",
+        "`<ckpt_dir>/dig/<model>_stage<k>/` (+ `tensorboard/`, `hydra/`)",
+        "made absolute like `curriculum.data_dir`",
+    ),
+    ConfigKey("trainer.nnodes", "nodes", "`dig_grpo.sbatch` passes the job's node count"),
+    ConfigKey(
+        "trainer.n_gpus_per_node",
+        "GPUs per node",
+        "a real run without it takes the GPUs this node sees; `dig_grpo.sbatch` passes SLURM's count",
+    ),
+    ConfigKey("trainer.logger", "e.g. `[console,wandb]` (needs `WANDB_API_KEY`)", "checked against verl's backends"),
+)
+# Environment variables that used to carry a setting: set, they stop the launch naming the override instead.
+REMOVED_KNOBS = {
+    "MODEL": "base_model=NAME",
+    "NNODES": "trainer.nnodes=N",
+    "GPUS_PER_NODE": "trainer.n_gpus_per_node=N",
+    "DATA_DIR": "curriculum.data_dir=DIR",
+    "CKPT_DIR": "curriculum.ckpt_dir=DIR",
+    "LOGGER": "trainer.logger=[console,wandb]",
+}
+
+
+def config_defaults() -> dict:
+    """dig_grpo.yaml as plain YAML (its interpolations unresolved): the one home of every default."""
+    return yaml.safe_load(CONFIG_FILE.read_text(encoding="utf-8"))
+
+
+def default_model() -> str:
+    """The ``base_model`` entry of dig_grpo.yaml's defaults list."""
+    return next(d["base_model"] for d in config_defaults()["defaults"] if isinstance(d, dict) and "base_model" in d)
+
+
+def check_removed_knobs(env: dict) -> None:
+    for name, replacement in REMOVED_KNOBS.items():
+        if env.get(name, "").strip():
+            raise LaunchError(
+                f"{name}={env[name].strip()!r}: the environment no longer sets this; pass the Hydra override "
+                f"{replacement} instead (docs/launch.md, Knobs)"
+            )
+
+
 def parse_bool(name: str, raw: str | None, default: bool = False) -> bool:
-    """One truth table for every boolean knob (launch/common.sh's dig_bool is the same)."""
+    """One truth table for every boolean knob and the launcher's boolean overrides (recipes/dig/attention.py);
+    launch/common.sh's dig_bool cannot import it and repeats it (a test keeps the two equal)."""
     text = (raw or "").strip().lower()
     if not text:
         return default
@@ -150,14 +202,19 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+")
 
 
-def split_model_override(model_env: str, overrides: list[str]) -> tuple[str, list[str]]:
-    """MODEL from the environment or the Hydra spelling ``base_model=NAME``; the latter leaves the overrides."""
-    chosen = [o.split("=", 1)[1] for o in overrides if override_key(o) == "base_model"]
-    if not chosen:
-        return model_env or DEFAULT_MODEL, list(overrides)
-    if model_env and model_env != chosen[-1]:
-        raise LaunchError(f"MODEL={model_env} and override base_model={chosen[-1]} disagree; give one")
-    return chosen[-1], [o for o in overrides if override_key(o) != "base_model"]
+def take_override(key: str, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """The value the overrides give ``key`` (the last one wins, as in Hydra) and the overrides without it: the
+    launcher re-emits it in its own form (a model option, an absolute path)."""
+    chosen = [o.split("=", 1)[1] for o in overrides if override_key(o) == key and "=" in o]
+    return (chosen[-1] if chosen else None), [o for o in overrides if override_key(o) != key]
+
+
+def launch_dir(key: str, given: str | None) -> Path:
+    """A path setting made absolute: a given value against the cwd, the YAML default against the repo."""
+    if given:
+        return Path(given.strip("'\"")).expanduser().resolve()
+    section, name = key.split(".")
+    return (REPO_ROOT / str(config_defaults()[section][name])).resolve()
 
 
 @dataclass
@@ -165,13 +222,12 @@ class Settings:
     """The resolved launch inputs; one object plans (and runs) every stage of a curriculum."""
 
     stage: int
-    model: str = DEFAULT_MODEL
-    nnodes: int = 1
+    model: str = field(default_factory=default_model)  # base_model=
+    data_dir: Path = field(default_factory=lambda: launch_dir("curriculum.data_dir", None))
+    ckpt_dir: Path = field(default_factory=lambda: launch_dir("curriculum.ckpt_dir", None))
+    # trainer.n_gpus_per_node the launcher adds: what a real run's node sees, unless the overrides set it
     gpus_per_node: int | None = None
-    data_dir: Path | None = None
-    ckpt_dir: Path = REPO_ROOT / "checkpoints"
     dry_run: bool = False
-    logger: list[str] | None = None
     init_model: str | None = None
     # render worker processes for a missing dataset (data_prep.build --workers); None: its default
     data_workers: int | None = None
@@ -186,21 +242,22 @@ class Settings:
 
     @classmethod
     def from_env(cls, stage: int, extra_overrides: list[str], env: dict | None = None) -> Settings:
-        env = {k: v for k, v in (os.environ if env is None else env).items() if k in KNOB_NAMES}
+        env = dict(os.environ if env is None else env)
+        check_removed_knobs(env)
+        env = {k: v for k, v in env.items() if k in KNOB_NAMES}
 
         def text(name: str) -> str:
             return env.get(name, "").strip()
 
-        model, overrides = split_model_override(text("MODEL"), extra_overrides)
+        model, overrides = take_override("base_model", extra_overrides)
+        data_dir, overrides = take_override("curriculum.data_dir", overrides)
+        ckpt_dir, overrides = take_override("curriculum.ckpt_dir", overrides)
         return cls(
             stage=stage,
-            model=model,
-            nnodes=positive_int("NNODES", text("NNODES")) or positive_int("SLURM_NNODES", text("SLURM_NNODES")) or 1,
-            gpus_per_node=positive_int("GPUS_PER_NODE", text("GPUS_PER_NODE")),
-            data_dir=Path(text("DATA_DIR")).expanduser().resolve() if text("DATA_DIR") else None,
-            ckpt_dir=Path(text("CKPT_DIR")).expanduser().resolve() if text("CKPT_DIR") else REPO_ROOT / "checkpoints",
+            model=model or default_model(),
+            data_dir=launch_dir("curriculum.data_dir", data_dir),
+            ckpt_dir=launch_dir("curriculum.ckpt_dir", ckpt_dir),
             dry_run=parse_bool("DRY_RUN", env.get("DRY_RUN")),
-            logger=[b.strip() for b in text("LOGGER").split(",") if b.strip()] or None,
             init_model=text("INIT_MODEL") or None,
             data_workers=positive_int("DATA_WORKERS", text("DATA_WORKERS")),
             data_build_args=shlex.split(env.get("DATA_BUILD_ARGS", "")),
@@ -212,9 +269,25 @@ class Settings:
 
 
 def knob_table() -> str:
-    """The Markdown table of docs/launch.md (a test keeps the two equal): ``python -m recipes.dig.settings``."""
-    rows = ["| env var | default | read by | meaning |", "|---|---|---|---|"]
+    """The Markdown tables of docs/launch.md (a test keeps them equal): ``python -m recipes.dig.settings``."""
+    defaults = config_defaults()
+
+    def default(key: str) -> str:
+        if key == "base_model":
+            return f"`{default_model()}`"
+        section, name = key.split(".")
+        value = defaults[section][name]
+        return f"`[{','.join(value)}]`" if isinstance(value, list) else f"`{value}`"
+
+    rows = ["Settings: Hydra keys, each with its one default in `recipes/dig/config/dig_grpo.yaml`.", ""]
+    rows += ["| key | default | meaning | the launcher |", "|---|---|---|---|"]
+    rows += [f"| `{c.key}` | {default(c.key)} | {c.meaning} | {c.launcher} |" for c in CONFIG_KEYS]
+    rows += ["", "Launcher behaviour: environment variables.", ""]
+    rows += ["| env var | default | read by | meaning |", "|---|---|---|---|"]
     rows += [f"| `{k.name}` | {k.default} | {k.reader} | {k.meaning} |" for k in KNOBS]
+    rows += ["", "Removed environment variables (set, they stop the launch naming the override):", ""]
+    rows += ["| was | now |", "|---|---|"]
+    rows += [f"| `{name}` | `{replacement}` |" for name, replacement in REMOVED_KNOBS.items()]
     return "\n".join(rows)
 
 
