@@ -65,7 +65,7 @@ data=$out_dir/data  # pairs/ (shared by both tiny models) and $model/ (its parqu
 weights=$out_dir/models/$model
 # small renders: 8 train / 4 val pairs per stage, 1 test pair per K, 96x64 at 4 samples (about a minute on 2 cores)
 say "data: $data/$model"
-"$py" -m data_prep.build --out-dir "$data" --model "$model" --stage all --num-train "${DIG_REHEARSAL_TRAIN:-8}" \
+"$py" -m data_prep.build --out-dir "$data" --model "$model" --stage all --num-train 8 \
   --num-val 4 --num-test 1 --width 96 --height 64 --samples 4 --workers 1 --no-progress
 if [ ! -f "$weights/config.json" ]; then
   say "tiny model: $weights (built offline, warm-started on stage 1's train split)"

@@ -221,13 +221,18 @@ def test_model_file_given_by_path(launch_env, monkeypatch):
 
 
 def write_manifest(pairs_dir: Path, num: int) -> None:
-    """A run folder whose manifest lists ``num`` pairs (what data_prep.build counts to decide what to render)."""
+    """A run folder whose manifest lists ``num`` pairs with their files (what data_prep.build counts to decide what
+    to render: a listed pair whose files are gone is made again)."""
     from data_prep.manifest import append_entry, manifest_entry
 
-    pairs_dir.mkdir(parents=True)
+    shard = pairs_dir / "shard-000"
+    shard.mkdir(parents=True)
     for index in range(num):
         pid = f"s1-{index:07d}"
-        append_entry(pairs_dir, manifest_entry(pairs_dir / "shard-000", pid, index, [{"type": "color"}]))
+        record = manifest_entry(shard, pid, index, [{"type": "color"}])
+        for key in ("json", "image_a", "image_b"):
+            (pairs_dir / record[key]).touch()
+        append_entry(pairs_dir, record)
 
 
 def test_switching_model_plans_a_conversion_not_a_render(launch_env):
