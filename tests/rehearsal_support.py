@@ -171,7 +171,9 @@ def evidence(out_dir: Path, model: str, stage: int) -> StageEvidence:
     return StageEvidence(sorted(metrics.get("training/global_step", {})), metrics, syncs(exp))
 
 
-def check_trained(out_dir: Path, model: str, stage: int, min_steps: int = 2) -> StageEvidence:
+def check_trained(
+    out_dir: Path, model: str, stage: int, min_steps: int = 2, need_advantage: bool = True
+) -> StageEvidence:
     """The stage ran >= min_steps training steps with vLLM rollouts, validation and the reward's keys, and its
     groups carried a learning signal (advantages not all zero)."""
     found = evidence(out_dir, model, stage)
@@ -186,7 +188,9 @@ def check_trained(out_dir: Path, model: str, stage: int, min_steps: int = 2) -> 
         assert tags, f"stage {stage}: validation logged no {key!r} (tags: {sorted(t for t in metrics if 'val' in t)})"
         assert 0 in metrics[tags[0]] and steps[-1] in metrics[tags[0]], f"stage {stage}: {tags[0]} not at start and end"
     moved = [s for s in steps if metrics["critic/advantages/max"][s] > 0 or metrics["critic/advantages/min"][s] < 0]
-    assert moved, f"stage {stage}: every advantage was zero in every step (constant rewards within every group)"
+    assert moved or not need_advantage, (
+        f"stage {stage}: every advantage was zero in every step (constant rewards within every group)"
+    )
     return found
 
 
