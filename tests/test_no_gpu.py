@@ -22,13 +22,14 @@ def repo_copy(tmp_path):
     return tmp_path
 
 
-def run_main_command(root: Path, path: str, **env) -> subprocess.CompletedProcess:
+def run_main_command(root: Path, path: str, *args: str, **env) -> subprocess.CompletedProcess:
+    """``SETUP_ENV=1 bash launch/curriculum.sh ARGS`` with ``env`` on top (the README's main command)."""
     clean = {
         k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "RAY_ADDRESS", "DIG_SKIP_GPU_CHECK", "DIG_PYTHON")
     }
     clean.update({"PATH": path, "SETUP_ENV": "1", **env})
     return subprocess.run(
-        ["bash", str(root / "launch" / "curriculum.sh")],
+        ["bash", str(root / "launch" / "curriculum.sh"), *args],
         cwd=root,
         env=clean,
         capture_output=True,
@@ -63,16 +64,9 @@ def test_a_listed_gpu_goes_on_to_the_environment_check(repo_copy, tmp_path):
     assert "no GPU" not in result.stderr and "cannot import verl" in result.stderr
 
 
-def test_dry_run_and_the_rehearsal_profile_skip_the_gpu_check(repo_copy, tmp_path):
+def test_dry_run_and_the_rehearsal_profile_skip_the_gpu_check(repo_copy):
     for env, args in (({"DRY_RUN": "1"}, []), ({}, ["profile=cpu"])):
-        clean = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "RAY_ADDRESS", "DIG_SKIP_GPU_CHECK")}
-        clean.update(PATH="/usr/bin:/bin", DIG_PYTHON="/usr/bin/python3", **env)
-        result = subprocess.run(
-            ["bash", str(repo_copy / "launch" / "curriculum.sh"), *args],
-            cwd=repo_copy,
-            env=clean,
-            capture_output=True,
-            text=True,
-            timeout=60,
+        result = run_main_command(
+            repo_copy, "/usr/bin:/bin", *args, DIG_PYTHON="/usr/bin/python3", SETUP_ENV="0", **env
         )
         assert "no GPU" not in result.stderr and "cannot import verl" in result.stderr, (env, args, result.stderr)
