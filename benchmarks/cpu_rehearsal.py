@@ -2,6 +2,8 @@
 engine start, and the peak memory of the whole process tree (JSON lines).
 
     .venv/bin/python benchmarks/cpu_rehearsal.py [--model tiny_qwen3_vl_thinking] [--stages "1 2 3"] [--out-dir DIR]
+    .venv/bin/python benchmarks/cpu_rehearsal.py --from DIR [--model ...] [--stages ...]   (an earlier run's
+        per-step timings only: wall times, engine start and memory need a live run)
 
 Runs ``bash launch/cpu_rehearsal.sh --no-eval`` (a fresh ``--out-dir``, default a temp folder, so data and the tiny
 model are built too), reads its output line by line as it comes (each line timestamped here) and samples the
@@ -61,12 +63,29 @@ def sample_memory(pgid: int, stop: threading.Event, peak: dict) -> None:
         stop.wait(0.5)
 
 
+def stage_record(out: Path, model: str, stage: int) -> dict:
+    """Per-step medians of verl's own timings for one stage (its TensorBoard events)."""
+    import rehearsal_support as rs
+
+    metrics = rs.scalars(out, model, stage)
+    record = {"event": "stage", "stage": stage, "steps": len(metrics.get("training/global_step", {}))}
+    for key, tag in TIMINGS.items():
+        values = list(metrics.get(tag, {}).values())
+        record[key] = round(statistics.median(values), 3) if values else None
+    return record
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny_qwen3_vl_thinking")
     parser.add_argument("--stages", default="1 2 3")
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--from", dest="from_dir", type=Path, default=None, help="read an earlier run's --out-dir")
     args = parser.parse_args()
+    if args.from_dir:
+        for stage in (int(s) for s in args.stages.split()):
+            print(json.dumps(stage_record(args.from_dir, args.model, stage)))
+        return 0
     out = args.out_dir or Path(tempfile.mkdtemp(prefix="dig_rehearsal_bench_")) / "run"
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -117,8 +136,6 @@ def main() -> int:
         print(json.dumps({"event": "error", "rc": rc, "out_dir": str(out)}))
         return 1
 
-    import rehearsal_support as rs
-
     print(json.dumps({"event": "phase", "phase": "data", "seconds": round(marks.get("data_done", 0), 1)}))
     tiny = marks.get("model_done", 0) - marks.get("data_done", 0)
     print(json.dumps({"event": "phase", "phase": "tiny_model", "seconds": round(tiny, 1)}))
@@ -126,17 +143,9 @@ def main() -> int:
         json.dumps({"event": "phase", "phase": "curriculum", "seconds": round(total - marks.get("model_done", 0), 1)})
     )
     for stage in sorted(stage_start):
-        metrics = rs.scalars(out, args.model, stage)
-        record = {
-            "event": "stage",
-            "stage": stage,
-            "wall_s": round(stage_end.get(stage, total) - stage_start[stage], 1),
-            "engine_start_s": round(server_ready[stage] - server_seen[stage], 1) if stage in server_ready else None,
-            "steps": len(metrics.get("training/global_step", {})),
-        }
-        for key, tag in TIMINGS.items():
-            values = list(metrics.get(tag, {}).values())
-            record[key] = round(statistics.median(values), 3) if values else None
+        record = stage_record(out, args.model, stage)
+        record["wall_s"] = round(stage_end.get(stage, total) - stage_start[stage], 1)
+        record["engine_start_s"] = round(server_ready[stage] - server_seen[stage], 1) if stage in server_ready else None
         print(json.dumps(record))
     print(
         json.dumps(

@@ -33,7 +33,8 @@ import rehearsal_support as rs
 
 from dig_common.models import load_model_spec
 
-pytestmark = [pytest.mark.slow, pytest.mark.verl, pytest.mark.rehearsal]
+# a module fixture runs a whole rehearsal inside the first test that uses it: the suite's 900 s per test is too short
+pytestmark = [pytest.mark.slow, pytest.mark.verl, pytest.mark.rehearsal, pytest.mark.timeout(2700)]
 
 QWEN25 = "tiny_qwen2_5_vl"
 QWEN3 = "tiny_qwen3_vl_thinking"
