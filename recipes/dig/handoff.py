@@ -114,23 +114,29 @@ def plan_handoff(settings: Settings, stage: int, prev_cfg, spec: ModelSpec) -> H
         state = f"its latest checkpoint is global_step_{step}" if step else "it has no checkpoint"
         raise LaunchError(
             f"stage {stage - 1} checkpoint missing: {prev_dir} has no {DONE_MARKER} ({state}). Run (or resume) "
-            f"{prev_script} with the same MODEL/CKPT_DIR first, or set INIT_MODEL=<HF dir> to start stage {stage} "
+            f"{prev_script} with the same base_model / curriculum.ckpt_dir first, or set INIT_MODEL=<HF dir> to start stage {stage} "
             f"from given weights"
         )
+    return merged_weights(prev_dir, done, stage - 1, settings.python)
+
+
+def merged_weights(exp_dir: Path, done: dict, stage: int, python: str) -> Handoff:
+    """A finished stage's last step as HF weights: its merge, or the merge to run (stage handoff and the
+    curriculum's final merge for eval)."""
     step = int(done["global_step"])
-    actor_dir = prev_dir / f"global_step_{step}" / "actor"
-    target = merged_dir(prev_dir, step)
+    actor_dir = exp_dir / f"global_step_{step}" / "actor"
+    target = merged_dir(exp_dir, step)
     if is_merged(target):
-        return Handoff(str(target), f"stage {stage - 1} global_step_{step}, already merged")
+        return Handoff(str(target), f"stage {stage} global_step_{step}, already merged")
     if not (actor_dir / "fsdp_config.json").is_file() or not any(actor_dir.glob("model_world_size_*_rank_0.pt")):
         raise LaunchError(
-            f"stage {stage - 1} checkpoint missing: {actor_dir} lacks fsdp_config.json / model_world_size_*_rank_0.pt "
+            f"stage {stage} checkpoint missing: {actor_dir} lacks fsdp_config.json / model_world_size_*_rank_0.pt "
             f"(deleted? {DONE_MARKER} says global_step_{step} is the last step)"
         )
     return Handoff(
         str(target),
-        f"stage {stage - 1} global_step_{step}, merged now (not merged yet)",
-        merge_command=merge_command(settings.python, actor_dir, target),
+        f"stage {stage} global_step_{step}, merged now (not merged yet)",
+        merge_command=merge_command(python, actor_dir, target),
         merge_target=target,
     )
 

@@ -49,9 +49,7 @@ from recipes.dig.handoff import (
     DONE_MARKER,
     Handoff,
     experiment_dir,
-    is_merged,
-    merge_command,
-    merged_dir,
+    merged_weights,
     plan_handoff,
     run_merge,
     stage_done,
@@ -292,14 +290,11 @@ def merge_last(settings: Settings) -> Path | None:
     done = stage_done(exp_dir)
     if done is None:
         return None
-    step = int(done["global_step"])
-    target = merged_dir(exp_dir, step)
-    if not is_merged(target):
-        actor_dir = exp_dir / f"global_step_{step}" / "actor"
-        command = merge_command(settings.python, actor_dir, target)
-        run_merge(Handoff(str(target), f"stage {settings.stage} global_step_{step}", command, target))
-    print(f"[dig] curriculum: stage {settings.stage}'s last step, merged for evaluation: {target}", flush=True)
-    return target
+    merge = merged_weights(exp_dir, done, settings.stage, settings.python)
+    if merge.merge_command:
+        run_merge(merge)
+    print(f"[dig] curriculum: stage {settings.stage}'s last step, merged for evaluation: {merge.init_path}", flush=True)
+    return Path(merge.init_path)
 
 
 PROG = "python -m recipes.dig.launch"
