@@ -70,8 +70,9 @@ KNOBS = (
     Knob(
         "DIG_SKIP_GPU_CHECK",
         "`0`",
-        "boolean: `recipes.dig.main` skips its GPU/vLLM check (CPU rehearsals)",
-        reader="recipes/dig/main.py",
+        "boolean: skip the GPU checks (the launch scripts' before any setup, `recipes.dig.main`'s GPU/vLLM check); "
+        "`profile=cpu` needs no such flag",
+        reader="launch/common.sh",
     ),
     Knob(
         "DIG_PYTHON",
