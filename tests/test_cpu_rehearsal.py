@@ -131,10 +131,10 @@ def test_qwen3_kill_during_stage_2_then_rerun_resumes_it(qwen3):
     new_syncs = [p for p in rs.syncs(stage2) if p not in before["stage2_syncs"]]
     assert new_syncs, "the rerun's stage 2 loaded no weights into vLLM"
     # the rerun's first sync is the step-1 checkpoint's weights (= the last sync before the kill), not the
-    # stage's initial weights: it resumed instead of starting over
-    resumed, killed_at = rs.load(new_syncs[0]), rs.load(before["stage2_syncs"][-1])
-    assert rs.mismatches(resumed, killed_at) == 0
-    assert rs.mismatches(resumed, rs.load(rs.merged(stage1))) > 0
+    # stage's initial weights (its first sync, fp32; one step moves them less than bf16 can show): it resumed
+    resumed = rs.load(new_syncs[0])
+    assert rs.mismatches(resumed, rs.load(before["stage2_syncs"][-1])) == 0
+    assert rs.mismatches(resumed, rs.load(before["stage2_syncs"][0])) > 0
     assert sorted(rs.scalars(out, QWEN3, 2)["training/global_step"]) == [1, 2]
 
 
@@ -144,8 +144,12 @@ def test_qwen3_eval_serves_the_last_merge_with_vllm(qwen3):
     assert f"cpu_rehearsal: eval: {last}" in second.log
     results = json.loads((out / "eval" / QWEN3 / "results.json").read_text())
     samples = (out / "eval" / QWEN3 / "results.samples.jsonl").read_text().splitlines()
-    rows = pq.read_metadata(out / "data" / QWEN3 / "test" / "test.parquet").num_rows
-    assert results["overall"]["n"] == rows == len({json.loads(s)["pair_id"] for s in samples})
+    pairs = {
+        row["extra_info"]["pair_id"]
+        for row in pq.read_table(out / "data" / QWEN3 / "test" / "test.parquet").to_pylist()
+    }
+    assert {json.loads(s)["pair_id"] for s in samples} == pairs  # every test pair answered, from the last merge
+    assert results["overall"]["n"] == len(samples) == len(pairs) * results["decoding"]["n"]
 
 
 def test_qwen25_two_stages(qwen25):
