@@ -125,12 +125,26 @@ def load(path: Path) -> dict:
     return load_file(path)
 
 
+# checkpoint names saved in the hub's layout -> the names of the loaded model (what verl syncs), Qwen2.5-VL's
+LEGACY_PREFIXES = (("model.", "model.language_model."), ("visual.", "model.visual."))
+
+
+def synced_name(name: str, synced: dict) -> str:
+    if name in synced:
+        return name
+    for old, new in LEGACY_PREFIXES:
+        if name.startswith(old) and new + name[len(old) :] in synced:
+            return new + name[len(old) :]
+    return name
+
+
 def mismatches(synced: dict, weights: dict) -> int:
     """Elements where a sync differs from HF weights, compared in the weights' dtype (merges are bf16).
-    Every tensor of ``weights`` must have been synced under its own name."""
-    missing = sorted(set(weights) - set(synced))
+    Every tensor of ``weights`` must have been synced (under its own name or its loaded-model name)."""
+    names = {k: synced_name(k, synced) for k in weights}
+    missing = sorted(k for k, n in names.items() if n not in synced)
     assert not missing, f"{len(missing)} tensors never synced, e.g. {missing[:3]}"
-    return sum(int((synced[k].to(w.dtype) != w).sum()) for k, w in weights.items())
+    return sum(int((synced[names[k]].to(w.dtype) != w).sum()) for k, w in weights.items())
 
 
 def merged(exp: Path) -> Path:
