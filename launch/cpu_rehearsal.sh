@@ -94,6 +94,8 @@ last_stage=${stage_list[${#stage_list[@]}-1]}
 last=$(ls -d "$out_dir/checkpoints/dig/${model}_stage$last_stage/hf_merged/global_step_"* 2>/dev/null | sort -V | tail -n 1)
 [ -n "$last" ] || die "no merged checkpoint of stage $last_stage under $out_dir/checkpoints (did the curriculum finish?)"
 say "eval: $last"
-"$py" -m eval.dig --data "$data/$model/test/test.parquet" --model "$model" --model-path "$last" --backend vllm \
+# vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB), else from most of the machine's memory:
+# 1 GiB, as config/profile/cpu.yaml gives the training rollouts
+VLLM_CPU_KVCACHE_SPACE=1 "$py" -m eval.dig --data "$data/$model/test/test.parquet" --model "$model" --model-path "$last" --backend vllm \
   --out "$out_dir/eval/$model/results.json"
 say "done: $out_dir"
