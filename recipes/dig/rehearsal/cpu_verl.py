@@ -1,9 +1,9 @@
 """verl 0.9.1 + vLLM 0.24 (CPU build) on a machine without GPUs: the CPU rehearsal's workarounds, all here.
 
 Loaded ONLY by the CPU rehearsal (``profile=cpu``): the profile puts this module in ``VERL_USE_EXTERNAL_MODULES``
-for the driver and every Ray worker, and ``import verl`` imports it (``verl/__init__.py`` line 49), in the
+for every Ray worker (the driver needs none of it), and ``import verl`` imports it (``verl/__init__.py`` line 49), in the
 trainer, the FSDP workers, the agent loop, the vLLM server actor and vLLM's own worker processes alike. A GPU run
-never names it, so nothing here loads there (``tests/test_cpu_rehearsal.py`` checks the composed GPU config).
+never names it, so nothing here loads there (``tests/test_cpu_profile.py`` checks the composed GPU config and that recipe imports never load this module).
 
 Each workaround is minimal, names the upstream file and line, and is listed with what upstream would need in
 docs/cpu_rehearsal.md:
