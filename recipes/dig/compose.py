@@ -9,6 +9,7 @@ from pathlib import Path
 from dig_common.fileio import atomic_output
 from dig_common.models import ModelSpec, load_model_spec, model_file
 from dig_common.paths import BASE_MODEL_DIR
+from recipes.dig import dynamic_sampling
 from recipes.dig.settings import CONFIG_FILE, LaunchError, Settings, config_defaults, override_key
 
 CONFIG_DIR = CONFIG_FILE.parent
@@ -188,3 +189,29 @@ def check_recipe_invariants(cfg) -> None:
         raise LaunchError(f"trainer.logger: unknown backend(s) {unknown}; verl supports {Tracking.supported_backend}")
     if cfg.reward.custom_reward_function.path is None:
         raise LaunchError("reward.custom_reward_function.path is null: verl would fall back to its default scorer")
+    check_lora(cfg.actor_rollout_ref.model)
+    dynamic_sampling.check_config(cfg)
+
+
+# the ranks vLLM serves (vllm/config/lora.py, max_lora_rank); verl passes lora_rank as max_lora_rank
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# a vision-tower module name of both families (transformers 5): LoRA must leave it alone
+VISION_MODULE = "model.visual.blocks.0.attn.qkv"
+
+
+def check_lora(model) -> None:
+    import re
+
+    rank = int(model.get("lora_rank", 0) or 0)
+    if not rank:
+        return
+    if rank not in VLLM_LORA_RANKS:
+        raise LaunchError(
+            f"actor_rollout_ref.model.lora_rank={rank}: vLLM serves LoRA ranks {', '.join(map(str, VLLM_LORA_RANKS))}"
+        )
+    exclude = model.get("exclude_modules", None)
+    if not (isinstance(exclude, str) and re.fullmatch(exclude, VISION_MODULE)):
+        raise LaunchError(
+            f"actor_rollout_ref.model.exclude_modules={exclude!r} leaves the vision tower under LoRA: vLLM applies "
+            "adapters to the language model only, so those adapters would train but never be served; use .*visual.*"
+        )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dig_common.fileio import temp_path
 from dig_common.models import ModelSpec
+from recipes.dig.lora import ADAPTER_DIR as LORA_ADAPTER_DIR
 from recipes.dig.settings import LaunchError, Settings
 
 # Written by recipes/dig/main.py when a stage's training loop returned normally.
@@ -142,7 +143,8 @@ def merged_weights(exp_dir: Path, done: dict, stage: int, python: str) -> Handof
 
 
 def run_merge(handoff: Handoff) -> None:
-    """verl's FSDP->HF merger into a temp dir, then rename: a killed merge never looks finished.
+    """verl's FSDP->HF merger into a temp dir (plus, for a LoRA run, the adapter folded into the weights by
+    recipes/dig/lora.py), then rename: a killed merge never looks finished.
 
     A folder, so not ``atomic_output`` (files only); the temp name is the same sibling ``temp_path`` gives."""
     assert handoff.merge_command and handoff.merge_target
@@ -155,6 +157,12 @@ def run_merge(handoff: Handoff) -> None:
         result = subprocess.run(command, check=False)
         if result.returncode != 0 or not is_merged(tmp):
             raise LaunchError(f"model merge failed (rc={result.returncode}): {shlex.join(command)}")
+        if (tmp / LORA_ADAPTER_DIR).is_dir():  # tuning=lora: verl's merger wrote base weights + the adapter
+            fold = [command[0], "-m", "recipes.dig.lora", str(tmp)]
+            print(f"[dig] folding the LoRA adapter into the merge: {shlex.join(fold)}", flush=True)
+            result = subprocess.run(fold, check=False)
+            if result.returncode != 0 or not is_merged(tmp):
+                raise LaunchError(f"LoRA fold failed (rc={result.returncode}): {shlex.join(fold)}")
         if not target.exists():  # else a concurrent merge finished first: keep it
             os.replace(tmp, target)
     finally:

@@ -149,6 +149,10 @@ def describe(plan: Plan) -> str:
         f"[dig] init weights: {plan.handoff.init_path} [{plan.handoff.note}]",
         f"[dig] {plan.attention.describe()}",
         f"[dig] validation decoding: {sampling}, n={val.n}",
+        f"[dig] profile: {choice(s.extra_overrides, 'profile') or 'none (a GPU cluster: dig_grpo.yaml as it stands)'}",
+        f"[dig] tuning: {describe_tuning(cfg)}",
+        f"[dig] memory: {describe_memory(cfg)}",
+        f"[dig] dynamic sampling: {describe_dynamic_sampling(cfg)}",
     ]
     if plan.handoff.merge_command:
         lines.append(f"[dig] merge: {shlex.join(plan.handoff.merge_command)}")
@@ -161,13 +165,62 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def choice(overrides: list[str], group: str) -> str | None:
+    """The option a ``group=option`` override picks (the last one wins, as in Hydra); None if not given."""
+    picked = [o.split("=", 1)[1] for o in overrides if override_key(o) == group and "=" in o]
+    return picked[-1] if picked else None
+
+
+def describe_tuning(cfg) -> str:
+    model = cfg.actor_rollout_ref.model
+    lr = cfg.actor_rollout_ref.actor.optim.lr
+    if not model.lora_rank:
+        return f"full fine-tuning (tuning=full), lr {lr:g}"
+    return (
+        f"LoRA (tuning=lora) rank {model.lora_rank}, alpha {model.lora_alpha}, on {model.target_modules} except "
+        f"{model.exclude_modules}; lr {lr:g}; reference = the actor with its adapter off; vLLM gets "
+        f"{'merged weights' if model.lora.merge else 'the adapter'} each step; the stage merge folds it into full weights"
+    )
+
+
+def describe_memory(cfg) -> str:
+    actor, ref, rollout = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.ref, cfg.actor_rollout_ref.rollout
+
+    def onoff(flag) -> str:
+        return "on" if flag else "off"
+
+    reference = (
+        "none (LoRA: the actor)"
+        if cfg.actor_rollout_ref.model.lora_rank
+        else f"param offload {onoff(ref.fsdp_config.param_offload)}"
+    )
+    return (
+        f"actor param offload {onoff(actor.fsdp_config.param_offload)}, optimizer offload "
+        f"{onoff(actor.fsdp_config.optimizer_offload)}, {actor.ppo_max_token_len_per_gpu} tokens per micro batch; "
+        f"reference {reference}; vLLM gpu_memory_utilization {rollout.gpu_memory_utilization}, TP "
+        f"{rollout.tensor_model_parallel_size}, sleeps during updates {onoff(rollout.free_cache_engine)}"
+    )
+
+
+def describe_dynamic_sampling(cfg) -> str:
+    groups = cfg.algorithm.filter_groups
+    if not groups.enable:
+        return "off (algorithm.filter_groups.enable=true drops groups whose samples all score the same)"
+    batch = cfg.data.train_batch_size
+    return (
+        f"on: groups whose {groups.metric!r} is equal across the {cfg.actor_rollout_ref.rollout.n} samples are "
+        f"replaced; at most {groups.max_num_gen_batches} x {batch} prompts per step, then the run stops"
+    )
+
+
 def resolve_gpus(settings: Settings) -> None:
-    """Real runs check the GPU environment first; without trainer.n_gpus_per_node they use the GPUs this node
-    sees. A dry run keeps dig_grpo.yaml's value, the CPU rehearsal its profile's (and has no GPU to check)."""
+    """Real runs check the GPU environment first; without trainer.n_gpus_per_node (or a profile, which sets it)
+    they use the GPUs this node sees. A dry run keeps dig_grpo.yaml's value, the CPU rehearsal its profile's (and has no GPU to check)."""
     if settings.dry_run or rehearsal.selected(settings.extra_overrides):
         return
     check_gpu_environment(settings.ray_address)
-    if "trainer.n_gpus_per_node" not in {override_key(o) for o in settings.extra_overrides}:
+    given = {override_key(o) for o in settings.extra_overrides}
+    if "trainer.n_gpus_per_node" not in given and "profile" not in given:  # a profile sets its own GPU count
         settings.gpus_per_node = visible_gpus()
 
 

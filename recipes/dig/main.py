@@ -89,6 +89,18 @@ def gpu_boundary(err: BaseException) -> str | None:
     return f"training stopped at the GPU boundary: {reason} ({hit[:300]})"
 
 
+def dynamic_sampling_stop(err: BaseException) -> str | None:
+    """The bound's own message (recipes/dig/replay_buffer.py) when a step ran out of refills; Ray wraps the
+    exception of the trainer actor, so it is found by its name in the text."""
+    from recipes.dig.replay_buffer import DynamicSamplingExhausted
+
+    name = DynamicSamplingExhausted.__name__
+    for line in str(err).splitlines():
+        if name in line and "dynamic sampling:" in line:
+            return line.split(f"{name}: ", 1)[-1].strip()
+    return None
+
+
 @hydra.main(config_path="config", config_name="dig_grpo", version_base=None)
 def main(config) -> None:
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
@@ -111,7 +123,7 @@ def main(config) -> None:
     try:
         run_ppo(config, task_runner_class=TaskRunnerV1)
     except Exception as err:
-        stop = None if rehearsal.runs_on_cpu(config) else gpu_boundary(err)
+        stop = dynamic_sampling_stop(err) or (None if rehearsal.runs_on_cpu(config) else gpu_boundary(err))
         if stop is None:
             raise
         fail(stop, 1)
