@@ -327,7 +327,10 @@ def test_wandb_offline_run_gets_the_pictures_and_curves(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    assert live.wandb_settings() is None  # offline: W&B's own mode, not shared (shared needs the server)
+    # offline: W&B's own mode, not shared (shared needs the server); online: shared, as a secondary writer
+    assert "mode" not in live.wandb_settings().model_fields_set
+    shared = live.wandb_settings({"WANDB_MODE": ""})
+    assert (shared.mode, shared.x_primary, shared.x_update_finish_state) == ("shared", False, False)
     dumps = tmp_path / "validation"
     write_dump(dumps, 0)
     write_dump(dumps, 5)

@@ -143,13 +143,16 @@ class TensorBoardSink:
 
 
 def wandb_settings(environ: dict | None = None):
-    """W&B's shared mode, as a secondary writer, unless WANDB_MODE says offline/disabled (then W&B's own mode)."""
+    """W&B's shared mode as a secondary writer of verl's run; under WANDB_MODE=offline/disabled, that mode (shared
+    mode needs the server). Never the driver's console: verl's process owns the run's output log."""
     import wandb
 
     mode = (os.environ if environ is None else environ).get("WANDB_MODE", "").strip().lower()
     if mode in ("offline", "disabled", "dryrun"):
-        return None
-    return wandb.Settings(mode="shared", x_primary=False, x_label="dig-live", x_update_finish_state=False)
+        return wandb.Settings(console="off")
+    return wandb.Settings(
+        mode="shared", x_primary=False, x_label="dig-live", x_update_finish_state=False, console="off"
+    )
 
 
 class WandbSink:
