@@ -413,7 +413,10 @@ def watching(config) -> Iterator[Watcher | None]:
         yield watcher
     finally:
         if watcher is not None:
-            watcher.stop()
+            try:
+                watcher.stop()
+            except Exception as err:  # noqa: BLE001 - never hides how training ended
+                log(f"final pass over {watcher.dump_dir} failed: {type(err).__name__}: {err}")
 
 
 # ----------------------------------------------------------------------------------------------- backfill CLI
