@@ -19,6 +19,7 @@ import html
 import io
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -45,16 +46,21 @@ SORTS = ("order", "worst", "best")
 # ----------------------------------------------------------------------------------------------- inputs
 
 
-def load_images(data: str | Path | None) -> tuple[dict[str, tuple[bytes, bytes]], dict[str, str]]:
-    """From a DiG parquet: ``{pair_id: (png A, png B)}`` and ``{ground_truth string: pair_id}``."""
+def load_images(
+    data: str | Path | None, pair_ids: Collection[str] | None = None
+) -> tuple[dict[str, tuple[bytes, bytes]], dict[str, str]]:
+    """From a DiG parquet: ``{pair_id: (png A, png B)}`` and ``{ground_truth string: pair_id}``. ``pair_ids``:
+    keep only these pairs' images (the join table is always whole; an empty collection reads no image)."""
     if data is None:
         return {}, {}
     images, by_gt = {}, {}
     parquet = open_parquet(data)
-    for batch in parquet.iter_batches(batch_size=64, columns=["images", "reward_model", "extra_info"]):
+    columns = ["reward_model", "extra_info"] + ([] if pair_ids is not None and not pair_ids else ["images"])
+    for batch in parquet.iter_batches(batch_size=64, columns=columns):
         for row in batch.to_pylist():
             pid = str(row["extra_info"]["pair_id"])
-            images[pid] = (row["images"][0]["bytes"], row["images"][1]["bytes"])
+            if "images" in row and (pair_ids is None or pid in pair_ids):
+                images[pid] = (row["images"][0]["bytes"], row["images"][1]["bytes"])
             by_gt.setdefault(row["reward_model"]["ground_truth"], pid)
     return images, by_gt
 
@@ -82,28 +88,42 @@ def samples_from_eval(path: str | Path) -> list[dict]:
     return out
 
 
-def samples_from_verl_dump(path: str | Path, knobs: dict, by_gt: dict[str, str]) -> list[dict]:
-    """verl's validation dump (``{"input", "output", "gts", "score", "step", <reward keys>}`` per line),
-    re-scored with the reward's code to recover boxes and matches."""
-    out = []
-    for number, row in enumerate(read_jsonl(path), 1):
+def verl_ground_truth(row: dict) -> str:
+    """The ground-truth string of a verl dump line (the parquet's ``reward_model.ground_truth``, the join key)."""
+    return row["gts"] if isinstance(row["gts"], str) else json.dumps(row["gts"])
+
+
+def sample_from_verl_row(row: dict, knobs: dict, pair_id: str) -> dict:
+    """One verl dump line re-scored with the reward's code (boxes and matches recovered)."""
+    gts = verl_ground_truth(row)
+    scored = score_response(row["output"], gts, knobs)
+    gt = json.loads(gts)
+    return {
+        "pair_id": pair_id,
+        "num_gt": len(scored.gt_boxes),
+        "types": gt.get("types"),
+        "response": row["output"],
+        "step": row.get("step"),
+        "verl_score": row.get("score"),
+        **scored.to_json(),
+    }
+
+
+def verl_rows(path: str | Path) -> list[dict]:
+    """The lines of verl's validation dump (``{"input", "output", "gts", "score", "step", <reward keys>}``)."""
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, 1):
         if "output" not in row or "gts" not in row:
             raise ValueError(f"{path}:{number}: not a verl generations dump line (needs 'output' and 'gts')")
-        gts = row["gts"] if isinstance(row["gts"], str) else json.dumps(row["gts"])
-        scored = score_response(row["output"], gts, knobs)
-        gt = json.loads(gts)
-        out.append(
-            {
-                "pair_id": by_gt.get(gts, f"{Path(path).stem}#{number}"),
-                "num_gt": len(scored.gt_boxes),
-                "types": gt.get("types"),
-                "response": row["output"],
-                "step": row.get("step"),
-                "verl_score": row.get("score"),
-                **scored.to_json(),
-            }
-        )
-    return out
+    return rows
+
+
+def samples_from_verl_dump(path: str | Path, knobs: dict, by_gt: dict[str, str]) -> list[dict]:
+    """verl's validation dump, re-scored with the reward's code to recover boxes and matches."""
+    return [
+        sample_from_verl_row(row, knobs, by_gt.get(verl_ground_truth(row), f"{Path(path).stem}#{number}"))
+        for number, row in enumerate(verl_rows(path), 1)
+    ]
 
 
 def order_samples(samples: list[dict], sort: str, limit: int | None) -> list[dict]:

@@ -20,7 +20,8 @@ ALLOWED = {
     "dig_common": set(),  # the bottom layer: base-model files, prompt templates, CLI and file helpers
     "data_prep": {"dig_common", "reward_fns"},
     "eval": {"dig_common", "reward_fns"},
-    "recipes": {"dig_common", "reward_fns", "data_prep"},
+    # eval: recipes.dig.live draws the validation pictures with eval.visualize (the one gallery code)
+    "recipes": {"dig_common", "reward_fns", "data_prep", "eval"},
 }
 # calls that take a package name as their first argument and read it
 PACKAGE_READERS = {"files", "import_module", "read_text", "read_binary", "open_text", "open_binary", "contents"}

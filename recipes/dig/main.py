@@ -5,7 +5,8 @@
 Same steps as ``verl.trainer.main_ppo.main`` (device auto-detection, ``validate_config``, ``run_ppo`` with the
 V1 task runner), on ``config/dig_grpo.yaml``. Additions: relative data/checkpoint paths are made absolute
 before Ray starts (workers do not share our cwd), a clear error when no GPU is visible, and a done-marker
-in the experiment directory once the training loop returns, which the stage handoff reads.
+in the experiment directory once the training loop returns, which the stage handoff reads, and the live picture
+of training (``recipes/dig/live.py``: a thread that draws verl's validation dumps into TensorBoard/W&B).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf, open_dict
 
 from dig_common.cli import USAGE_EXIT
 from dig_common.fileio import atomic_write_text
-from recipes.dig import rehearsal
+from recipes.dig import live, rehearsal
 from recipes.dig.handoff import DONE_MARKER, latest_step
 from recipes.dig.preflight import check_gpu_environment
 from recipes.dig.settings import LaunchError, env_flag, env_text
@@ -121,7 +122,8 @@ def main(config) -> None:
     if not config.trainer.use_v1:
         fail("trainer.use_v1=false (legacy trainer) is not supported by this recipe", USAGE_EXIT)
     try:
-        run_ppo(config, task_runner_class=TaskRunnerV1)
+        with live.watching(config):  # validation pictures and reward curves while it trains (docs/watching.md)
+            run_ppo(config, task_runner_class=TaskRunnerV1)
     except Exception as err:
         stop = dynamic_sampling_stop(err) or (None if rehearsal.runs_on_cpu(config) else gpu_boundary(err))
         if stop is None:

@@ -135,6 +135,13 @@ CONFIG_KEYS = (
         "a real run without it takes the GPUs this node sees; `dig_grpo.sbatch` passes SLURM's count",
     ),
     ConfigKey("trainer.logger", "e.g. `[console,wandb]` (needs `WANDB_API_KEY`)", "checked against verl's backends"),
+    ConfigKey(
+        "live.pictures",
+        "validation pairs drawn per validation into TensorBoard/W&B (docs/watching.md); `0`: no pictures, no "
+        "`dig/val/*` curves",
+        "—",
+    ),
+    ConfigKey("live.poll_seconds", "how often the driver looks for a new validation dump", "—"),
 )
 # Environment variables that used to carry a setting: set, they stop the launch naming the override instead.
 REMOVED_KNOBS = {
