@@ -241,3 +241,77 @@ def check_syncs(exp: Path, init_weights: Path, stage: int, steps: int) -> list[P
     assert mismatches(load(found[-1]), final) == 0, f"stage {stage}: the last sync is not the merged checkpoint"
     assert mismatches(init, final) > 0, f"stage {stage}: the merged weights equal the initial ones (at bf16)"
     return found
+
+
+# ------------------------------------------------------------------------------------ LoRA, dynamic sampling, live
+
+# low_var_kl (k3) is about half the mean squared log-ratio: at 1e-3 the RMS token log-ratio between the actor and
+# its adapter-off reference is ~0.045, so an adapter vLLM did not serve would move some sampled token's
+# probability by far more than MAX_PROBS_DIFF: the served-weights check then means something for LoRA
+MIN_LORA_KL = 1e-3
+
+
+def check_lora_stage(exp: Path, init_weights: Path, evidence: StageEvidence, stage: int) -> None:
+    """A tuning=lora stage: vLLM served the adapter (the served-weights check, on a policy the adapter moved), and the
+    merge is the initial weights with the adapter folded into the language model's linear layers only."""
+    from recipes.dig.lora import ADAPTER_DIR, FOLDED
+
+    check_served_weights(evidence, stage)
+    last = evidence.steps[-1]
+    kl = evidence.metrics["actor/kl_loss"][last]
+    assert kl > MIN_LORA_KL, f"stage {stage}: the adapter moved the policy too little to tell (kl {kl:.3g})"
+    final = merged(exp)
+    assert (final / FOLDED).is_file() and (final / ADAPTER_DIR / "adapter_model.safetensors").is_file(), (
+        f"stage {stage}: {final} is not a folded LoRA merge"
+    )
+    init, weights = load(init_weights), load(final)
+    assert sorted(init) == sorted(weights), f"stage {stage}: the merge's tensors are not the initial model's"
+    changed = {k for k in init if mismatches({k: init[k]}, {k: weights[k]}) > 0}
+    adapted = json.loads((final / FOLDED).read_text())["modules"]
+    assert changed, f"stage {stage}: the folded merge equals the initial weights (at bf16)"
+    frozen = sorted(k for k in changed if "visual" in k or not k.endswith("proj.weight"))
+    assert not frozen, f"stage {stage}: LoRA changed weights outside the language model's linear layers: {frozen[:3]}"
+    assert len(changed) <= adapted, f"stage {stage}: {len(changed)} tensors changed, {adapted} had adapters"
+
+
+def check_dynamic_sampling(evidence: StageEvidence, stage: int) -> int:
+    """Dynamic sampling ran: verl logged its evicted-group count; returns the groups evicted over the stage."""
+    evicted = evidence.metrics.get("training/filter_groups/evicted_samples", {})
+    assert evicted, (
+        f"stage {stage}: no training/filter_groups/evicted_samples logged (every group had spread, or dynamic "
+        "sampling was off)"
+    )
+    return int(sum(evicted.values()))
+
+
+def check_live(out_dir: Path, model: str, stage: int, evidence: StageEvidence) -> list[int]:
+    """recipes/dig/live.py drew one picture per validation of the stage, and its component curves equal verl's own
+    validation means (over every answer: verl averages per prompt, then over prompts of equal n)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from recipes.dig import live
+
+    folder = Path(out_dir) / "checkpoints" / "tensorboard" / "dig" / f"{model}_stage{stage}"
+    pictures: list[int] = []
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0})
+        acc.Reload()
+        if live.PICTURE_TAG in acc.Tags()["images"]:
+            pictures += [event.step for event in acc.Images(live.PICTURE_TAG)]
+    validations = sorted(
+        next(values for tag, values in evidence.metrics.items() if re.fullmatch(r"val-aux/dig/f1/mean@\d+", tag))
+    )
+    assert sorted(pictures) == validations, (
+        f"stage {stage}: pictures at steps {sorted(pictures)}, validations at {validations} (one picture each)"
+    )
+    for key, name in live.CURVES.items():
+        kind = "core" if key == "acc" else "aux"
+        verl_tag = next(t for t in evidence.metrics if re.fullmatch(rf"val-{kind}/dig/{key}/mean@\d+", t))
+        ours = evidence.metrics.get(live.CURVE_PREFIX + name, {})
+        assert sorted(ours) == validations, f"stage {stage}: {live.CURVE_PREFIX + name} at steps {sorted(ours)}"
+        for step in validations:
+            assert abs(ours[step] - evidence.metrics[verl_tag][step]) < 1e-4, (
+                f"stage {stage} step {step}: {live.CURVE_PREFIX + name}={ours[step]} but verl's {verl_tag}="
+                f"{evidence.metrics[verl_tag][step]}"
+            )
+    return validations

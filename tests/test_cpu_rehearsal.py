@@ -32,6 +32,7 @@ import pytest
 import rehearsal_support as rs
 
 from dig_common.models import load_model_spec
+from recipes.dig.lora import FOLDED
 
 # a module fixture runs a whole rehearsal inside the first test that uses it: the suite's 900 s per test is too short
 pytestmark = [pytest.mark.slow, pytest.mark.verl, pytest.mark.rehearsal, pytest.mark.timeout(2700)]
@@ -40,6 +41,16 @@ QWEN25 = "tiny_qwen2_5_vl"
 QWEN3 = "tiny_qwen3_vl_thinking"
 # a checkpoint every step, so the kill lands between two of them
 EVERY_STEP = "trainer.save_freq=1"
+# dynamic sampling in every Qwen3-VL stage; 8 batches: the tiny policy has spread in about 1 group in 4
+DYNAMIC = ("algorithm.filter_groups.enable=true", "algorithm.filter_groups.max_num_gen_batches=8")
+# stage 3 of the Qwen3-VL run trains LoRA adapters (rank 8 on a 64-wide model) with an lr that moves the policy
+# measurably in two steps (rehearsal_support.MIN_LORA_KL)
+LORA = (
+    "tuning=lora",
+    "actor_rollout_ref.model.lora_rank=8",
+    "actor_rollout_ref.model.lora_alpha=16",
+    "actor_rollout_ref.actor.optim.lr=5e-3",
+)
 
 
 def stage2_saved(out: Path, model: str, step: int):
@@ -54,10 +65,19 @@ def stage2_saved(out: Path, model: str, step: int):
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
-    """Three stages, SIGKILL during stage 2 after its step-1 checkpoint, rerun to the end (eval included)."""
+    """Stages 1 and 2 with dynamic sampling, SIGKILL during stage 2 after its step-1 checkpoint, rerun; then stage 3
+    with LoRA (and dynamic sampling) from stage 2's merge, and eval on stage 3's folded merge."""
     out = tmp_path_factory.mktemp("rehearsal_qwen3") / "run"
+    model = f"base_model={QWEN3}"
     first = rs.run_rehearsal(
-        out, f"base_model={QWEN3}", EVERY_STEP, kill_when=stage2_saved(out, QWEN3, 1), log_name="first.log"
+        out,
+        model,
+        EVERY_STEP,
+        *DYNAMIC,
+        "--no-eval",
+        stages="1 2",
+        kill_when=stage2_saved(out, QWEN3, 1),
+        log_name="first.log",
     )
     assert first.killed, f"the run ended (rc={first.rc}) before stage 2 saved step 1:\n{first.log[-3000:]}"
     stage1, stage2 = rs.experiment(out, QWEN3, 1), rs.experiment(out, QWEN3, 2)
@@ -67,9 +87,11 @@ def qwen3(tmp_path_factory):
         "stage1_marker_mtime": (stage1 / "dig_stage_done.json").stat().st_mtime_ns,
         "stage2_syncs": rs.syncs(stage2),
     }
-    second = rs.run_rehearsal(out, f"base_model={QWEN3}", EVERY_STEP, log_name="second.log")
+    second = rs.run_rehearsal(out, model, EVERY_STEP, *DYNAMIC, "--no-eval", stages="1 2", log_name="second.log")
     assert second.rc == 0, f"rerun failed (rc={second.rc}):\n{second.log[-5000:]}"
-    return out, first, second, before
+    third = rs.run_rehearsal(out, model, *DYNAMIC, *LORA, stages="3", log_name="third.log")
+    assert third.rc == 0, f"the LoRA stage 3 failed (rc={third.rc}):\n{third.log[-5000:]}"
+    return out, first, second, before, third
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +118,16 @@ def stage_inits(out: Path, model: str, stages: list[int]) -> dict[int, Path]:
 
 
 def check_handoffs(out: Path, model: str, stages: list[int]) -> None:
-    """Every stage's syncs start at its initial weights and end at its merge; the merges differ stage to stage;
-    the done markers name where each stage started."""
+    """Every stage's syncs start at its initial weights and end at its merge (a LoRA stage: its merge is its initial
+    weights plus the folded adapter); the merges differ stage to stage; the done markers name where each started."""
     inits = stage_inits(out, model, stages)
     for stage in stages:
         evidence = rs.evidence(out, model, stage)
-        rs.check_syncs(rs.experiment(out, model, stage), inits[stage], stage, len(evidence.steps))
+        exp = rs.experiment(out, model, stage)
+        if (rs.merged(exp) / FOLDED).is_file():
+            rs.check_lora_stage(exp, inits[stage], evidence, stage)
+        else:
+            rs.check_syncs(exp, inits[stage], stage, len(evidence.steps))
     merges = [rs.load(rs.merged(rs.experiment(out, model, s))) for s in stages]
     assert all(rs.mismatches(a, b) > 0 for a, b in zip(merges, merges[1:], strict=False))
     for stage in stages[1:]:
@@ -117,12 +143,37 @@ def test_qwen3_three_stages_on_vllm_rollouts(qwen3):
         rs.check_served_weights(evidence, stage)
 
 
+def test_qwen3_dynamic_sampling_evicts_groups_without_spread(qwen3):
+    out = qwen3[0]
+    evicted = [rs.check_dynamic_sampling(rs.evidence(out, QWEN3, stage), stage) for stage in (1, 2, 3)]
+    assert sum(evicted) > 0
+    # every step still trained on a full batch of groups, some of them with spread
+    for stage in (1, 2, 3):
+        rs.check_trained(out, QWEN3, stage)
+
+
+def test_qwen3_lora_stage_serves_the_adapter_and_folds_it_into_its_merge(qwen3):
+    out, third = qwen3[0], qwen3[4]
+    assert "[dig] tuning: LoRA (tuning=lora) rank 8, alpha 16" in third.log
+    assert "[dig] folding the LoRA adapter into the merge" in third.log
+    stage3 = rs.experiment(out, QWEN3, 3)
+    assert (rs.merged(stage3) / FOLDED).is_file()  # check_handoffs (test above) checks the LoRA stage's weights
+    assert not rs.syncs(stage3), "a LoRA stage loaded full weights into vLLM (the adapter path was not taken)"
+
+
+def test_qwen3_live_pictures_and_component_curves_at_every_validation(qwen3):
+    out = qwen3[0]
+    for stage in (1, 2, 3):
+        validations = rs.check_live(out, QWEN3, stage, rs.evidence(out, QWEN3, stage))
+        assert validations[0] == 0 and len(validations) >= 2, (stage, validations)
+
+
 def test_qwen3_each_stage_starts_from_the_previous_merge(qwen3):
     check_handoffs(qwen3[0], QWEN3, [1, 2, 3])
 
 
 def test_qwen3_kill_during_stage_2_then_rerun_resumes_it(qwen3):
-    out, _, second, before = qwen3
+    out, _, second, before, _ = qwen3
     stage1 = rs.experiment(out, QWEN3, 1)
     assert "stage 1 already finished" in second.log and "[dig] curriculum: stage 1\n" not in second.log
     assert sorted(p.relative_to(out) for p in stage1.rglob("*")) == before["stage1_files"], "stage 1 was touched"
@@ -139,9 +190,9 @@ def test_qwen3_kill_during_stage_2_then_rerun_resumes_it(qwen3):
 
 
 def test_qwen3_eval_serves_the_last_merge_with_vllm(qwen3):
-    out, _, second, _ = qwen3
+    out, third = qwen3[0], qwen3[4]
     last = rs.merged(rs.experiment(out, QWEN3, 3))
-    assert f"cpu_rehearsal: eval: {last}" in second.log
+    assert f"cpu_rehearsal: eval: {last}" in third.log
     results = json.loads((out / "eval" / QWEN3 / "results.json").read_text())
     samples = (out / "eval" / QWEN3 / "results.samples.jsonl").read_text().splitlines()
     pairs = {
@@ -203,3 +254,30 @@ def test_checks_fail_on_a_sabotaged_stage(qwen3, tmp_path):
         rs.check_served_weights(evidence, 2)
     with pytest.raises(AssertionError, match="first sync is not its initial weights"):
         rs.check_syncs(rs.experiment(broken, QWEN3, 2), rs.merged(rs.experiment(broken, QWEN3, 1)), 2, 2)
+
+
+def test_dynamic_sampling_stops_a_run_whose_groups_never_differ(qwen3, tmp_path):
+    """Filtering on num_gt, equal for every answer to one pair, every group is evicted: verl alone would refill
+    forever; the recipe's bound stops the run at 2 batches of prompts with one line, and nothing is marked done."""
+    out = qwen3[0]
+    run_dir = tmp_path / "run"
+    for part in ("data", "models"):
+        shutil.copytree(out / part, run_dir / part)
+    run = rs.run_rehearsal(
+        run_dir,
+        f"base_model={QWEN3}",
+        "--no-eval",
+        "algorithm.filter_groups.enable=true",
+        "algorithm.filter_groups.metric=num_gt",
+        "algorithm.filter_groups.max_num_gen_batches=2",
+        "trainer.val_before_train=false",
+        stages="1",
+        timeout=900,
+    )
+    assert run.rc != 0, run.log[-3000:]
+    errors = [line for line in run.log.splitlines() if line.startswith("python -m recipes.dig.main: error:")]
+    assert len(errors) == 1, run.log[-5000:]
+    assert "dynamic sampling: training step 1 generated 8 prompts" in errors[0]
+    assert "max_num_gen_batches=2 x data.train_batch_size=4" in errors[0] and "'num_gt'" in errors[0]
+    assert "[dig] curriculum: stage 1 failed (rc=1); rerun to resume it" in run.log
+    assert not (rs.experiment(run_dir, QWEN3, 1) / "dig_stage_done.json").exists()

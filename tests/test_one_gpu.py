@@ -45,7 +45,11 @@ def test_lora_keys_reach_verl_where_it_reads_them():
     assert (model.lora_rank, model.lora_alpha, model.target_modules) == (64, 128, "all-linear")
     assert model.exclude_modules == ".*visual.*" and model.lora.merge is False
     assert cfg.actor_rollout_ref.rollout.load_format == "safetensors"
-    assert (cfg.trainer.n_gpus_per_node, cfg.trainer.nnodes, cfg.actor_rollout_ref.rollout.tensor_model_parallel_size) == (
+    assert (
+        cfg.trainer.n_gpus_per_node,
+        cfg.trainer.nnodes,
+        cfg.actor_rollout_ref.rollout.tensor_model_parallel_size,
+    ) == (
         1,
         1,
         1,

@@ -128,11 +128,27 @@ CONFIG_KEYS = (
         "`<ckpt_dir>/dig/<model>_stage<k>/` (+ `tensorboard/`, `hydra/`)",
         "made absolute like `curriculum.data_dir`",
     ),
+    ConfigKey(
+        "tuning",
+        "`full` (every weight) or `lora` (adapters on the language model, `config/tuning/lora.yaml`)",
+        "prints the choice; a LoRA stage's merge gets its adapter folded in (`recipes/dig/lora.py`)",
+    ),
+    ConfigKey(
+        "profile",
+        "none (a GPU cluster), `1gpu` (one 80 GB card) or `cpu` (the CPU rehearsal): `config/profile/`",
+        "a profile sets its own GPU count; `cpu` skips the GPU checks",
+    ),
+    ConfigKey(
+        "algorithm.filter_groups.enable",
+        "dynamic sampling: replace groups whose samples all score the same (recommended for stage 1)",
+        "checks its metric and bound (`max_num_gen_batches` > 0); prints the choice",
+    ),
     ConfigKey("trainer.nnodes", "nodes", "`dig_grpo.sbatch` passes the job's node count"),
     ConfigKey(
         "trainer.n_gpus_per_node",
         "GPUs per node",
-        "a real run without it takes the GPUs this node sees; `dig_grpo.sbatch` passes SLURM's count",
+        "a real run without it (and without a profile) takes the GPUs this node sees; `dig_grpo.sbatch` passes "
+        "SLURM's count",
     ),
     ConfigKey("trainer.logger", "e.g. `[console,wandb]` (needs `WANDB_API_KEY`)", "checked against verl's backends"),
     ConfigKey(
@@ -283,8 +299,14 @@ def knob_table() -> str:
     def default(key: str) -> str:
         if key == "base_model":
             return f"`{default_model()}`"
-        section, name = key.split(".")
-        value = defaults[section][name]
+        if "." not in key:  # a config group of the defaults list
+            chosen = next(e[key] for e in defaults["defaults"] if isinstance(e, dict) and key in e)
+            return f"`{chosen}`" if chosen is not None else "none"
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
         return f"`[{','.join(value)}]`" if isinstance(value, list) else f"`{value}`"
 
     rows = ["Settings: Hydra keys, each with its one default in `recipes/dig/config/dig_grpo.yaml`.", ""]
