@@ -95,8 +95,10 @@ def qwen3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen25(tmp_path_factory):
+def qwen25(tmp_path_factory, qwen3):
     out = tmp_path_factory.mktemp("rehearsal_qwen25") / "run"
+    # the rendered pairs are the same for both models (data_prep.build only converts them again)
+    shutil.copytree(qwen3[0] / "data" / "pairs", out / "data" / "pairs")
     run = rs.run_rehearsal(out, f"base_model={QWEN25}", "--no-eval", stages="1 2")
     assert run.rc == 0, f"rehearsal failed (rc={run.rc}):\n{run.log[-5000:]}"
     return out, run
