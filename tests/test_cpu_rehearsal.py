@@ -4,15 +4,17 @@ One run per family, as a user starts it: small Blender renders, a tiny model war
 default trainer with vLLM rollouts (vLLM's CPU build), the recipe's reward, validation, checkpoints and the stage
 merges, and ``eval.dig --backend vllm`` on the last merge.
 
-- tiny Qwen3-VL Thinking (the rehearsal's default): stages 1 -> 2 -> 3, killed with SIGKILL (the whole process
-  group) right after stage 2 saved its first checkpoint, then rerun: stage 1 is skipped, stage 2 resumes from
-  that checkpoint, stage 3 and eval run.
+- tiny Qwen3-VL Thinking (the rehearsal's default), dynamic sampling on: stages 1 -> 2, killed with SIGKILL (the
+  whole process group) right after stage 2 saved its first checkpoint, then rerun: stage 1 is skipped, stage 2
+  resumes from that checkpoint; then stage 3 with tuning=lora from stage 2's merge, and eval on its folded merge.
+  Every stage's validations must show up as pictures and readable reward curves in TensorBoard (recipes/dig/live.py).
 - tiny Qwen2.5-VL: stages 1 -> 2. vLLM 0.24 and transformers 5.5.3 disagree on this model's two-image prompts
   (text-only prompts agree to 1e-6; with the images, and even with the vision tower zeroed, token log-probs differ:
   docs/cpu_rehearsal.md), so its rollouts are not the actor's policy: the served-weights check is pinned as
   failing, and the warm-started policy's vLLM samples never parse (no advantage). Everything else is checked.
 - a sabotaged run (stage 2 from the base model instead of stage 1's merge, weight syncs received but never loaded
   into vLLM, rows with one image): each check below must fail on it, each for its own reason.
+- a run whose groups never differ (dynamic sampling on num_gt): the recipe's bound must stop it in one line.
 
 What each stage must show (tests/rehearsal_support.py): >= 2 training steps with vLLM rollouts, prompt lengths
 equal to the HF processor's for two images, validation with the reward's nine keys, advantages not all zero,
