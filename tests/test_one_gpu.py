@@ -152,3 +152,19 @@ def test_the_recipe_plugs_the_bounded_buffer_into_verl():
     kwargs = OmegaConf.to_container(sampler.sampler_kwargs, resolve=True)
     assert kwargs["filter_groups"]["enable"] is True and kwargs["train_batch_size"] == cfg.data.train_batch_size
     assert sys.modules.get("recipes.dig.rehearsal.cpu_verl") is None
+
+
+def test_every_key_of_the_one_gpu_profile_changes_something():
+    """profile=1gpu sets nothing that every GPU cluster run already has (else the profile would not need it)."""
+    from test_cpu_profile import GPU_MODELS, leaves
+
+    profile_file = REPO / "recipes" / "dig" / "config" / "profile" / "1gpu.yaml"
+    profile = dict(leaves(OmegaConf.to_container(OmegaConf.load(profile_file))))
+    changes = dict.fromkeys(profile, False)
+    for model in GPU_MODELS:
+        cluster = dict(leaves(OmegaConf.to_container(compose([f"base_model={model}"]))))
+        one_gpu = dict(leaves(OmegaConf.to_container(compose([f"base_model={model}", "profile=1gpu"]))))
+        for key, value in profile.items():
+            assert one_gpu[key] == value, (model, key)
+            changes[key] |= cluster.get(key) != value
+    assert all(changes.values()), [key for key, changed in changes.items() if not changed]
