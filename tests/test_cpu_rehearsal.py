@@ -43,7 +43,7 @@ QWEN25 = "tiny_qwen2_5_vl"
 QWEN3 = "tiny_qwen3_vl_thinking"
 # a checkpoint every step, so the kill lands between two of them
 EVERY_STEP = "trainer.save_freq=1"
-# dynamic sampling in every Qwen3-VL stage (profile=cpu allows 8 batches of prompts per step)
+# dynamic sampling in every Qwen3-VL stage (profile=cpu allows 16 batches of prompts per step)
 DYNAMIC = ("algorithm.filter_groups.enable=true",)
 # stage 3 of the Qwen3-VL run trains LoRA adapters (rank 8 on a 64-wide model) with an lr that moves the policy
 # measurably in two steps (rehearsal_support.MIN_LORA_KL)
