@@ -163,6 +163,10 @@ def test_qwen3_lora_stage_serves_the_adapter_and_folds_it_into_its_merge(qwen3):
     stage3 = rs.experiment(out, QWEN3, 3)
     assert (rs.merged(stage3) / FOLDED).is_file()  # check_handoffs (test above) checks the LoRA stage's weights
     assert not rs.syncs(stage3), "a LoRA stage loaded full weights into vLLM (the adapter path was not taken)"
+    # the LoRA check refuses a fully tuned stage (its merge has no folded adapter)
+    stage2 = rs.experiment(out, QWEN3, 2)
+    with pytest.raises(AssertionError, match="not a folded LoRA merge"):
+        rs.check_lora_stage(stage2, rs.merged(rs.experiment(out, QWEN3, 1)), rs.evidence(out, QWEN3, 2), 2)
 
 
 def test_qwen3_live_pictures_and_component_curves_at_every_validation(qwen3):
@@ -218,6 +222,9 @@ def test_qwen25_two_stages(qwen25):
             rs.check_served_weights(evidence, stage)
     check_handoffs(out, QWEN25, [1, 2])
     assert "cpu_rehearsal: eval" not in run.log
+    # dynamic sampling is off here: its check must say so
+    with pytest.raises(AssertionError, match="no training/filter_groups/evicted_samples"):
+        rs.check_dynamic_sampling(rs.evidence(out, QWEN25, 1), 1)
 
 
 def one_image(parquet: Path) -> None:

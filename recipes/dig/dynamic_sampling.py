@@ -19,6 +19,10 @@ REWARD_METRIC = "reward"
 KNOB = "algorithm.filter_groups"
 
 
+class DynamicSamplingExhausted(RuntimeError):
+    """A training step reached ``max_num_gen_batches`` without a full batch of groups with spread."""
+
+
 @dataclass(frozen=True)
 class DynamicSampling:
     enable: bool

@@ -64,7 +64,7 @@ from recipes.dig.preflight import (
     visible_gpus,
     wandb_credentials,
 )
-from recipes.dig.settings import REPO_ROOT, STAGES, LaunchError, Settings, override_key
+from recipes.dig.settings import REPO_ROOT, STAGES, LaunchError, Settings, override_key, take_override
 
 
 @dataclass
@@ -149,7 +149,7 @@ def describe(plan: Plan) -> str:
         f"[dig] init weights: {plan.handoff.init_path} [{plan.handoff.note}]",
         f"[dig] {plan.attention.describe()}",
         f"[dig] validation decoding: {sampling}, n={val.n}",
-        f"[dig] profile: {choice(s.extra_overrides, 'profile') or 'none (a GPU cluster: dig_grpo.yaml as it stands)'}",
+        f"[dig] profile: {take_override('profile', s.extra_overrides)[0] or 'none (a GPU cluster: dig_grpo.yaml as it stands)'}",
         f"[dig] tuning: {describe_tuning(cfg)}",
         f"[dig] memory: {describe_memory(cfg)}",
         f"[dig] dynamic sampling: {describe_dynamic_sampling(cfg)}",
@@ -163,12 +163,6 @@ def describe(plan: Plan) -> str:
     )
     lines.append(f"[dig] logger: {list(cfg.trainer.logger)}; validate_config: passed")
     return "\n".join(lines)
-
-
-def choice(overrides: list[str], group: str) -> str | None:
-    """The option a ``group=option`` override picks (the last one wins, as in Hydra); None if not given."""
-    picked = [o.split("=", 1)[1] for o in overrides if override_key(o) == group and "=" in o]
-    return picked[-1] if picked else None
 
 
 def describe_tuning(cfg) -> str:

@@ -93,7 +93,7 @@ def gpu_boundary(err: BaseException) -> str | None:
 def dynamic_sampling_stop(err: BaseException) -> str | None:
     """The bound's own message (recipes/dig/replay_buffer.py) when a step ran out of refills; Ray wraps the
     exception of the trainer actor, so it is found by its name in the text."""
-    from recipes.dig.replay_buffer import DynamicSamplingExhausted
+    from recipes.dig.dynamic_sampling import DynamicSamplingExhausted
 
     name = DynamicSamplingExhausted.__name__
     for line in str(err).splitlines():

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
-from recipes.dig.dynamic_sampling import DynamicSampling
+from recipes.dig.dynamic_sampling import DynamicSampling, DynamicSamplingExhausted
+
+__all__ = ["BoundedReplayBuffer", "DynamicSamplingExhausted"]
 
 TRAIN = "train"
-
-
-class DynamicSamplingExhausted(RuntimeError):
-    """A training step reached ``max_num_gen_batches`` without a full batch of groups with spread."""
 
 
 class BoundedReplayBuffer(ReplayBuffer):
